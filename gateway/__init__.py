@@ -1,0 +1,1 @@
+"""A streaming API gateway for OpenAI-compatible LLM providers."""

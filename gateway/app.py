@@ -1,0 +1,84 @@
+"""The app factory: it only wires settings, shared state, middlewares, cleanup contexts, routes."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator, Mapping
+
+from aiohttp import web
+
+from .appkeys import KEYSTORE, LIMITER, SETTINGS, STREAMS, UPSTREAM
+from .auth import ConfigKeyStore
+from .handlers import chat, health, models
+from .middlewares import auth_middleware, errors_middleware, ratelimit_middleware
+from .mock_upstream import run_mock_upstream
+from .ratelimit.memory import MemoryLimiter
+from .settings import Settings
+from .streams import StreamRegistry
+from .upstream import UpstreamClient
+
+log = logging.getLogger("gateway")
+
+API_PREFIXES = ("/api/v1", "/v1")
+
+
+def create_app(settings: Settings, environ: Mapping[str, str] | None = None) -> web.Application:
+    """Build the gateway. ``environ`` is where the upstream key's variable is read (at start-up,
+    never at import); tests pass their own."""
+    app = web.Application(
+        middlewares=[errors_middleware, auth_middleware, ratelimit_middleware],
+        client_max_size=settings.stream.max_body_bytes,
+    )
+    app[SETTINGS] = settings
+    app[STREAMS] = StreamRegistry()
+    app[KEYSTORE] = ConfigKeyStore(settings)
+    env = os.environ if environ is None else environ
+    app.cleanup_ctx.append(lambda a: _upstream_ctx(a, env))
+    app.cleanup_ctx.append(_limiter_ctx)
+    app.on_shutdown.append(_drain_streams)
+
+    for prefix in API_PREFIXES:
+        app.router.add_post(f"{prefix}/chat/completions", chat.chat_completions)
+        app.router.add_get(f"{prefix}/models", models.list_models)
+        app.router.add_get(f"{prefix}/models/{{model}}", models.get_model)
+    app.router.add_get("/healthz", health.healthz)
+    return app
+
+
+async def _upstream_ctx(app: web.Application, environ: Mapping[str, str]
+                        ) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    if settings.upstream.is_mock:
+        async with run_mock_upstream() as (_, url):
+            log.warning("upstream: the built-in mock at %s (set [upstream] url for a real one)",
+                        url)
+            async with _client(app, url, "mock-upstream-key"):
+                yield
+    else:
+        async with _client(app, settings.upstream.url, settings.upstream_api_key(environ)):
+            yield
+
+
+@contextlib.asynccontextmanager
+async def _client(app: web.Application, url: str, key: str) -> AsyncIterator[None]:
+    """The app's one UpstreamClient, open for the app's whole life."""
+    client = UpstreamClient(app[SETTINGS], url, key)
+    await client.start()
+    app[UPSTREAM] = client
+    try:
+        yield
+    finally:
+        await client.close()
+
+
+async def _limiter_ctx(app: web.Application) -> AsyncIterator[None]:
+    limiter = MemoryLimiter()
+    app[LIMITER] = limiter
+    yield
+    await limiter.close()
+
+
+async def _drain_streams(app: web.Application) -> None:
+    await app[STREAMS].drain(app[SETTINGS].server.drain_seconds)

@@ -1,0 +1,50 @@
+"""What the gateway knows about one request, filled in as it passes through.
+
+The middlewares create it, the handler and relay fill it, the access log and metrics read it
+once the response is done. Nothing in it is a secret: a key appears only by its name.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class ClientKey:
+    """An authenticated caller: its name, limits and model allow-list (never the key itself)."""
+
+    name: str
+    requests_per_minute: float
+    burst: int
+    max_concurrent_streams: int
+    models: frozenset[str] | None = None
+
+    def may_use(self, model: str) -> bool:
+        return self.models is None or model in self.models
+
+
+@dataclass(slots=True)
+class RequestInfo:
+    request_id: str
+    route: str
+    client_ip: str
+    started: float = field(default_factory=time.monotonic)
+    key: ClientKey | None = None
+    body: Any = None  # the parsed JSON body, once read
+    model: str | None = None
+    stream: bool = False
+    status: int = 0
+    first_byte: float | None = None  # monotonic time the first event reached the client
+    chunks: int = 0
+    bytes_out: int = 0
+    usage: dict[str, Any] | None = None
+    outcome: str = ""
+    # completed | client_disconnect | upstream_error | timeout | shutdown | refused | error;
+    # left empty until something decides, and "completed" if nothing did.
+    limit_headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ttfb_seconds(self) -> float | None:
+        return None if self.first_byte is None else self.first_byte - self.started

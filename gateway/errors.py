@@ -1,0 +1,239 @@
+"""Every error the gateway reports, and the two shapes it reports them in.
+
+The tree (status, OpenAI ``type``, ``code``)::
+
+    GatewayError                  500 server_error           internal_error
+    ├── InvalidRequest            400 invalid_request_error  invalid_request
+    │   └── StreamNotSupported    400 invalid_request_error  stream_not_supported
+    ├── AuthenticationFailed      401 authentication_error   invalid_api_key
+    ├── PermissionDenied          403 permission_error       model_not_allowed
+    ├── NotFound                  404 invalid_request_error  not_found
+    ├── MethodNotAllowed          405 invalid_request_error  method_not_allowed
+    ├── PayloadTooLarge           413 invalid_request_error  request_too_large
+    ├── UnsupportedMediaType      415 invalid_request_error  unsupported_media_type
+    ├── RateLimited               429 rate_limit_error       rate_limit_exceeded
+    ├── ServiceUnavailable        503 server_error           service_unavailable
+    │   └── ShuttingDown          503 server_error           gateway_restarting
+    └── UpstreamFailure           502 upstream_error         upstream_error
+        ├── UpstreamStatus        (the upstream's 4xx/5xx, passed through)
+        ├── UpstreamUnreachable   502 upstream_error         upstream_unreachable
+        ├── UpstreamTimeout       504 upstream_error         upstream_timeout
+        └── UpstreamProtocolError 502 upstream_error         upstream_bad_stream
+
+Before response headers are sent an error is a response with its true status: a JSON body
+``{"error": {"message", "type", "param", "code"}}`` or, for a client reading an event stream, the
+same object as one SSE frame. After headers are sent the status can no longer change; the relay
+then writes the frame and ends the stream. ``"error"`` is always an object: a bare string makes
+the OpenAI SDK drop the message.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+
+
+class GatewayError(Exception):
+    status = 500
+    type = "server_error"
+    code = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.headers: dict[str, str] = dict(headers or {})
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+    def json_bytes(self) -> bytes:
+        return orjson.dumps(self.body())
+
+    def sse_frame(self) -> bytes:
+        return b"data: " + orjson.dumps(self.body()) + b"\n\n"
+
+    def response_error_frame(self, sequence_number: int | None = None) -> bytes:
+        """The Responses API's own stream error event, which its SDK raises as ``APIError``."""
+        event: dict[str, Any] = {"type": "error", "code": self.code, "message": self.message,
+                                 "param": self.param}
+        if sequence_number is not None:
+            event["sequence_number"] = sequence_number
+        return b"event: error\ndata: " + orjson.dumps(event) + b"\n\n"
+
+    def to_response(self, *, event_stream: bool) -> web.Response:
+        if event_stream:
+            return web.Response(status=self.status, body=self.sse_frame(),
+                                headers={**SSE_HEADERS, **self.headers})
+        return web.Response(status=self.status, body=self.json_bytes(),
+                            content_type="application/json", headers=self.headers)
+
+
+class InvalidRequest(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class StreamNotSupported(InvalidRequest):
+    code = "stream_not_supported"
+
+
+class AuthenticationFailed(GatewayError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class PermissionDenied(GatewayError):
+    status = 403
+    type = "permission_error"
+    code = "model_not_allowed"
+
+
+class NotFound(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class UnsupportedMediaType(GatewayError):
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
+
+
+class RateLimited(GatewayError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+class ServiceUnavailable(GatewayError):
+    status = 503
+    type = "server_error"
+    code = "service_unavailable"
+
+
+class ShuttingDown(ServiceUnavailable):
+    code = "gateway_restarting"
+
+
+class UpstreamFailure(GatewayError):
+    status = 502
+    type = "upstream_error"
+    code = "upstream_error"
+    kind = "error"
+    """Short label for logs and metrics."""
+
+
+class UpstreamStatus(UpstreamFailure):
+    kind = "status"
+
+    def __init__(self, status: int, message: str, *, type: str | None = None,
+                 code: str | None = None, param: str | None = None,
+                 headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message, param=param, code=code, headers=headers)
+        self.status = status
+        if type:
+            self.type = type
+
+
+class UpstreamUnreachable(UpstreamFailure):
+    code = "upstream_unreachable"
+    kind = "unreachable"
+
+
+class UpstreamTimeout(UpstreamFailure):
+    status = 504
+    code = "upstream_timeout"
+    kind = "timeout"
+
+
+class UpstreamProtocolError(UpstreamFailure):
+    code = "upstream_bad_stream"
+    kind = "bad_stream"
+
+
+_PASSED_HEADERS = ("retry-after", "retry-after-ms")
+
+
+def from_upstream(status: int, body: bytes, headers: Mapping[str, str],
+                  secrets: tuple[str, ...] = ()) -> UpstreamFailure:
+    """Map an upstream error response to the gateway's error shape.
+
+    Client errors (4xx) pass through with the upstream's message, since they describe the
+    client's request. The upstream rejecting the *operator's* credentials (401/403) is the
+    gateway's fault, not the client's, so it becomes 502 and says nothing of the key.
+    """
+    if status in (401, 403):
+        return UpstreamStatus(502, "The upstream provider rejected the gateway's credentials",
+                              type="upstream_error", code="upstream_auth_failed")
+    message, type_, code, param = "", None, None, None
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        data = None
+    if isinstance(data, dict):
+        err = data.get("error")
+        if isinstance(err, dict):
+            message = str(err.get("message") or "")
+            type_ = err.get("type") if isinstance(err.get("type"), str) else None
+            code = err.get("code") if isinstance(err.get("code"), str) else None
+            param = err.get("param") if isinstance(err.get("param"), str) else None
+        elif isinstance(err, str):
+            message = err
+            code = data.get("code") if isinstance(data.get("code"), str) else None
+    if not message:
+        text = body[:200].decode("utf-8", "replace").strip()
+        message = f"Upstream returned HTTP {status}" + (f": {text}" if text else "")
+    message = redact(message, secrets)
+    if status < 500 and status != 429:
+        type_ = type_ or "invalid_request_error"
+    elif status == 429:
+        type_ = type_ or "rate_limit_error"
+    else:
+        type_ = "upstream_error"
+        message = f"Upstream error (HTTP {status}): {message}"
+    passed = {k: v for k, v in headers.items() if k.lower() in _PASSED_HEADERS}
+    return UpstreamStatus(status if 400 <= status < 600 else 502, message, type=type_,
+                          code=code or ("rate_limit_exceeded" if status == 429
+                                        else f"upstream_http_{status}"),
+                          param=param, headers=passed)
+
+
+_KEYLIKE = re.compile(r"\b(?:sk|xai)-[A-Za-z0-9_\-*]{6,}")
+
+
+def redact(message: str, secrets: tuple[str, ...] = ()) -> str:
+    """Remove anything that looks like a credential before a message reaches a client."""
+    for secret in secrets:
+        if secret:
+            message = message.replace(secret, "[redacted]")
+    return _KEYLIKE.sub("[redacted]", message)

@@ -1,0 +1,167 @@
+"""The middleware chain, outermost first: errors -> auth -> rate limit.
+
+``errors_middleware`` is the one place that turns exceptions into responses. The others raise;
+handlers never build error responses themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import re
+import uuid
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from .accesslog import log_request
+from .appkeys import KEYSTORE, LIMITER, REQUEST_INFO, SETTINGS
+from .auth import bearer_token
+from .body import json_body
+from .context import RequestInfo
+from .errors import (AuthenticationFailed, GatewayError, MethodNotAllowed, NotFound,
+                     PayloadTooLarge, PermissionDenied, RateLimited)
+
+log = logging.getLogger("gateway")
+
+PUBLIC_PATHS = frozenset(("/healthz", "/readyz", "/metrics"))
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+
+
+def _client_ip(request: web.Request, trusted: tuple[str, ...]) -> str:
+    peer = request.remote or ""
+    forwarded = request.headers.get("X-Forwarded-For")
+    if forwarded and peer in trusted:
+        candidate = forwarded.split(",")[-1].strip()
+        try:
+            return str(ipaddress.ip_address(candidate))
+        except ValueError:
+            pass
+    return peer
+
+
+async def _wants_event_stream(request: web.Request, info: RequestInfo) -> bool:
+    """Should an error be an SSE frame? Yes when the client reads an event stream.
+
+    ``Accept: text/event-stream`` says so; an ``Accept`` naming JSON and not the event stream
+    (the OpenAI SDK's) says no, so the SDK raises its own exception class. Otherwise it is the
+    body's ``"stream": true`` (read here if no one has yet: an auth failure comes before it).
+    """
+    accept = request.headers.get("Accept", "")
+    if "text/event-stream" in accept:
+        return True
+    if "json" in accept and "*/*" not in accept:
+        return False
+    if info.body is None and request.method == "POST" and request.can_read_body:
+        try:
+            await json_body(request)
+        except GatewayError:
+            return False
+    return info.stream
+
+
+def _from_http_exception(exc: web.HTTPException) -> GatewayError:
+    if isinstance(exc, web.HTTPNotFound):
+        return NotFound("Unknown route; see /api/v1/chat/completions, /api/v1/responses, "
+                        "/api/v1/models, /api/v1/images/generations, /api/v1/vision/analyze")
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        return MethodNotAllowed(f"Method {exc.method} is not allowed here; use {allowed}",
+                                headers={"Allow": allowed})
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return PayloadTooLarge("Request body is too large")
+    err = GatewayError(exc.reason)
+    err.status = exc.status
+    err.type = "invalid_request_error" if exc.status < 500 else "server_error"
+    err.code = exc.reason.lower().replace(" ", "_")
+    return err
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    settings = request.app[SETTINGS]
+    rid = request.headers.get("X-Request-ID", "")
+    info = RequestInfo(
+        request_id=rid if _REQUEST_ID.fullmatch(rid) else uuid.uuid4().hex,
+        route=request.match_info.route.resource.canonical
+        if request.match_info.route.resource is not None else "unmatched",
+        client_ip=_client_ip(request, settings.server.trusted_proxies),
+    )
+    request[REQUEST_INFO] = info
+    response: web.StreamResponse | None = None
+    try:
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            raise _from_http_exception(exc) from None
+        except GatewayError:
+            raise
+        except asyncio.CancelledError:
+            info.outcome = info.outcome or "client_disconnect"
+            raise
+        except Exception:
+            log.exception("request %s failed", info.request_id)
+            raise GatewayError("The gateway failed to handle this request") from None
+    except GatewayError as err:
+        if isinstance(err, RateLimited):
+            info.outcome = "refused"
+        else:
+            info.outcome = info.outcome or "error"
+        err.headers = {"X-Request-ID": info.request_id, **info.limit_headers, **err.headers}
+        response = err.to_response(event_stream=await _wants_event_stream(request, info))
+    finally:
+        if info.status == 0:
+            # 499: the client closed the connection before any response (nginx's convention).
+            info.status = response.status if response is not None else 499
+        info.outcome = info.outcome or "completed"
+        log_request(info)
+    return response
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path in PUBLIC_PATHS or request.match_info.http_exception is not None:
+        return await handler(request)
+    token = bearer_token(request.headers.get("Authorization"), request.headers.get("x-api-key"))
+    if token is None:
+        raise AuthenticationFailed("Missing or malformed API key; send 'Authorization: Bearer "
+                                   "<key>'")
+    key = await request.app[KEYSTORE].lookup(token)
+    if key is None:
+        raise AuthenticationFailed("Invalid authentication token")
+    request[REQUEST_INFO].key = key
+    return await handler(request)
+
+
+@web.middleware
+async def ratelimit_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    info = request[REQUEST_INFO]
+    key = info.key
+    if key is None:
+        return await handler(request)
+    if request.method == "POST":
+        await json_body(request)  # bad requests are refused before they cost a token
+    if info.model is not None and not key.may_use(info.model):
+        raise PermissionDenied(f"This API key may not use model '{info.model}'", param="model")
+    limiter = request.app[LIMITER]
+    decision = await limiter.acquire(key, stream=info.stream)
+    info.limit_headers = decision.headers()
+    if not decision.allowed:
+        retry = decision.headers()["Retry-After"]
+        if decision.refused_by == "concurrency":
+            raise RateLimited(f"Concurrency limit reached: this key may hold "
+                              f"{key.max_concurrent_streams} open streams; retry in {retry}s "
+                              f"or when one ends", code="concurrency_limit_exceeded")
+        raise RateLimited(f"Rate limit reached: {key.burst} requests at once, "
+                          f"{key.requests_per_minute:g} per minute; retry in {retry}s")
+    if decision.lease is None:
+        return await handler(request)
+    try:
+        return await handler(request)
+    finally:
+        # Shielded: a disconnect cancels the handler, and the slot must come back regardless.
+        await asyncio.shield(limiter.release(key, decision.lease))
+

@@ -1,0 +1,257 @@
+"""A real HTTP server that behaves like the xAI API, for the tests, the embedded default and the
+load scripts. It can also misbehave on request, so every failure path can be driven for real.
+
+Behaviour is asked for in the request body, under ``"mock"`` (the gateway forwards bodies as
+they are; with the OpenAI SDK pass ``extra_body={"mock": {...}}``):
+
+===================  ======================================================================
+``chunks``           number of content chunks (default: one per word of ``text``)
+``text``             the content to stream (default: a short sentence)
+``chunk_bytes``      pad each chunk's content to about this many bytes (load tests)
+``chunk_delay``      seconds between chunks
+``headers_delay``    seconds before the response headers (a slow upstream)
+``first_token_delay`` seconds after the headers before the first event (a thinking model)
+``pause_after``      with ``pause``: stop for ``pause`` seconds after this many chunks
+``status``           answer with this HTTP status and an OpenAI-shaped error body
+``disconnect_after`` abort the connection after this many chunks
+``hang_after``       send this many chunks, then nothing, forever
+``no_done``          end the stream cleanly but without ``data: [DONE]``
+``error_after``      send an ``{"error": {...}}`` event after this many chunks, then end
+``malformed_after``  send an event whose data is not JSON after this many chunks
+``format``           ``oneline`` (default), ``multiline`` (xAI docs: unprefixed JSON lines),
+                     ``multidata`` (every JSON line its own ``data:``), ``crlf``, ``cr``
+``split``            write the body in pieces of this many bytes (awkward offsets)
+===================  ======================================================================
+
+``MockState`` (``app[MOCK_STATE]``) records what the mock saw, for tests to assert on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import itertools
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+MODELS = ("grok-4", "grok-4-1-fast-non-reasoning", "grok-3-mini", "grok-2-vision-1212",
+          "grok-2-image-1212")
+DEFAULT_TEXT = "Ah, the meaning of life is forty-two, as everyone knows."
+CREATED = 1700000000
+
+
+@dataclass
+class MockState:
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    open_streams: int = 0
+    completed_streams: int = 0
+    disconnects: int = 0  # streams whose client (the gateway) went away before the end
+    last_disconnect: float = 0.0  # time.monotonic() of the last one
+    max_records: int = 1000
+
+    def record(self, request: web.Request, body: Any) -> None:
+        if len(self.requests) < self.max_records:
+            self.requests.append({"path": request.path, "method": request.method,
+                                  "headers": dict(request.headers), "body": body})
+
+
+MOCK_STATE = web.AppKey("mock_state", MockState)
+_ids = itertools.count(1)
+
+
+def _error(status: int, message: str, type_: str = "invalid_request_error",
+           code: str | None = None) -> web.Response:
+    return web.json_response({"error": {"message": message, "type": type_, "param": None,
+                                        "code": code}}, status=status)
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        raise web.HTTPBadRequest(text='{"error":{"message":"invalid JSON"}}',
+                                 content_type="application/json") from None
+    if not isinstance(body, dict):
+        raise web.HTTPBadRequest(text='{"error":{"message":"not an object"}}',
+                                 content_type="application/json")
+    return body
+
+
+def _words(opts: dict[str, Any]) -> list[str]:
+    text = str(opts.get("text", DEFAULT_TEXT))
+    words = [w + " " for w in text.split(" ")]
+    words[-1] = words[-1].rstrip(" ")
+    n = opts.get("chunks")
+    if isinstance(n, int) and n > 0:
+        words = [words[i % len(words)] for i in range(n)]
+    size = opts.get("chunk_bytes")
+    if isinstance(size, int) and size > 0:
+        words = [(w * (size // max(len(w), 1) + 1))[:size] for w in words]
+    return words
+
+
+@functools.lru_cache(maxsize=64)
+def _encode(obj_json: bytes, fmt: str) -> bytes:
+    """One event in the requested wire format (cached: the mock must not be the bottleneck)."""
+    if fmt == "multiline":
+        pretty = orjson.loads(obj_json)
+        lines = [b"{"] + [orjson.dumps(k) + b": " + orjson.dumps(v) + b","
+                          for k, v in pretty.items()]
+        lines[-1] = lines[-1].rstrip(b",")
+        return b"data: " + b"\n".join(lines) + b"\n}\n\n"
+    if fmt == "multidata":
+        obj = orjson.loads(obj_json)
+        body = orjson.dumps(obj, option=orjson.OPT_INDENT_2)
+        return b"".join(b"data: " + line + b"\n" for line in body.split(b"\n")) + b"\n"
+    event = b"data: " + obj_json + b"\n\n"
+    if fmt == "crlf":
+        return event.replace(b"\n", b"\r\n")
+    if fmt == "cr":
+        return event.replace(b"\n", b"\r")
+    return event
+
+
+def chat_chunks(model: str, words: list[str], include_usage: bool, fmt: str = "oneline",
+                cid: str = "chatcmpl-mock") -> list[bytes]:
+    base = {"id": cid, "object": "chat.completion.chunk", "created": CREATED, "model": model,
+            "system_fingerprint": "fp_mock"}
+    out = []
+    for i, word in enumerate(words):
+        delta: dict[str, Any] = {"content": word}
+        if i == 0:
+            delta["role"] = "assistant"
+        out.append(_encode(orjson.dumps({**base, "choices": [
+            {"index": 0, "delta": delta, "finish_reason": None}]}), fmt))
+    out.append(_encode(orjson.dumps({**base, "choices": [
+        {"index": 0, "delta": {}, "finish_reason": "stop"}]}), fmt))
+    if include_usage:
+        out.append(_encode(orjson.dumps({**base, "choices": [], "usage": _usage(len(words))}),
+                           fmt))
+    return out
+
+
+def _usage(completion: int) -> dict[str, int]:
+    return {"prompt_tokens": 12, "completion_tokens": completion, "total_tokens": 12 + completion}
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    state = request.app[MOCK_STATE]
+    body = await _body(request)
+    state.record(request, body)
+    opts = body.get("mock") or {}
+    if opts.get("headers_delay"):
+        await asyncio.sleep(float(opts["headers_delay"]))
+    if opts.get("status"):
+        status = int(opts["status"])
+        return _error(status, opts.get("message", f"mock upstream error {status}"),
+                      "rate_limit_error" if status == 429 else
+                      "server_error" if status >= 500 else "invalid_request_error")
+    model = body.get("model")
+    if not isinstance(model, str):
+        return _error(400, "model is required")
+    words = _words(opts)
+    if not body.get("stream"):
+        return web.json_response({
+            "id": f"chatcmpl-{next(_ids)}", "object": "chat.completion", "created": CREATED,
+            "model": model, "system_fingerprint": "fp_mock",
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": "".join(words)}}],
+            "usage": _usage(len(words))})
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    events = chat_chunks(model, words, include_usage, opts.get("format", "oneline"))
+    return await stream_events(request, events, opts)
+
+
+async def stream_events(request: web.Request, events: list[bytes], opts: dict[str, Any],
+                        done: bytes | None = b"data: [DONE]\n\n") -> web.StreamResponse:
+    """Write ``events`` as an SSE response, misbehaving as ``opts`` asks."""
+    state = request.app[MOCK_STATE]
+    fmt = opts.get("format", "oneline")
+    if done is not None and not opts.get("no_done"):
+        events = events + [_encode(done[6:-2], fmt) if fmt in ("crlf", "cr") else done]
+    for name, bad in (("error_after", b'data: {"error": {"message": "mock mid-stream failure",'
+                                      b' "type": "server_error", "code": "mock_failure"}}\n\n'),
+                      ("malformed_after", b"data: {this is not json\n\n")):
+        if isinstance(opts.get(name), int):
+            events = events[:opts[name]] + [bad]
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                           "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    state.open_streams += 1
+    finished = False
+    try:
+        if opts.get("first_token_delay"):
+            await asyncio.sleep(float(opts["first_token_delay"]))
+        delay = float(opts.get("chunk_delay", 0))
+        split = opts.get("split")
+        for i, event in enumerate(events):
+            if i and delay:
+                await asyncio.sleep(delay)
+            if i == opts.get("pause_after"):
+                await asyncio.sleep(float(opts.get("pause", 1)))
+            if i == opts.get("disconnect_after"):
+                assert request.transport is not None
+                request.transport.abort()
+                return response
+            if i == opts.get("hang_after"):
+                await asyncio.sleep(3600)
+            if isinstance(split, int) and split > 0:
+                for j in range(0, len(event), split):
+                    await response.write(event[j:j + split])
+            else:
+                await response.write(event)
+        await response.write_eof()
+        finished = True
+        state.completed_streams += 1
+        return response
+    finally:
+        state.open_streams -= 1
+        if not finished and not opts.get("disconnect_after"):
+            state.disconnects += 1
+            state.last_disconnect = time.monotonic()
+
+
+async def list_models(request: web.Request) -> web.Response:
+    request.app[MOCK_STATE].record(request, None)
+    return web.json_response({"object": "list", "data": [
+        {"id": m, "object": "model", "created": CREATED, "owned_by": "xai"} for m in MODELS]})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    model = request.match_info["model"]
+    if model not in MODELS:
+        return _error(404, f"The model {model} does not exist", code="model_not_found")
+    return web.json_response({"id": model, "object": "model", "created": CREATED,
+                              "owned_by": "xai"})
+
+
+def create_mock_app() -> web.Application:
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app[MOCK_STATE] = MockState()
+    for prefix in ("/v1", ""):
+        app.router.add_post(f"{prefix}/chat/completions", chat_completions)
+        app.router.add_get(f"{prefix}/models", list_models)
+        app.router.add_get(f"{prefix}/models/{{model}}", get_model)
+    return app
+
+
+@contextlib.asynccontextmanager
+async def run_mock_upstream(host: str = "127.0.0.1", port: int = 0
+                            ) -> AsyncIterator[tuple[web.Application, str]]:
+    """Serve the mock on ``host:port`` (0: a free port); yields the app and its base URL."""
+    app = create_mock_app()
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound = runner.addresses[0][1]
+    try:
+        yield app, f"http://{host}:{bound}/v1"
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,67 @@
+"""Rate limiting: a token bucket per key (one token per request; a whole stream is one request)
+and a cap on each key's simultaneous streams, held as leases.
+
+Backends share this interface and one behavioural test suite: ``MemoryLimiter`` (one process,
+the embedded default and the fail-open fallback) and ``RedisLimiter`` (exact across processes).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..context import ClientKey
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    limit: int  # the bucket's capacity (burst)
+    remaining: int  # whole tokens left after this request
+    reset_seconds: float  # until the bucket is full again
+    retry_after: float = 0.0  # when refused: seconds until a retry can succeed
+    refused_by: str = ""  # "requests" | "concurrency" when refused
+    lease: str | None = None  # the concurrency lease a stream holds, to release at its end
+    requests_per_minute: float = 0.0
+
+    def headers(self) -> dict[str, str]:
+        """OpenAI's ``x-ratelimit-*`` headers and the IETF ``RateLimit`` fields."""
+        window = max(1, round(self.limit / self.requests_per_minute * 60)) \
+            if self.requests_per_minute else 60
+        reset = max(0, math.ceil(self.reset_seconds))
+        headers = {
+            "x-ratelimit-limit-requests": str(self.limit),
+            "x-ratelimit-remaining-requests": str(self.remaining),
+            "x-ratelimit-reset-requests": openai_duration(self.reset_seconds),
+            "RateLimit-Policy": f'"requests";q={self.limit};w={window}',
+            "RateLimit": f'"requests";r={self.remaining};t={reset}',
+        }
+        if not self.allowed:
+            headers["Retry-After"] = str(max(1, math.ceil(self.retry_after)))
+            headers["retry-after-ms"] = str(max(1, math.ceil(self.retry_after * 1000)))
+        return headers
+
+
+def openai_duration(seconds: float) -> str:
+    """OpenAI's reset format: ``1m30s``, ``6s``, ``120ms``."""
+    if seconds <= 0:
+        return "0s"
+    if seconds < 1:
+        return f"{max(1, math.ceil(seconds * 1000))}ms"
+    minutes, secs = divmod(seconds, 60)
+    if minutes >= 1:
+        whole = int(secs)
+        return f"{int(minutes)}m{whole}s" if whole else f"{int(minutes)}m"
+    return f"{secs:.3g}s" if secs != int(secs) else f"{int(secs)}s"
+
+
+class Limiter(Protocol):
+    async def acquire(self, key: ClientKey, *, stream: bool) -> Decision:
+        """Take one token (and, for a stream, a concurrency lease) or refuse."""
+
+    async def release(self, key: ClientKey, lease: str) -> None:
+        """Give back a stream's lease: the stream ended, failed or its client left."""
+
+    async def close(self) -> None:
+        """Release connections and background tasks."""

@@ -1,0 +1,356 @@
+"""The byte path: upstream response in, client response out.
+
+``relay_stream`` forwards Server-Sent Events as they arrive. Events already in the one-line form
+pass as the very bytes the upstream sent, one write per upstream chunk; only events that must
+change (multi-line JSON, CR line endings, upstream error objects, model aliases) are re-encoded.
+It never buffers more than one incomplete event, and ``response.write`` waits for the client
+to drain, so a slow client slows the upstream read (aiohttp pauses the socket).
+
+Response headers wait for the upstream's, so an upstream error keeps its true status. Only if
+the upstream is silent for one keep-alive interval does the gateway commit ``200`` and start
+writing ``: keep-alive`` comments; from then on errors can only be SSE frames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from .appkeys import REQUEST_INFO, SETTINGS, STREAMS, UPSTREAM
+from .context import RequestInfo
+from .errors import (SSE_HEADERS, GatewayError, ShuttingDown, UpstreamFailure, UpstreamProtocolError,
+                     UpstreamTimeout, from_upstream)
+from .sse import DONE, KEEPALIVE, Event, SSEFramer, SSEProtocolError, encode_event
+
+log = logging.getLogger("gateway.relay")
+
+Rewrite = Callable[[Any], Any]
+"""Changes a parsed response object in place (model aliases); None when nothing changes."""
+
+_MAX_ERROR_BODY = 64 * 1024
+_RESPONSES_TERMINAL = (b"response.completed", b"response.failed", b"response.incomplete",
+                       b"error")
+
+
+def response_headers(info: RequestInfo) -> dict[str, str]:
+    return {"X-Request-ID": info.request_id, **info.limit_headers}
+
+
+async def relay_json(request: web.Request, upstream_call: Awaitable[aiohttp.ClientResponse],
+                     rewrite: Rewrite | None = None,
+                     extra_headers: dict[str, str] | None = None) -> web.Response:
+    """Forward a plain (non-streamed) request; the upstream's status and JSON come back."""
+    info = request[REQUEST_INFO]
+    settings = request.app[SETTINGS].stream
+    try:
+        async with asyncio.timeout(settings.first_byte_timeout_seconds):
+            upstream = await upstream_call
+            try:
+                body = await upstream.read()
+            except aiohttp.ClientError as e:
+                raise UpstreamProtocolError(
+                    f"The upstream connection broke while reading its answer "
+                    f"({type(e).__name__})") from e
+            finally:
+                upstream.release()
+    except TimeoutError:
+        raise UpstreamTimeout(f"The upstream did not answer within "
+                              f"{settings.first_byte_timeout_seconds:g} seconds") from None
+    if upstream.status >= 400:
+        raise from_upstream(upstream.status, body, upstream.headers,
+                            request.app[UPSTREAM].secrets)
+    if rewrite is not None:
+        try:
+            obj = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise UpstreamProtocolError("The upstream answered with invalid JSON") from None
+        rewrite(obj)
+        body = orjson.dumps(obj)
+    info.first_byte = asyncio.get_running_loop().time()
+    info.bytes_out = len(body)
+    return web.Response(status=upstream.status, body=body,
+                        content_type=upstream.content_type or "application/json",
+                        headers={**response_headers(info), **(extra_headers or {})})
+
+
+class StreamDialect:
+    """How one API marks the end of a stream and an error inside it."""
+
+    responses_api = False
+
+    def is_terminal(self, event: Event, data: bytes | None) -> bool:
+        return data == DONE
+
+    def error_frame(self, err: GatewayError, seq: int) -> bytes:
+        return err.sse_frame()
+
+
+class ResponsesDialect(StreamDialect):
+    """The Responses API ends with a named terminal event and has its own error event."""
+
+    responses_api = True
+
+    def is_terminal(self, event: Event, data: bytes | None) -> bool:
+        name = event.event
+        return name is not None and name in _RESPONSES_TERMINAL
+
+    def error_frame(self, err: GatewayError, seq: int) -> bytes:
+        return err.response_error_frame(seq)
+
+
+CHAT = StreamDialect()
+RESPONSES = ResponsesDialect()
+
+
+async def relay_stream(request: web.Request,
+                       upstream_call: Awaitable[aiohttp.ClientResponse], *,
+                       rewrite: Rewrite | None = None,
+                       dialect: StreamDialect = CHAT) -> web.StreamResponse:
+    """Relay an upstream event stream to the client; see the module docstring."""
+    relay = _StreamRelay(request, rewrite, dialect)
+    with request.app[STREAMS].track(relay):
+        return await relay.run(upstream_call)
+
+
+class _StreamRelay:
+    __slots__ = ("request", "info", "settings", "rewrite", "dialect", "response", "seq",
+                 "shutdown")
+
+    def __init__(self, request: web.Request, rewrite: Rewrite | None,
+                 dialect: StreamDialect) -> None:
+        self.request = request
+        self.info = request[REQUEST_INFO]
+        self.settings = request.app[SETTINGS].stream
+        self.rewrite = rewrite
+        self.dialect = dialect
+        self.response: web.StreamResponse | None = None
+        self.seq = 0
+        self.shutdown = False  # set by StreamRegistry before it cancels us
+
+    async def run(self, upstream_call: Awaitable[aiohttp.ClientResponse]) -> web.StreamResponse:
+        info = self.info
+        task: asyncio.Future[aiohttp.ClientResponse] = asyncio.ensure_future(upstream_call)
+        upstream: aiohttp.ClientResponse | None = None
+        clean = False
+        try:
+            upstream = await self._await_headers(task)
+            if upstream.status >= 400:
+                body = await upstream.content.read(_MAX_ERROR_BODY)
+                raise from_upstream(upstream.status, body, upstream.headers,
+                                    self.request.app[UPSTREAM].secrets)
+            if self.response is None:
+                await self._start()
+            clean = await self._pump(upstream)
+        except GatewayError as err:
+            info.outcome = "timeout" if isinstance(err, UpstreamTimeout) else (
+                "upstream_error" if isinstance(err, UpstreamFailure) else "error")
+            if isinstance(err, UpstreamFailure):
+                log.warning("request %s: upstream %s: %s", info.request_id, err.kind, err.message)
+            if self.response is None:
+                raise  # nothing sent yet: the error middleware answers with the true status
+            await self._end_with(err)
+        except SSEProtocolError as e:
+            info.outcome = "upstream_error"
+            log.warning("request %s: upstream bad_stream: %s", info.request_id, e)
+            await self._end_with(UpstreamProtocolError(f"The upstream stream was malformed: {e}"))
+        except ConnectionResetError:
+            info.outcome = "client_disconnect"  # a write found the client gone
+        except asyncio.CancelledError:
+            if not self.shutdown:
+                info.outcome = info.outcome or "client_disconnect"
+                raise
+            # Graceful shutdown ran out of drain time: tell the client why the stream ends.
+            info.outcome = "shutdown"
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
+            await self._end_with(ShuttingDown("The gateway is restarting; retry the request"))
+        finally:
+            _dispose(task, upstream, clean)
+        assert self.response is not None
+        return self.response
+
+    async def _await_headers(self, task: asyncio.Future[aiohttp.ClientResponse]
+                             ) -> aiohttp.ClientResponse:
+        """Wait for the upstream's headers; past one keep-alive interval, commit and ping."""
+        keepalive = self.settings.keepalive_seconds
+        waited = 0.0
+        while True:
+            done, _ = await asyncio.wait((task,), timeout=keepalive)
+            if done:
+                return task.result()
+            waited += keepalive
+            if waited >= self.settings.first_byte_timeout_seconds:
+                raise UpstreamTimeout(f"The upstream did not answer within "
+                                      f"{self.settings.first_byte_timeout_seconds:g} seconds")
+            if self.response is None:
+                await self._start()
+            await self._write(KEEPALIVE)
+
+    async def _start(self) -> None:
+        response = web.StreamResponse(status=200, headers={**SSE_HEADERS,
+                                                           **response_headers(self.info)})
+        await response.prepare(self.request)
+        self.response = response
+        self.info.status = 200
+
+    async def _write(self, data: bytes) -> None:
+        assert self.response is not None
+        await self.response.write(data)
+
+    async def _end_with(self, err: GatewayError) -> None:
+        """After headers: the error becomes the stream's last event."""
+        try:
+            await self._write(self.dialect.error_frame(err, self.seq))
+            assert self.response is not None
+            await self.response.write_eof()
+        except ConnectionResetError:
+            pass
+
+    async def _pump(self, upstream: aiohttp.ClientResponse) -> bool:
+        """Relay events until the terminal one; True when the upstream ended cleanly."""
+        info = self.info
+        settings = self.settings
+        keepalive = settings.keepalive_seconds
+        framer = SSEFramer(settings.max_event_bytes)
+        content = upstream.content
+        loop = asyncio.get_running_loop()
+        silent = 0.0
+        while True:
+            try:
+                async with asyncio.timeout(keepalive):
+                    chunk = await content.readany()
+            except TimeoutError:
+                silent += keepalive
+                limit = (settings.idle_timeout_seconds if info.first_byte is not None
+                         else settings.first_byte_timeout_seconds)
+                if silent >= limit:
+                    raise UpstreamTimeout(f"The upstream sent nothing for {silent:g} seconds") \
+                        from None
+                await self._write(KEEPALIVE)
+                continue
+            except aiohttp.ClientError as e:
+                raise UpstreamProtocolError(
+                    f"The upstream connection broke mid-stream ({type(e).__name__})") from e
+            silent = 0.0
+            if chunk:
+                events = framer.feed(chunk)
+                whole = framer.whole_chunk
+            else:
+                events = framer.close()
+                whole = False
+            if events:
+                out, done = self._render(events, chunk if whole else None)
+                if out:
+                    if info.first_byte is None:
+                        info.first_byte = loop.time()
+                    await self._write(out)
+                if done:
+                    assert self.response is not None
+                    await self.response.write_eof()
+                    info.outcome = "completed"  # whatever happens while draining the rest
+                    return await _drain_to_eof(content, keepalive)
+            if not chunk:
+                raise UpstreamProtocolError("The upstream stream ended before it was complete")
+
+    def _render(self, events: list[Event], chunk: bytes | None) -> tuple[bytes, bool]:
+        """The bytes to send for these events, and whether the terminal event was among them.
+
+        ``chunk`` is the upstream chunk when it held exactly these events and nothing else:
+        if they all pass verbatim, it is sent as it is, with no join.
+        """
+        info = self.info
+        dialect = self.dialect
+        rewrite = self.rewrite
+        parts: list[bytes] = []
+        verbatim = 0
+        for ev in events:
+            data = ev.data
+            self.seq += 1
+            if dialect.is_terminal(ev, data):
+                parts.append(ev.raw if ev.verbatim else encode_event(ev))
+                info.chunks += 1
+                out = b"".join(parts)
+                info.bytes_out += len(out)
+                return out, True
+            if data is None:
+                parts.append(ev.raw)  # a comment: an upstream's own keep-alive
+                continue
+            if not dialect.responses_api and b'"error"' in data[:16]:
+                obj = _json(data)
+                err = obj.get("error") if isinstance(obj, dict) else None
+                if err is not None:
+                    raise _upstream_stream_error(err)
+            if b'"usage"' in data:
+                obj = _json(data)
+                usage = obj.get("usage") if isinstance(obj, dict) else None
+                if isinstance(usage, dict):
+                    info.usage = usage
+            if rewrite is not None:
+                obj = _json(data)
+                rewrite(obj)
+                parts.append(encode_event(ev, obj))
+            elif ev.verbatim:
+                parts.append(ev.raw)
+                verbatim += 1
+            else:
+                if data != DONE:
+                    _json(data)  # re-encoding needs JSON; anything else is a broken stream
+                parts.append(encode_event(ev))
+            info.chunks += 1
+        out = chunk if chunk is not None and verbatim == len(events) else b"".join(parts)
+        info.bytes_out += len(out)
+        return out, False
+
+
+def _json(data: bytes) -> Any:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise SSEProtocolError("an event's data is not valid JSON") from None
+
+
+def _upstream_stream_error(err: Any) -> UpstreamFailure:
+    """An error object (or, from some providers, a bare string) sent inside the stream."""
+    if isinstance(err, dict):
+        message = str(err.get("message") or "The upstream reported an error")
+        failure = UpstreamFailure(f"Upstream error: {message}")
+        if isinstance(err.get("code"), str):
+            failure.code = err["code"]
+        return failure
+    return UpstreamFailure(f"Upstream error: {err}")
+
+
+async def _drain_to_eof(content: aiohttp.StreamReader, timeout: float) -> bool:
+    """Read what follows the terminal event so the connection can go back to the pool."""
+    try:
+        async with asyncio.timeout(timeout):
+            while await content.readany():
+                pass
+    except (TimeoutError, aiohttp.ClientError):
+        return False
+    return True
+
+
+def _dispose(task: asyncio.Future[aiohttp.ClientResponse],
+             upstream: aiohttp.ClientResponse | None, clean: bool) -> None:
+    """Release the upstream connection; close it (so the upstream sees the end) unless clean."""
+    if not task.done():
+        task.add_done_callback(_close_late_response)
+        task.cancel()
+    if upstream is not None:
+        if clean:
+            upstream.release()
+        else:
+            upstream.close()
+
+
+def _close_late_response(task: asyncio.Future[aiohttp.ClientResponse]) -> None:
+    if not task.cancelled() and task.exception() is None:
+        task.result().close()

@@ -1,0 +1,343 @@
+"""Typed, frozen settings, validated once at start-up.
+
+Settings come from a TOML file and the environment. Every leaf setting ``[section] key`` can be
+overridden by ``GATEWAY_<SECTION>_<KEY>`` (``GATEWAY_UPSTREAM_URL``, ``GATEWAY_REDIS_URL``,
+``GATEWAY_STREAM_KEEPALIVE_SECONDS``, ...). ``GATEWAY_REDIS_URL`` also enables Redis when the file
+has no ``[redis]`` section; setting it to an empty string disables Redis.
+
+Nothing here reads the environment at import time, and this module imports nothing else from the
+package, so that the CLI, tests and tools can build settings however they like.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+XAI_URL = "https://api.x.ai/v1"
+DEMO_KEY = "sk-gateway-demo"
+"""Accepted by the embedded default (mock upstream, no ``[[keys]]``); logged at start-up."""
+
+
+class ConfigError(ValueError):
+    """A setting is missing or invalid; the message names the setting."""
+
+    def __init__(self, setting: str, problem: str) -> None:
+        super().__init__(f"invalid setting {setting}: {problem}")
+        self.setting = setting
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+    # Seconds SIGTERM waits for open streams before ending them with an error frame.
+    drain_seconds: float = 30.0
+    # Addresses (exact IPs) whose X-Forwarded-For is believed.
+    trusted_proxies: tuple[str, ...] = ("127.0.0.1", "::1")
+    access_log: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSettings:
+    # "mock" runs the built-in mock upstream in-process. Left empty: xAI when the API key is in
+    # the environment, the mock otherwise (so the embedded default works with no network).
+    url: str = ""
+    api_key: str = ""
+    api_key_env: str = "XAI_API_KEY"
+    # Retries happen only before any byte has reached the client.
+    max_retries: int = 1
+    retry_backoff_seconds: float = 0.2
+
+    @property
+    def is_mock(self) -> bool:
+        return self.url in ("mock", "")
+
+    @property
+    def url_given(self) -> bool:
+        return self.url != ""
+
+
+@dataclass(frozen=True, slots=True)
+class RedisSettings:
+    url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "gw"
+    # What to do when Redis does not answer: keep limiting per process, or refuse with 503.
+    failure_policy: str = "fail_open"
+    timeout_seconds: float = 0.25
+    # A stream's concurrency lease expires unless renewed; a crashed process frees slots this fast.
+    lease_seconds: float = 10.0
+    # How long a key looked up in Redis is trusted before it is looked up again (revocation delay).
+    key_cache_seconds: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    requests_per_minute: float = 60.0
+    burst: int = 10
+    max_concurrent_streams: int = 8
+
+
+@dataclass(frozen=True, slots=True)
+class KeySettings:
+    name: str
+    sha256: str
+    limits: Limits
+    models: frozenset[str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StreamSettings:
+    keepalive_seconds: float = 15.0
+    connect_timeout_seconds: float = 10.0
+    first_byte_timeout_seconds: float = 900.0
+    idle_timeout_seconds: float = 300.0
+    max_body_bytes: int = 20 * 1024 * 1024
+    # An upstream event larger than this is a broken stream, not something to buffer.
+    max_event_bytes: int = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class VisionSettings:
+    stream_fallback: str = "sse"
+    max_image_bytes: int = 10 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSettings:
+    # Client-facing name -> upstream name.
+    aliases: Mapping[str, str] = field(default_factory=dict)
+    list_cache_seconds: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    server: ServerSettings = ServerSettings()
+    upstream: UpstreamSettings = UpstreamSettings()
+    redis: RedisSettings | None = None
+    limits: Limits = Limits()
+    keys: tuple[KeySettings, ...] = ()
+    stream: StreamSettings = StreamSettings()
+    vision: VisionSettings = VisionSettings()
+    models: ModelSettings = ModelSettings()
+
+    def upstream_api_key(self, environ: Mapping[str, str]) -> str:
+        return self.upstream.api_key or environ.get(self.upstream.api_key_env, "")
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> Settings:
+        """Build and validate settings from a TOML-shaped mapping (tests call this directly)."""
+        return _build(data)
+
+
+def load_settings(path: str | None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read the TOML file (if any), apply ``GATEWAY_*`` overrides, validate."""
+    environ = os.environ if environ is None else environ
+    data: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as e:
+            raise ConfigError("--config", f"cannot read {path}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError("--config", f"{path} is not valid TOML: {e}") from None
+    settings = _build(_apply_environment(data, environ))
+    if not settings.upstream.url_given:
+        url = XAI_URL if settings.upstream_api_key(environ) else "mock"
+        settings = dataclasses.replace(
+            settings, upstream=dataclasses.replace(settings.upstream, url=url))
+    return settings
+
+
+_SECTIONS: dict[str, type] = {
+    "server": ServerSettings,
+    "upstream": UpstreamSettings,
+    "redis": RedisSettings,
+    "limits": Limits,
+    "stream": StreamSettings,
+    "vision": VisionSettings,
+}
+
+
+def _apply_environment(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for section, cls in _SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            name = f"GATEWAY_{section}_{f.name}".upper()
+            if name not in environ:
+                continue
+            raw = environ[name]
+            if section == "redis" and f.name == "url" and raw == "":
+                data.pop("redis", None)
+                continue
+            data.setdefault(section, {})[f.name] = _parse_env_value(raw, f.type)
+    return data
+
+
+def _parse_env_value(raw: str, type_name: Any) -> Any:
+    t = str(type_name)
+    if t == "bool":
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    if t in ("int", "float"):
+        try:
+            return int(raw) if t == "int" else float(raw)
+        except ValueError:
+            return raw  # validation names the setting
+    if t.startswith("tuple"):
+        return [part.strip() for part in raw.split(",") if part.strip()]
+    return raw
+
+
+def _build(data: Mapping[str, Any]) -> Settings:
+    known = set(_SECTIONS) | {"keys", "models"}
+    for section in data:
+        if section not in known:
+            raise ConfigError(section, f"unknown section (known: {', '.join(sorted(known))})")
+    server = _section(data, "server", ServerSettings)
+    upstream = _section(data, "upstream", UpstreamSettings)
+    redis = _section(data, "redis", RedisSettings) if "redis" in data else None
+    limits = _section(data, "limits", Limits)
+    stream = _section(data, "stream", StreamSettings)
+    vision = _section(data, "vision", VisionSettings)
+
+    _check(0 < server.port < 65536 or server.port == 0, "server.port", "must be 0..65535")
+    _check(server.workers >= 1, "server.workers", "must be at least 1")
+    _check(server.drain_seconds >= 0, "server.drain_seconds", "must not be negative")
+    _check(upstream.url in ("", "mock") or upstream.url.startswith(("http://", "https://")),
+           "upstream.url", 'must be an http(s) URL or "mock"')
+    _check(upstream.max_retries >= 0, "upstream.max_retries", "must not be negative")
+    if redis is not None:
+        _check(redis.url.startswith(("redis://", "rediss://", "unix://")), "redis.url",
+               "must be a redis://, rediss:// or unix:// URL")
+        _check(redis.failure_policy in ("fail_open", "fail_closed"), "redis.failure_policy",
+               'must be "fail_open" or "fail_closed"')
+        _check(redis.timeout_seconds > 0, "redis.timeout_seconds", "must be positive")
+        _check(redis.lease_seconds >= 1, "redis.lease_seconds", "must be at least 1")
+    _check_limits(limits, "limits")
+    for name in ("keepalive_seconds", "connect_timeout_seconds", "first_byte_timeout_seconds",
+                 "idle_timeout_seconds"):
+        _check(getattr(stream, name) > 0, f"stream.{name}", "must be positive")
+    _check(stream.max_body_bytes > 0, "stream.max_body_bytes", "must be positive")
+    _check(vision.stream_fallback in ("sse", "json", "off"), "vision.stream_fallback",
+           'must be "sse", "json" or "off"')
+
+    keys = tuple(_key(i, entry, limits) for i, entry in enumerate(_list(data, "keys")))
+    names = [k.name for k in keys]
+    dup = {n for n in names if names.count(n) > 1}
+    _check(not dup, "keys", f"duplicate key names: {', '.join(sorted(dup))}")
+
+    models_data = data.get("models", {})
+    _check(isinstance(models_data, Mapping), "models", "must be a table")
+    # Aliases sit in [models.aliases], or directly as `client-name = "upstream-name"` in [models].
+    aliases = models_data.get("aliases", {k: v for k, v in models_data.items()
+                                          if isinstance(v, str)})
+    _check(isinstance(aliases, Mapping)
+           and all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()),
+           "models.aliases", "must map model names to model names")
+    cache = models_data.get("list_cache_seconds", 60.0)
+    _check(isinstance(cache, (int, float)) and cache >= 0, "models.list_cache_seconds",
+           "must be a non-negative number")
+    models = ModelSettings(aliases=dict(aliases), list_cache_seconds=float(cache))
+
+    return Settings(server=server, upstream=upstream, redis=redis, limits=limits, keys=keys,
+                    stream=stream, vision=vision, models=models)
+
+
+def _check(ok: bool, setting: str, problem: str) -> None:
+    if not ok:
+        raise ConfigError(setting, problem)
+
+
+def _check_limits(limits: Limits, where: str) -> None:
+    _check(limits.requests_per_minute > 0, f"{where}.requests_per_minute", "must be positive")
+    _check(limits.burst >= 1, f"{where}.burst", "must be at least 1")
+    _check(limits.max_concurrent_streams >= 1, f"{where}.max_concurrent_streams",
+           "must be at least 1")
+
+
+def _list(data: Mapping[str, Any], name: str) -> list[Any]:
+    value = data.get(name, [])
+    _check(isinstance(value, list), name, "must be an array of tables ([[keys]])")
+    return value
+
+
+def _section(data: Mapping[str, Any], name: str, cls: type) -> Any:
+    raw = data.get(name, {})
+    _check(isinstance(raw, Mapping), name, "must be a table")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise ConfigError(f"{name}.{key}", f"unknown setting (known: {', '.join(fields)})")
+        values[key] = _coerce(f"{name}.{key}", value, str(fields[key].type))
+    return cls(**values)
+
+
+def _coerce(setting: str, value: Any, type_name: str) -> Any:
+    if type_name == "bool":
+        _check(isinstance(value, bool), setting, "must be true or false")
+    elif type_name == "int":
+        _check(isinstance(value, int) and not isinstance(value, bool), setting,
+               f"must be an integer, got {value!r}")
+    elif type_name == "float":
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), setting,
+               f"must be a number, got {value!r}")
+        value = float(value)
+    elif type_name == "str":
+        _check(isinstance(value, str), setting, f"must be a string, got {value!r}")
+    elif type_name.startswith("tuple"):
+        _check(isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value),
+               setting, "must be a list of strings")
+        value = tuple(value)
+    return value
+
+
+def _key(index: int, entry: Any, defaults: Limits) -> KeySettings:
+    where = f"keys[{index}]"
+    _check(isinstance(entry, Mapping), where, "must be a table")
+    allowed = {"name", "key", "sha256", "requests_per_minute", "burst",
+               "max_concurrent_streams", "models"}
+    for k in entry:
+        _check(k in allowed, f"{where}.{k}", f"unknown setting (known: {', '.join(sorted(allowed))})")
+    name = entry.get("name")
+    _check(isinstance(name, str) and bool(name), f"{where}.name", "must be a non-empty string")
+    where = f"keys[{name}]"
+    if "key" in entry:
+        _check("sha256" not in entry, where, 'give "key" or "sha256", not both')
+        _check(isinstance(entry["key"], str) and len(entry["key"]) >= 8, f"{where}.key",
+               "must be a string of at least 8 characters")
+        digest = hash_key(entry["key"])
+    else:
+        digest = entry.get("sha256", "")
+        _check(isinstance(digest, str) and len(digest) == 64
+               and all(c in "0123456789abcdef" for c in digest.lower()),
+               f"{where}.sha256", "must be 64 hex digits (sha256 of the key)")
+        digest = digest.lower()
+    limits = Limits(
+        requests_per_minute=float(_coerce(f"{where}.requests_per_minute",
+                                          entry.get("requests_per_minute",
+                                                    defaults.requests_per_minute), "float")),
+        burst=_coerce(f"{where}.burst", entry.get("burst", defaults.burst), "int"),
+        max_concurrent_streams=_coerce(f"{where}.max_concurrent_streams",
+                                       entry.get("max_concurrent_streams",
+                                                 defaults.max_concurrent_streams), "int"),
+    )
+    _check_limits(limits, where)
+    models = entry.get("models")
+    if models is not None:
+        _check(isinstance(models, list) and all(isinstance(m, str) for m in models),
+               f"{where}.models", "must be a list of model names")
+        models = frozenset(models)
+    return KeySettings(name=name, sha256=digest, limits=limits, models=models)
+
+
+def hash_key(key: str) -> str:
+    """The only form in which a client key is ever stored or compared."""
+    return hashlib.sha256(key.encode()).hexdigest()

@@ -1,0 +1,271 @@
+"""Incremental Server-Sent Events framing: bytes in, events out; no I/O, no package imports.
+
+The framer splits an upstream byte stream into events at blank lines, whatever the chunk
+boundaries (inside a line, inside ``\\r\\n``, inside a UTF-8 character: it splits only at ASCII
+line breaks, so multi-byte characters are never cut). Line endings may be LF, CRLF or CR
+(https://html.spec.whatwg.org/multipage/server-sent-events.html#parsing-an-event-stream).
+
+Each event keeps its exact bytes. An event already in the form every SSE client reads (LF line
+endings, at most one ``data:`` line, only known fields or comments) is ``verbatim`` and the relay
+forwards those very bytes. Anything else is parsed leniently and re-encoded by ``encode_event``
+into ``[event: ...\\n]data: <one line>\\n\\n``. Lenient means the multi-line JSON of xAI's own
+docs is understood: lines after ``data: {`` that carry no field name continue the data, and a new
+``data:`` line after a complete JSON value starts a new event even without a blank line.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+DONE = b"[DONE]"
+KEEPALIVE = b": keep-alive\n"
+"""A comment line with no blank line after it: it keeps proxies awake but dispatches no event."""
+
+_Fields = tuple["bytes | None", "bytes | None", "bytes | None", "bytes | None"]
+_KNOWN_FIELDS = (b"data", b"event", b"id", b"retry")
+
+
+class SSEProtocolError(ValueError):
+    """The upstream's stream cannot be framed (an event larger than the limit)."""
+
+
+class Event:
+    """One SSE event: ``raw`` is its bytes, ending in ``\\n\\n`` (LF-normalised)."""
+
+    __slots__ = ("raw", "verbatim", "_fields")
+
+    def __init__(self, raw: bytes, verbatim: bool, fields: _Fields | None = None) -> None:
+        self.raw = raw
+        self.verbatim = verbatim
+        self._fields = fields
+
+    def _parse(self) -> _Fields:
+        if self._fields is None:
+            self._fields = _parse_block(self.raw)[0]
+        return self._fields
+
+    @property
+    def data(self) -> bytes | None:
+        """The joined ``data:`` lines, or None for an event with no data (comments only)."""
+        if self._fields is None and self.raw[:6] == b"data: " \
+                and self.raw.find(b"\n") == len(self.raw) - 2:
+            return self.raw[6:-2]  # the common case: one `data: ` line, nothing to parse
+        return self._parse()[0]
+
+    @property
+    def event(self) -> bytes | None:
+        return self._parse()[1]
+
+    @property
+    def id(self) -> bytes | None:
+        return self._parse()[2]
+
+    @property
+    def retry(self) -> bytes | None:
+        return self._parse()[3]
+
+    def __repr__(self) -> str:
+        return f"Event({self.raw!r}, verbatim={self.verbatim})"
+
+
+def _is_complete_json(data: list[bytes]) -> bool:
+    joined = b"\n".join(data)
+    if joined[:1] not in (b"{", b"["):
+        return False
+    try:
+        orjson.loads(joined)
+    except orjson.JSONDecodeError:
+        return False
+    return True
+
+
+def _parse_block(block: bytes) -> list[_Fields]:
+    """Parse an LF-only block leniently into one or more events' fields."""
+    out: list[_Fields] = []
+    data: list[bytes] = []
+    event = id_ = retry = None
+    for line in block.split(b"\n"):
+        if not line or line[0] == 58:  # blank, or ":" comment
+            continue
+        name, sep, value = line.partition(b":")
+        if name not in _KNOWN_FIELDS or not sep:
+            if data:
+                data.append(line)  # an unprefixed continuation of multi-line JSON
+            continue
+        if value[:1] == b" ":
+            value = value[1:]
+        if name == b"data":
+            if data and _is_complete_json(data):
+                out.append((b"\n".join(data), event, id_, retry))
+                data, event, id_, retry = [], None, None, None
+            data.append(value)
+        elif name == b"event":
+            event = value
+        elif name == b"id":
+            id_ = value
+        else:
+            retry = value
+    if data or event is not None or id_ is not None or retry is not None or not out:
+        out.append((b"\n".join(data) if data else None, event, id_, retry))
+    return out
+
+
+def _is_verbatim(block: bytes) -> bool:
+    """True when the block (LF-only, ending in one blank line) can be forwarded as it is."""
+    if block[:5] == b"data:" and block.find(b"\n") == len(block) - 2:
+        return True  # fast path: a single data line
+    seen_data = False
+    for line in block[:-2].split(b"\n"):
+        if line[:1] == b":":
+            continue
+        name, sep, _ = line.partition(b":")
+        if not sep or name not in _KNOWN_FIELDS:
+            return False
+        if name == b"data":
+            if seen_data:
+                return False
+            seen_data = True
+    return True
+
+
+class SSEFramer:
+    """Feed it chunks; it returns the events they complete."""
+
+    __slots__ = ("_buf", "_scan_from", "_dirty", "_skip_lf", "_max_event_bytes", "whole_chunk")
+
+    def __init__(self, max_event_bytes: int = 4 * 1024 * 1024) -> None:
+        self._buf = bytearray()
+        self._scan_from = 0  # where to resume looking for a blank line in _buf
+        self._dirty = False  # _buf holds bytes whose line endings were rewritten
+        self._skip_lf = False  # the last chunk ended in CR: a leading LF next is its CRLF's
+        self._max_event_bytes = max_event_bytes
+        # After feed(): the chunk was exactly the returned events (no carry in or out, line
+        # endings untouched), so a relay may forward the chunk itself when all are verbatim.
+        self.whole_chunk = False
+
+    @property
+    def pending(self) -> int:
+        """Bytes held for an incomplete event."""
+        return len(self._buf)
+
+    def feed(self, chunk: bytes) -> list[Event]:
+        self.whole_chunk = False
+        if self._skip_lf:
+            self._skip_lf = False
+            if chunk[:1] == b"\n":
+                chunk = chunk[1:]
+        if b"\r" in chunk:
+            self._skip_lf = chunk[-1:] == b"\r"
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+            self._dirty = True
+        if not self._buf:
+            # Fast path: nothing pending, so split the chunk itself without copying it.
+            end = chunk.rfind(b"\n\n")
+            if end == -1:
+                self._buf += chunk
+                return self._no_blank_line()
+            events = self._split(chunk, end + 2)
+            rest = chunk[end + 2:]
+            if rest.strip(b"\n"):
+                self._buf += rest
+                events += self._no_blank_line()
+            else:
+                self.whole_chunk = not self._dirty
+                self._dirty = False
+            return events
+        self._buf += chunk
+        end = self._buf.rfind(b"\n\n", max(self._scan_from - 1, 0))
+        if end == -1:
+            return self._no_blank_line()
+        whole = bytes(self._buf[:end + 2])
+        del self._buf[:end + 2]
+        events = self._split(whole, len(whole))
+        if self._buf.strip(b"\n"):
+            events += self._no_blank_line()
+        else:
+            self._buf.clear()
+            self._scan_from = 0
+            self._dirty = False
+        return events
+
+    def close(self) -> list[Event]:
+        """End of input: a trailing event without its blank line still counts."""
+        rest = bytes(self._buf).strip(b"\n")
+        self._buf.clear()
+        self._scan_from = 0
+        self._dirty = False
+        if not rest:
+            return []
+        return self._parsed(rest + b"\n\n")
+
+    def _no_blank_line(self) -> list[Event]:
+        """``_buf`` has no blank line. Cut off events that a new ``data:`` line proves complete
+        (xAI's documented multi-line frames come without blank lines), else check the size."""
+        events: list[Event] = []
+        at = self._buf.find(b"\ndata:", max(self._scan_from - 6, 0))
+        while at != -1:
+            head = bytes(self._buf[:at + 1])
+            fields = _parse_block(head)
+            data = fields[-1][0]
+            if data is not None and _is_complete_json([data]):
+                del self._buf[:at + 1]
+                events += self._parsed(head + b"\n")
+                at = self._buf.find(b"\ndata:")
+            else:
+                at = self._buf.find(b"\ndata:", at + 1)
+        self._scan_from = len(self._buf)
+        if len(self._buf) > self._max_event_bytes:
+            raise SSEProtocolError(
+                f"upstream event exceeds {self._max_event_bytes} bytes without a blank line")
+        return events
+
+    def _parsed(self, block: bytes) -> list[Event]:
+        return [Event(block, verbatim=False, fields=f) for f in _parse_block(block)
+                if f[0] is not None or f[1] is not None]
+
+    def _split(self, data: bytes, end: int) -> list[Event]:
+        """Split ``data[:end]``, which ends in a blank line, into events."""
+        dirty = self._dirty
+        events: list[Event] = []
+        start = 0
+        while start < end:
+            stop = data.find(b"\n\n", start, end) + 2
+            block = data[start:stop]
+            start = stop
+            while start < end and data[start] == 10:
+                start += 1  # extra blank lines between events belong to no event
+            if not dirty and block[0] != 10 and _is_verbatim(block):
+                events.append(Event(block, verbatim=True))
+                continue
+            body = block.strip(b"\n")
+            if body:
+                if body[:1] == b":" and b"\n" not in body:
+                    events.append(Event(body + b"\n\n", verbatim=True))  # an upstream ping
+                else:
+                    events += self._parsed(body + b"\n\n")
+        return events
+
+
+def encode_event(event: Event, data_obj: Any = None) -> bytes:
+    """Re-encode an event as at most one ``data:`` line (JSON compacted by orjson).
+
+    ``data_obj``, when given, replaces the event's data (a field the gateway rewrote).
+    """
+    out = bytearray()
+    if event.event is not None:
+        out += b"event: " + event.event + b"\n"
+    if event.id is not None:
+        out += b"id: " + event.id + b"\n"
+    if event.retry is not None:
+        out += b"retry: " + event.retry + b"\n"
+    if data_obj is not None:
+        out += b"data: " + orjson.dumps(data_obj) + b"\n"
+    elif event.data is not None:
+        try:
+            out += b"data: " + orjson.dumps(orjson.loads(event.data)) + b"\n"
+        except orjson.JSONDecodeError:
+            for line in event.data.split(b"\n"):
+                out += b"data: " + line + b"\n"
+    return bytes(out) + b"\n" if out else b""
