@@ -21,7 +21,19 @@ they are; with the OpenAI SDK pass ``extra_body={"mock": {...}}``):
 ``format``           ``oneline`` (default), ``multiline`` (xAI docs: unprefixed JSON lines),
                      ``multidata`` (every JSON line its own ``data:``), ``crlf``, ``cr``
 ``split``            write the body in pieces of this many bytes (awkward offsets)
+``tool_calls``       with ``tools`` in the body: how many calls to make (default 1); their
+                     arguments stream as fragments (``{"``, ``location``, ``": "``, ...)
+``tool_arguments``   the arguments object (default: generated from the tool's JSON schema)
+``json``             with ``response_format``: the JSON value to stream (default: generated
+                     from the ``json_schema``)
+``reasoning``        stream this ``reasoning_content`` first (default for grok-3-mini)
+``reasoning_silence`` seconds of silence between the reasoning and the answer
 ===================  ======================================================================
+
+Routes (under ``/v1`` and the root): ``chat/completions`` (streamed or not; tool calls,
+structured output, reasoning, image parts for vision models), ``responses`` (the Responses API,
+plain or as named events; ``error_after`` sends its own ``event: error``), ``models``,
+``models/{id}`` and ``images/generations`` (``b64_json`` or ``url``; never streams).
 
 ``MockState`` (``app[MOCK_STATE]``) records what the mock saw, for tests to assert on.
 """
@@ -40,6 +52,10 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from .mock_replies import (ChatReply, chat_completion, chat_reply, count_chat_images,
+                           count_input_images, images_result, reply_chunks, response_object,
+                           responses_error_event, responses_events, sees_images)
+
 MODELS = ("grok-4", "grok-4-1-fast-non-reasoning", "grok-3-mini", "grok-2-vision-1212",
           "grok-2-image-1212")
 DEFAULT_TEXT = "Ah, the meaning of life is forty-two, as everyone knows."
@@ -54,6 +70,10 @@ class MockState:
     disconnects: int = 0  # streams whose client (the gateway) went away before the end
     last_disconnect: float = 0.0  # time.monotonic() of the last one
     max_records: int = 1000
+
+    def note_disconnect(self) -> None:
+        self.disconnects += 1
+        self.last_disconnect = time.monotonic()
 
     def record(self, request: web.Request, body: Any) -> None:
         if len(self.requests) < self.max_records:
@@ -119,21 +139,8 @@ def _encode(obj_json: bytes, fmt: str) -> bytes:
 
 def chat_chunks(model: str, words: list[str], include_usage: bool, fmt: str = "oneline",
                 cid: str = "chatcmpl-mock") -> list[bytes]:
-    base = {"id": cid, "object": "chat.completion.chunk", "created": CREATED, "model": model,
-            "system_fingerprint": "fp_mock"}
-    out = []
-    for i, word in enumerate(words):
-        delta: dict[str, Any] = {"content": word}
-        if i == 0:
-            delta["role"] = "assistant"
-        out.append(_encode(orjson.dumps({**base, "choices": [
-            {"index": 0, "delta": delta, "finish_reason": None}]}), fmt))
-    out.append(_encode(orjson.dumps({**base, "choices": [
-        {"index": 0, "delta": {}, "finish_reason": "stop"}]}), fmt))
-    if include_usage:
-        out.append(_encode(orjson.dumps({**base, "choices": [], "usage": _usage(len(words))}),
-                           fmt))
-    return out
+    return [_encode(c, fmt) for c in reply_chunks(model, ChatReply(content=words), include_usage,
+                                                  cid)]
 
 
 def _usage(completion: int) -> dict[str, int]:
@@ -146,7 +153,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     state.record(request, body)
     opts = body.get("mock") or {}
     if opts.get("headers_delay"):
-        await asyncio.sleep(float(opts["headers_delay"]))
+        try:
+            await asyncio.sleep(float(opts["headers_delay"]))
+        except asyncio.CancelledError:
+            state.note_disconnect()  # the client left before we answered
+            raise
     if opts.get("status"):
         status = int(opts["status"])
         return _error(status, opts.get("message", f"mock upstream error {status}"),
@@ -213,8 +224,7 @@ async def stream_events(request: web.Request, events: list[bytes], opts: dict[st
     finally:
         state.open_streams -= 1
         if not finished and not opts.get("disconnect_after"):
-            state.disconnects += 1
-            state.last_disconnect = time.monotonic()
+            state.note_disconnect()
 
 
 async def list_models(request: web.Request) -> web.Response:

@@ -180,15 +180,16 @@ class _StreamRelay:
                              ) -> aiohttp.ClientResponse:
         """Wait for the upstream's headers; past one keep-alive interval, commit and ping."""
         keepalive = self.settings.keepalive_seconds
+        limit = self.settings.first_byte_timeout_seconds
         waited = 0.0
         while True:
-            done, _ = await asyncio.wait((task,), timeout=keepalive)
+            wait = min(keepalive, limit - waited)
+            done, _ = await asyncio.wait((task,), timeout=wait)
             if done:
                 return task.result()
-            waited += keepalive
-            if waited >= self.settings.first_byte_timeout_seconds:
-                raise UpstreamTimeout(f"The upstream did not answer within "
-                                      f"{self.settings.first_byte_timeout_seconds:g} seconds")
+            waited += wait
+            if waited >= limit:
+                raise UpstreamTimeout(f"The upstream did not answer within {limit:g} seconds")
             if self.response is None:
                 await self._start()
             await self._write(KEEPALIVE)
@@ -246,11 +247,13 @@ class _StreamRelay:
                 events = framer.close()
                 whole = False
             if events:
-                out, done = self._render(events, chunk if whole else None)
+                out, done, failure = self._render(events, chunk if whole else None)
                 if out:
                     if info.first_byte is None:
                         info.first_byte = loop.time()
                     await self._write(out)
+                if failure is not None:
+                    raise failure
                 if done:
                     assert self.response is not None
                     await self.response.write_eof()
@@ -259,8 +262,10 @@ class _StreamRelay:
             if not chunk:
                 raise UpstreamProtocolError("The upstream stream ended before it was complete")
 
-    def _render(self, events: list[Event], chunk: bytes | None) -> tuple[bytes, bool]:
-        """The bytes to send for these events, and whether the terminal event was among them.
+    def _render(self, events: list[Event], chunk: bytes | None
+                ) -> tuple[bytes, bool, GatewayError | None]:
+        """The bytes to send for these events; whether the terminal event was among them; and
+        the failure that ends the stream, if one was (the events before it are still sent).
 
         ``chunk`` is the upstream chunk when it held exactly these events and nothing else:
         if they all pass verbatim, it is sent as it is, with no join.
@@ -270,43 +275,55 @@ class _StreamRelay:
         rewrite = self.rewrite
         parts: list[bytes] = []
         verbatim = 0
+        terminal = False
+        failure: GatewayError | None = None
         for ev in events:
             data = ev.data
             self.seq += 1
             if dialect.is_terminal(ev, data):
                 parts.append(ev.raw if ev.verbatim else encode_event(ev))
                 info.chunks += 1
-                out = b"".join(parts)
-                info.bytes_out += len(out)
-                return out, True
+                terminal = True
+                break
             if data is None:
                 parts.append(ev.raw)  # a comment: an upstream's own keep-alive
                 continue
-            if not dialect.responses_api and b'"error"' in data[:16]:
-                obj = _json(data)
-                err = obj.get("error") if isinstance(obj, dict) else None
-                if err is not None:
-                    raise _upstream_stream_error(err)
-            if b'"usage"' in data:
-                obj = _json(data)
-                usage = obj.get("usage") if isinstance(obj, dict) else None
-                if isinstance(usage, dict):
-                    info.usage = usage
-            if rewrite is not None:
-                obj = _json(data)
-                rewrite(obj)
-                parts.append(encode_event(ev, obj))
-            elif ev.verbatim:
-                parts.append(ev.raw)
-                verbatim += 1
-            else:
-                if data != DONE:
-                    _json(data)  # re-encoding needs JSON; anything else is a broken stream
-                parts.append(encode_event(ev))
+            try:
+                parts.append(self._event_bytes(ev, data))
+            except GatewayError as err:
+                failure = err
+                break
+            except SSEProtocolError as e:
+                failure = UpstreamProtocolError(f"The upstream stream was malformed: {e}")
+                break
+            verbatim += ev.verbatim and rewrite is None
             info.chunks += 1
-        out = chunk if chunk is not None and verbatim == len(events) else b"".join(parts)
+        if chunk is not None and verbatim == len(events):
+            out = chunk
+        else:
+            out = b"".join(parts)
         info.bytes_out += len(out)
-        return out, False
+        return out, terminal, failure
+
+    def _event_bytes(self, ev: Event, data: bytes) -> bytes:
+        """One data event as it goes out. Every event's JSON is parsed (orjson: about a
+        microsecond), so a malformed event or an upstream error object ends the stream with a
+        proper error frame instead of reaching the client as it is."""
+        if data == DONE:
+            return ev.raw if ev.verbatim else encode_event(ev)
+        obj = _json(data)
+        if isinstance(obj, dict):
+            if not self.dialect.responses_api and obj.get("error") is not None:
+                raise _upstream_stream_error(obj["error"])
+            usage = obj.get("usage")
+            if usage is not None and isinstance(usage, dict):
+                self.info.usage = usage
+            if self.rewrite is not None:
+                self.rewrite(obj)
+                return encode_event(ev, obj)
+        if ev.verbatim:
+            return ev.raw
+        return encode_event(ev, obj)
 
 
 def _json(data: bytes) -> Any:

@@ -1,0 +1,302 @@
+"""What the mock upstream says: chat replies (text, tool calls, structured output, reasoning),
+Responses API objects and events, and generated images. Pure functions, no I/O.
+
+The shapes follow the xAI / OpenAI references closely enough that the OpenAI SDK parses them:
+chat chunks as in https://docs.x.ai/docs/guides/streaming-response, Responses API events as in
+the SDK's ``openai/types/responses/response_*_event.py``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+CREATED = 1700000000
+REASONING_MODELS = ("grok-3-mini*",)
+"""Models that stream ``reasoning_content`` before their answer (as xAI's grok-3-mini does)."""
+VISION_MODELS = ("grok-4*", "*vision*")
+"""Models the mock accepts image parts for; others answer 400, as xAI does."""
+DEFAULT_REASONING = "The user asks a question. Let me think it through step by step."
+# The smallest valid PNG: one transparent pixel.
+PNG_1PX_B64 = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA"
+               "60e6kgAAAABJRU5ErkJggg==")
+
+
+def _matches(model: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(model, p) for p in patterns)
+
+
+def is_reasoning_model(model: str) -> bool:
+    return _matches(model, REASONING_MODELS)
+
+
+def sees_images(model: str) -> bool:
+    return _matches(model, VISION_MODELS)
+
+
+@dataclass
+class ChatReply:
+    """One assistant turn, as fragments in the order they stream."""
+
+    content: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    """``{"id", "name", "arguments": [fragments]}`` each."""
+
+    @property
+    def finish_reason(self) -> str:
+        return "tool_calls" if self.tool_calls else "stop"
+
+    def usage(self) -> dict[str, Any]:
+        completion = len(self.content) + len(self.reasoning) + sum(
+            len(c["arguments"]) for c in self.tool_calls)
+        usage: dict[str, Any] = {"prompt_tokens": 12, "completion_tokens": completion,
+                                 "total_tokens": 12 + completion}
+        if self.reasoning:
+            usage["completion_tokens_details"] = {"reasoning_tokens": len(self.reasoning)}
+        return usage
+
+    def message(self) -> dict[str, Any]:
+        """The whole turn as a non-streamed ``message``."""
+        message: dict[str, Any] = {"role": "assistant",
+                                   "content": "".join(self.content) if not self.tool_calls
+                                   else None}
+        if self.reasoning:
+            message["reasoning_content"] = "".join(self.reasoning)
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {"id": c["id"], "type": "function",
+                 "function": {"name": c["name"], "arguments": "".join(c["arguments"])}}
+                for c in self.tool_calls]
+        return message
+
+
+def chat_reply(body: dict[str, Any], opts: dict[str, Any], words: list[str]) -> ChatReply:
+    """Decide what the mock answers to a chat request: tool calls when tools are offered (and
+    not refused with ``tool_choice: "none"``), schema-shaped JSON for ``response_format``,
+    reasoning first for reasoning models, otherwise ``words``."""
+    model = str(body.get("model"))
+    reply = ChatReply()
+    if is_reasoning_model(model) or "reasoning" in opts:
+        reply.reasoning = _split_words(str(opts.get("reasoning", DEFAULT_REASONING)))
+    tools = [t for t in body.get("tools") or [] if isinstance(t, dict)
+             and isinstance(t.get("function"), dict)]
+    if tools and body.get("tool_choice") != "none":
+        count = opts.get("tool_calls", 1)
+        for i in range(count if isinstance(count, int) and count > 0 else 1):
+            fn = tools[i % len(tools)]["function"]
+            args = opts.get("tool_arguments")
+            if not isinstance(args, dict):
+                args = example_value(fn.get("parameters") or {"type": "object"})
+            reply.tool_calls.append({"id": f"call_mock_{i + 1}", "name": str(fn.get("name")),
+                                     "arguments": json_fragments(args)})
+        return reply
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") in ("json_schema", "json_object"):
+        if "json" in opts:
+            value = opts["json"]
+        elif fmt.get("type") == "json_schema":
+            value = example_value((fmt.get("json_schema") or {}).get("schema") or {})
+        else:
+            value = {"answer": "".join(words)}
+        reply.content = json_fragments(value)
+        return reply
+    images = count_chat_images(body.get("messages"))
+    if images and "text" not in opts:
+        words = _split_words(f"I see {images} image{'s' if images > 1 else ''}: "
+                             "a small mock picture.")
+    reply.content = words
+    return reply
+
+
+def _split_words(text: str) -> list[str]:
+    words = [w + " " for w in text.split(" ")]
+    words[-1] = words[-1].rstrip(" ")
+    return words
+
+
+_TOKENS = re.compile(r"[A-Za-z0-9_.\-]+|[^A-Za-z0-9_.\-]+")
+
+
+def json_fragments(value: Any) -> list[str]:
+    """JSON text cut the way xAI streams tool arguments: ``{"``, ``location``, ``": "``, ..."""
+    return _TOKENS.findall(json.dumps(value, ensure_ascii=False))
+
+
+def example_value(schema: Any, name: str = "value") -> Any:
+    """A value that matches a (simple) JSON schema: every property present, arrays of three."""
+    if not isinstance(schema, dict):
+        return None
+    if "const" in schema:
+        return schema["const"]
+    if isinstance(schema.get("enum"), list) and schema["enum"]:
+        return schema["enum"][0]
+    for key in ("anyOf", "oneOf", "allOf"):
+        if isinstance(schema.get(key), list) and schema[key]:
+            return example_value(schema[key][0], name)
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind == "object" or (kind is None and "properties" in schema):
+        props = schema.get("properties") or {}
+        return {k: example_value(v, k) for k, v in props.items()}
+    if kind == "array":
+        count = max(int(schema.get("minItems", 3)), 1)
+        return [_nth(example_value(schema.get("items") or {"type": "string"}, name), i)
+                for i in range(count)]
+    if kind == "string":
+        return name.replace("_", " ")
+    if kind == "integer":
+        return 42
+    if kind == "number":
+        return 4.2
+    if kind == "boolean":
+        return True
+    if kind == "null":
+        return None
+    return name
+
+
+def _nth(value: Any, i: int) -> Any:
+    return f"{value} {i + 1}" if isinstance(value, str) else value
+
+
+def count_chat_images(messages: Any) -> int:
+    if not isinstance(messages, list):
+        return 0
+    return sum(1 for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list)
+               for p in m["content"] if isinstance(p, dict) and p.get("type") == "image_url")
+
+
+def count_input_images(items: Any) -> int:
+    if not isinstance(items, list):
+        return 0
+    return sum(1 for m in items if isinstance(m, dict) and isinstance(m.get("content"), list)
+               for p in m["content"] if isinstance(p, dict) and p.get("type") == "input_image")
+
+
+# --- chat completion chunks -------------------------------------------------------------------
+
+def chat_completion(model: str, reply: ChatReply, cid: str) -> dict[str, Any]:
+    return {"id": cid, "object": "chat.completion", "created": CREATED, "model": model,
+            "system_fingerprint": "fp_mock",
+            "choices": [{"index": 0, "finish_reason": reply.finish_reason,
+                         "message": reply.message()}],
+            "usage": reply.usage()}
+
+
+def reply_chunks(model: str, reply: ChatReply, include_usage: bool,
+                 cid: str = "chatcmpl-mock") -> Iterator[bytes]:
+    """The JSON of each chunk, in order: reasoning, then tool-call or content deltas, then the
+    finish chunk, then (with ``include_usage``) the usage chunk."""
+    base = {"id": cid, "object": "chat.completion.chunk", "created": CREATED, "model": model,
+            "system_fingerprint": "fp_mock"}
+    first = True
+
+    def chunk(delta: dict[str, Any]) -> bytes:
+        nonlocal first
+        if first:
+            delta = {**delta, "role": "assistant"}
+            first = False
+        return orjson.dumps({**base, "choices": [
+            {"index": 0, "delta": delta, "finish_reason": None}]})
+
+    for piece in reply.reasoning:
+        yield chunk({"reasoning_content": piece})
+    for index, call in enumerate(reply.tool_calls):
+        # The first delta names the call; the rest carry argument fragments only.
+        yield chunk({"content": None, "tool_calls": [
+            {"index": index, "id": call["id"], "type": "function",
+             "function": {"name": call["name"], "arguments": ""}}]})
+        for fragment in call["arguments"]:
+            yield chunk({"tool_calls": [{"index": index, "function": {"arguments": fragment}}]})
+    for word in reply.content:
+        yield chunk({"content": word})
+    yield orjson.dumps({**base, "choices": [
+        {"index": 0, "delta": {}, "finish_reason": reply.finish_reason}]})
+    if include_usage:
+        yield orjson.dumps({**base, "choices": [], "usage": reply.usage()})
+
+
+# --- the Responses API -----------------------------------------------------------------------
+
+def response_object(model: str, text: str, rid: str = "resp_mock", msg_id: str = "msg_mock",
+                    *, status: str = "completed", words: int = 0) -> dict[str, Any]:
+    """A Responses API ``response`` object; ``in_progress`` ones have no output and no usage."""
+    done = status == "completed"
+    output = [{"type": "message", "id": msg_id, "status": "completed", "role": "assistant",
+               "content": [_output_text(text)]}] if done else []
+    return {"id": rid, "object": "response", "created_at": CREATED, "status": status,
+            "completed_at": CREATED + 1 if done else None,
+            "model": model, "output": output, "error": None, "incomplete_details": None,
+            "instructions": None, "metadata": {}, "parallel_tool_calls": True,
+            "temperature": None, "top_p": None, "tool_choice": "auto", "tools": [],
+            "text": {"format": {"type": "text"}},
+            "usage": {"input_tokens": 12, "input_tokens_details": {"cached_tokens": 0,
+                                                                "cache_write_tokens": 0},
+                      "output_tokens": words, "output_tokens_details": {"reasoning_tokens": 0},
+                      "total_tokens": 12 + words} if done else None}
+
+
+def _output_text(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+@functools.lru_cache(maxsize=256)
+def named_event(name: str, obj_json: bytes) -> bytes:
+    return b"event: " + name.encode() + b"\ndata: " + obj_json + b"\n\n"
+
+
+def responses_events(model: str, words: list[str], rid: str = "resp_mock",
+                     msg_id: str = "msg_mock") -> list[bytes]:
+    """The named events of one streamed text answer, numbered from 0 as OpenAI numbers them."""
+    text = "".join(words)
+    seq = iter(range(1 << 30))
+
+    def event(name: str, **fields: Any) -> bytes:
+        return named_event(name, orjson.dumps({"type": name, **fields,
+                                               "sequence_number": next(seq)}))
+
+    pending = response_object(model, text, rid, msg_id, status="in_progress")
+    where = {"item_id": msg_id, "output_index": 0, "content_index": 0}
+    out = [event("response.created", response=pending),
+           event("response.in_progress", response=pending),
+           event("response.output_item.added", output_index=0,
+                 item={"type": "message", "id": msg_id, "status": "in_progress",
+                       "role": "assistant", "content": []}),
+           event("response.content_part.added", **where, part=_output_text(""))]
+    out += [event("response.output_text.delta", **where, delta=w, logprobs=[]) for w in words]
+    final = response_object(model, text, rid, msg_id, words=len(words))
+    out += [event("response.output_text.done", **where, text=text, logprobs=[]),
+            event("response.content_part.done", **where, part=_output_text(text)),
+            event("response.output_item.done", output_index=0, item=final["output"][0]),
+            event("response.completed", response=final)]
+    return out
+
+
+def responses_error_event(sequence_number: int) -> bytes:
+    """The Responses API's mid-stream error: the documented flat fields, and the nested
+    ``error`` object the service sends (and the SDK raises ``APIError`` on)."""
+    err = {"type": "server_error", "code": "mock_failure", "message": "mock mid-stream failure",
+           "param": None}
+    return named_event("error", orjson.dumps({
+        "type": "error", "code": err["code"], "message": err["message"], "param": None,
+        "error": err, "sequence_number": sequence_number}))
+
+
+# --- images ------------------------------------------------------------------------------------
+
+def images_result(prompt: str, n: int, response_format: str) -> dict[str, Any]:
+    if response_format == "b64_json":
+        data = [{"b64_json": PNG_1PX_B64, "revised_prompt": prompt} for _ in range(n)]
+    else:
+        data = [{"url": f"https://imgen.x.ai/mock/image-{i + 1}.png", "revised_prompt": prompt}
+                for i in range(n)]
+    return {"created": CREATED, "data": data}

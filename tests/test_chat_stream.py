@@ -1,0 +1,163 @@
+"""Chat completions through the gateway: byte for byte, headers, keep-alive, backpressure."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from openai import AsyncOpenAI, OpenAI
+
+from conftest import KEY, Upstream, settings_for
+
+AUTH = {"Authorization": f"Bearer {KEY}"}
+MESSAGES = [{"role": "user", "content": "What is the meaning of life?"}]
+
+
+def chat(stream: bool = True, **mock: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": "grok-4", "messages": MESSAGES, "stream": stream}
+    if mock:
+        body["mock"] = mock
+    return body
+
+
+async def post(url: str, body: dict[str, Any], headers: dict[str, str] | None = None
+               ) -> tuple[aiohttp.ClientResponse, bytes]:
+    async with aiohttp.ClientSession() as s:
+        async with s.post(url, json=body, headers={**AUTH, **(headers or {})}) as r:
+            return r, await r.read()
+
+
+def events(raw: bytes) -> list[bytes]:
+    return [e + b"\n\n" for e in raw.split(b"\n\n") if e]
+
+
+async def test_stream_is_relayed_byte_for_byte(gateway: Any, mock_upstream: Upstream) -> None:
+    _, base = gateway
+    body = chat(stream_options={"include_usage": True}, chunks=30)
+    body["stream_options"] = {"include_usage": True}
+    _, direct = await post(f"{mock_upstream.url}/chat/completions", body)
+    r, relayed = await post(f"{base}/api/v1/chat/completions", body)
+    assert r.status == 200
+    assert relayed == direct
+    assert relayed.endswith(b"data: [DONE]\n\n")
+    assert b'"usage"' in events(relayed)[-2]  # the usage chunk reached the client
+
+
+async def test_stream_headers_and_request_id(gateway: Any, mock_upstream: Upstream) -> None:
+    _, base = gateway
+    r, _ = await post(f"{base}/v1/chat/completions", chat(), {"X-Request-ID": "req-123"})
+    assert r.headers["Content-Type"] == "text/event-stream"
+    assert r.headers["Cache-Control"] == "no-cache"
+    assert r.headers["X-Accel-Buffering"] == "no"
+    assert r.headers["X-Request-ID"] == "req-123"
+    assert mock_upstream.state.requests[-1]["headers"]["X-Request-ID"] == "req-123"
+    r, _ = await post(f"{base}/v1/chat/completions", chat())
+    generated = r.headers["X-Request-ID"]
+    assert len(generated) == 32
+    assert mock_upstream.state.requests[-1]["headers"]["X-Request-ID"] == generated
+
+
+async def test_upstream_gets_the_operator_key_never_the_clients(
+        gateway: Any, mock_upstream: Upstream) -> None:
+    _, base = gateway
+    await post(f"{base}/v1/chat/completions", chat())
+    headers = mock_upstream.state.requests[-1]["headers"]
+    assert headers["Authorization"] == "Bearer xai-operator-secret-key"
+    assert KEY not in str(headers)
+
+
+@pytest.mark.parametrize("split", [1, 3, 7])
+async def test_awkward_upstream_chunking_changes_nothing(
+        gateway: Any, mock_upstream: Upstream, split: int) -> None:
+    _, base = gateway
+    text = "Ünïcödé 漢字 🚀 split everywhere"
+    _, whole = await post(f"{mock_upstream.url}/chat/completions", chat(text=text))
+    _, relayed = await post(f"{base}/api/v1/chat/completions", chat(text=text, split=split))
+    assert relayed == whole
+
+
+@pytest.mark.parametrize("fmt", ["multiline", "multidata", "crlf", "cr"])
+async def test_non_standard_frames_are_reencoded_as_one_line_events(
+        gateway: Any, mock_upstream: Upstream, fmt: str) -> None:
+    _, base = gateway
+    _, standard = await post(f"{mock_upstream.url}/chat/completions", chat())
+    r, relayed = await post(f"{base}/api/v1/chat/completions", chat(format=fmt, split=5))
+    assert r.status == 200
+    got = events(relayed)
+    assert all(e.startswith(b"data: ") and e.count(b"\n") == 2 for e in got)
+    assert got[-1] == b"data: [DONE]\n\n"
+    # Same objects as the well-formed stream, only compacted by orjson.
+    assert [orjson.loads(e[6:]) for e in got[:-1]] == \
+        [orjson.loads(e[6:]) for e in events(standard)[:-1]]
+
+
+async def test_plain_request_returns_the_upstream_json(gateway: Any, mock_upstream: Upstream
+                                                       ) -> None:
+    _, base = gateway
+    r, body = await post(f"{base}/api/v1/chat/completions", chat(stream=False))
+    assert r.status == 200
+    assert r.content_type == "application/json"
+    data = orjson.loads(body)
+    assert data["object"] == "chat.completion"
+    assert data["choices"][0]["message"]["content"].startswith("Ah,")
+    assert r.headers["x-ratelimit-limit-requests"] == "1000"
+
+
+async def test_keepalive_comments_before_the_upstream_answers_and_during_silence(
+        mock_upstream: Upstream, start_gateway: Any) -> None:
+    _, base = await start_gateway(settings_for(mock_upstream.url,
+                                               stream={"keepalive_seconds": 0.2}))
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{base}/api/v1/chat/completions", headers=AUTH,
+                          json=chat(headers_delay=0.7, pause_after=2, pause=0.7)) as r:
+            # Headers come before the upstream's: the gateway committed 200 to keep the
+            # connection alive while the upstream was silent.
+            assert r.status == 200
+            assert mock_upstream.state.open_streams == 0
+            raw = await r.read()
+    head, _, rest = raw.partition(b"data: ")
+    assert head.count(b": keep-alive\n") >= 2 and head == b": keep-alive\n" * head.count(b"\n")
+    assert rest.count(b": keep-alive\n") >= 2  # during the pause after the 2nd chunk
+    assert b"\n\n: keep-alive\n" in raw  # comments sit between events, never inside one
+    assert raw.endswith(b"data: [DONE]\n\n")
+
+
+async def test_sdk_streams_through_the_gateway_sync_and_async(gateway: Any) -> None:
+    _, base = gateway
+    aclient = AsyncOpenAI(base_url=f"{base}/api/v1", api_key=KEY, max_retries=0)
+    stream = await aclient.chat.completions.create(
+        model="grok-4", messages=MESSAGES, stream=True, stream_options={"include_usage": True})
+    chunks = [c async for c in stream]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "Ah, the meaning of life is forty-two, as everyone knows."
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 10
+    await aclient.close()
+
+    def sync() -> str:
+        with OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0) as client:
+            return "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+                model="grok-4", messages=MESSAGES, stream=True))
+
+    assert await asyncio.to_thread(sync) == text
+
+
+async def test_slow_client_slows_the_upstream_instead_of_filling_memory(
+        gateway: Any, mock_upstream: Upstream) -> None:
+    _, base = gateway
+    chunk_bytes, chunks = 64 * 1024, 1024  # a 64 MiB stream
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{base}/api/v1/chat/completions", headers=AUTH,
+                          json=chat(chunks=chunks, chunk_bytes=chunk_bytes)) as r:
+            assert r.status == 200
+            await asyncio.sleep(1.5)  # the client reads nothing
+            # Buffered without bound, the mock would have finished long ago.
+            assert mock_upstream.state.completed_streams == 0
+            assert mock_upstream.state.open_streams == 1
+            size = 0
+            async for piece in r.content.iter_any():
+                size += len(piece)
+    assert mock_upstream.state.completed_streams == 1
+    assert size > chunks * chunk_bytes

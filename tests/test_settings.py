@@ -1,0 +1,106 @@
+"""Settings: TOML plus GATEWAY_* environment, validated once with errors that name the setting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.settings import ConfigError, Settings, hash_key, load_settings
+
+CONTRACT = """
+[server]
+host = "127.0.0.1"
+port = 8080
+[upstream]
+url = "https://api.x.ai/v1"
+api_key_env = "XAI_API_KEY"
+[redis]
+url = "redis://127.0.0.1:6379/0"
+[limits]
+requests_per_minute = 60
+burst = 10
+max_concurrent_streams = 8
+[[keys]]
+name = "alice"
+key = "sk-alice-secret"
+requests_per_minute = 120
+burst = 20
+max_concurrent_streams = 4
+[[keys]]
+name = "bob"
+sha256 = "%s"
+[stream]
+keepalive_seconds = 15
+connect_timeout_seconds = 10
+first_byte_timeout_seconds = 900
+idle_timeout_seconds = 300
+max_body_bytes = 20971520
+[vision]
+stream_fallback = "sse"
+""" % hash_key("sk-bob-secret")
+
+
+def test_the_documented_config_loads(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text(CONTRACT)
+    s = load_settings(str(path), {"XAI_API_KEY": "xai-123"})
+    assert s.upstream.url == "https://api.x.ai/v1"
+    assert s.upstream_api_key({"XAI_API_KEY": "xai-123"}) == "xai-123"
+    assert s.redis is not None and s.redis.url == "redis://127.0.0.1:6379/0"
+    alice, bob = s.keys
+    assert (alice.name, alice.limits.burst, alice.limits.max_concurrent_streams) == ("alice", 20, 4)
+    assert alice.sha256 == hash_key("sk-alice-secret")
+    assert bob.limits.burst == 10  # defaults from [limits]
+    assert s.stream.first_byte_timeout_seconds == 900
+
+
+def test_environment_overrides_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text(CONTRACT)
+    s = load_settings(str(path), {"GATEWAY_UPSTREAM_URL": "http://127.0.0.1:9/v1",
+                                  "GATEWAY_STREAM_KEEPALIVE_SECONDS": "2.5",
+                                  "GATEWAY_SERVER_PORT": "9000",
+                                  "GATEWAY_REDIS_URL": ""})
+    assert s.upstream.url == "http://127.0.0.1:9/v1"
+    assert s.stream.keepalive_seconds == 2.5
+    assert s.server.port == 9000
+    assert s.redis is None  # an empty GATEWAY_REDIS_URL turns Redis off
+
+
+def test_embedded_default_uses_the_mock_without_an_upstream_key() -> None:
+    assert load_settings(None, {}).upstream.is_mock
+    assert load_settings(None, {"XAI_API_KEY": "x"}).upstream.url == "https://api.x.ai/v1"
+    assert load_settings(None, {}).redis is None
+
+
+@pytest.mark.parametrize("data, setting", [
+    ({"stream": {"keepalive_seconds": "soon"}}, "stream.keepalive_seconds"),
+    ({"stream": {"keepalive_seconds": 0}}, "stream.keepalive_seconds"),
+    ({"server": {"port": 70000}}, "server.port"),
+    ({"upstream": {"url": "ftp://x"}}, "upstream.url"),
+    ({"vision": {"stream_fallback": "maybe"}}, "vision.stream_fallback"),
+    ({"redis": {"failure_policy": "pray"}}, "redis.failure_policy"),
+    ({"limits": {"burst": 0}}, "limits.burst"),
+    ({"stream": {"keepalive": 3}}, "stream.keepalive"),
+    ({"bogus": {}}, "bogus"),
+    ({"keys": [{"name": "a", "key": "short"}]}, "keys[a].key"),
+    ({"keys": [{"name": "a", "sha256": "nothex"}]}, "keys[a].sha256"),
+    ({"keys": [{"name": "a", "key": "sk-12345678", "burst": "x"}]}, "keys[a].burst"),
+    ({"keys": [{"name": "a", "key": "sk-12345678"}, {"name": "a", "key": "sk-87654321"}]},
+     "keys"),
+])
+def test_invalid_settings_name_the_setting(data: dict, setting: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        Settings.from_mapping(data)
+    assert e.value.setting == setting
+    assert setting in str(e.value)
+
+
+def test_bad_toml_and_missing_file_are_config_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[server\nport = ")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(str(bad), {})
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings(str(tmp_path / "missing.toml"), {})

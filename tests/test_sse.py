@@ -1,0 +1,142 @@
+"""The SSE framer: any chunking of a stream gives the same events, in the form clients read."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.sse import SSEFramer, SSEProtocolError, encode_event
+
+CHUNK = b'data: {"id":"c1","choices":[{"delta":{"content":"\xc3\xa9t\xc3\xa9 \xf0\x9f\x9a\x80"}}]}\n\n'
+STREAM = CHUNK + b'event: response.output_text.delta\ndata: {"delta":"x"}\n\n' \
+    + b": upstream ping\n\n" + b"data: [DONE]\n\n"
+
+
+def frame(data: bytes, cuts: list[int] | None = None, step: int | None = None) -> list[bytes]:
+    """What a client receives: each event as the bytes the relay would send."""
+    framer = SSEFramer()
+    if step is not None:
+        cuts = list(range(step, len(data), step))
+    pieces, last = [], 0
+    for cut in sorted(set(cuts or [])):
+        pieces.append(data[last:cut])
+        last = cut
+    pieces.append(data[last:])
+    events = []
+    for piece in pieces:
+        events += framer.feed(piece)
+    events += framer.close()
+    return [e.raw if e.verbatim else encode_event(e) for e in events]
+
+
+def test_one_line_events_pass_as_the_very_same_bytes() -> None:
+    assert b"".join(frame(STREAM)) == STREAM
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 7, 64])
+def test_any_split_gives_the_same_events_even_inside_a_utf8_character(step: int) -> None:
+    assert frame(STREAM, step=step) == frame(STREAM)
+
+
+def test_utf8_character_split_across_two_chunks() -> None:
+    cut = CHUNK.index(b"\xf0\x9f") + 2  # in the middle of the rocket emoji
+    assert frame(CHUNK, [cut]) == [CHUNK]
+
+
+@pytest.mark.parametrize("newline", [b"\r\n", b"\r"])
+def test_crlf_and_cr_streams_come_out_with_lf(newline: bytes) -> None:
+    data = STREAM.replace(b"\n", newline)
+    expected = frame(STREAM)
+    assert frame(data) == expected
+    assert frame(data, step=1) == expected
+    # A CRLF split between its CR and its LF is still one line break.
+    cr = data.index(b"\r")
+    assert frame(data, [cr + 1]) == expected
+
+
+def test_multi_line_json_as_in_xai_docs_is_reencoded_on_one_line() -> None:
+    data = (b'data: {\n"id": "a",\n"choices": [{"delta": {"content": " Ah "}}]\n}\n'
+            b'data: {\n"id": "b",\n"choices": []\n}\n'
+            b"data: [DONE]\n")
+    out = frame(data, step=5)
+    assert out == [b'data: {"id":"a","choices":[{"delta":{"content":" Ah "}}]}\n\n',
+                   b'data: {"id":"b","choices":[]}\n\n', b"data: [DONE]\n\n"]
+
+
+def test_multiple_data_lines_are_joined_and_reencoded() -> None:
+    data = b'data: {\ndata:   "a": 1\ndata: }\n\n'
+    assert frame(data) == [b'data: {"a":1}\n\n']
+
+
+def test_event_id_and_retry_fields_are_kept_when_reencoding() -> None:
+    data = b'event: delta\r\nid: 7\r\nretry: 100\r\ndata: {"a": 1}\r\n\r\n'
+    assert frame(data) == [b'event: delta\nid: 7\nretry: 100\ndata: {"a":1}\n\n']
+
+
+def test_last_event_without_blank_line_still_ends_with_one() -> None:
+    assert frame(b'data: {"a":1}\n\ndata: [DONE]') == [b'data: {"a":1}\n\n', b"data: [DONE]\n\n"]
+    assert frame(b"data: [DONE]\n") == [b"data: [DONE]\n\n"]
+
+
+def test_extra_blank_lines_belong_to_no_event() -> None:
+    assert frame(b'\n\ndata: {"a":1}\n\n\n\ndata: [DONE]\n\n') == \
+        [b'data: {"a":1}\n\n', b"data: [DONE]\n\n"]
+
+
+def test_oversized_event_is_an_error_not_unbounded_buffering() -> None:
+    framer = SSEFramer(max_event_bytes=1000)
+    framer.feed(b"data: " + b"x" * 900)
+    with pytest.raises(SSEProtocolError):
+        framer.feed(b"x" * 200)
+
+
+def test_whole_chunk_flag_only_when_the_chunk_is_exactly_its_events() -> None:
+    framer = SSEFramer()
+    framer.feed(CHUNK)
+    assert framer.whole_chunk
+    framer.feed(CHUNK[:10])
+    assert not framer.whole_chunk
+    framer.feed(CHUNK[10:])
+    assert not framer.whole_chunk  # it completed an event begun in an earlier chunk
+
+
+events_st = st.lists(
+    st.one_of(
+        st.dictionaries(st.text(max_size=5), st.text(max_size=8), max_size=3).map(
+            lambda d: b"data: " + orjson.dumps(d) + b"\n\n"),
+        st.text(alphabet="abc\u00e9\u6f22\U0001f680", min_size=1, max_size=6).map(
+            lambda t: b"event: e\ndata: " + orjson.dumps({"t": t}) + b"\n\n"),
+        st.just(b": ping\n\n"),
+    ), min_size=1, max_size=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(events=events_st, cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=12),
+       newline=st.sampled_from([b"\n", b"\r\n", b"\r"]))
+def test_any_split_of_any_valid_stream_yields_the_same_events(
+        events: list[bytes], cuts: list[int], newline: bytes) -> None:
+    data = b"".join(events).replace(b"\n", newline)
+    whole = frame(data)
+    assert frame(data, [c for c in cuts if c < len(data)]) == whole
+    if newline == b"\n":
+        assert whole == events  # already well formed: byte for byte
+
+
+@settings(max_examples=300, deadline=None)
+@given(soup=st.binary(max_size=300), cuts=st.lists(st.integers(0, 300), max_size=8))
+def test_any_byte_soup_yields_events_or_a_clean_error(soup: bytes, cuts: list[int]) -> None:
+    framer = SSEFramer(max_event_bytes=256)
+    try:
+        frame_out = []
+        last = 0
+        for cut in sorted(c for c in cuts if c < len(soup)) + [len(soup)]:
+            frame_out += framer.feed(soup[last:cut])
+            last = cut
+        frame_out += framer.close()
+        for event in frame_out:
+            assert event.raw.endswith(b"\n\n")
+            encode_event(event)
+    except SSEProtocolError:
+        pass
