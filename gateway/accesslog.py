@@ -1,15 +1,68 @@
-"""One structured JSON line per request, written when its response is done."""
+"""One structured JSON line per request, written when its response is done.
+
+The ``gateway.access`` logger. ``setup_access_log`` (called by ``gateway serve``) sends it to
+stdout as bare JSON lines, one object per line and nothing around it, while diagnostics stay on
+stderr; each line is one ``write``, so the lines of several workers sharing stdout do not
+interleave. ``[server] access_log = false`` turns the lines off (the errors middleware checks
+it). Fields:
+
+==================  =============================================================
+``time``            when the response ended, UTC, ISO 8601 with milliseconds
+``pid``             the worker process
+``request_id``      the client's ``X-Request-ID`` (nginx's ``$request_id``) or a new one
+``key``             the client key's name, never the key; null before auth
+``route``           the route pattern, e.g. ``/v1/chat/completions``; ``unmatched``
+``client_ip``       the client (``X-Forwarded-For`` believed only from trusted proxies)
+``model``           as the client asked for it
+``status``          HTTP status sent (a stream's stays 200 whatever happens after it began;
+                    499: the client left before any response)
+``stream``          whether the client asked for an event stream
+``ttfb_ms``         to the first event (stream) or the whole answer (plain); null if none
+``duration_ms``     to the end of the response
+``chunks``          upstream events relayed
+``bytes``           response body bytes relayed
+``usage``           the upstream's usage object (token counts), if it sent one
+``outcome``         completed, client_disconnect, upstream_error, timeout, shutdown,
+                    refused (429) or error
+``error``           the error code the client received (status or stream frame), if any
+==================  =============================================================
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import time
+from typing import TextIO
 
 import orjson
 
 from .context import RequestInfo
 
 log = logging.getLogger("gateway.access")
+_pid = os.getpid()  # cached: a syscall per request otherwise
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def setup_access_log(stream: TextIO | None = None) -> None:
+    """Access lines to ``stream`` (stdout), as bare JSON lines, not through the root logger."""
+    handler = logging.StreamHandler(sys.stdout if stream is None else stream)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def _utc(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
 
 
 def log_request(info: RequestInfo) -> None:
@@ -17,6 +70,8 @@ def log_request(info: RequestInfo) -> None:
         return
     ttfb = info.ttfb_seconds
     log.info(orjson.dumps({
+        "time": _utc(time.time()),
+        "pid": _pid,
         "request_id": info.request_id,
         "key": info.key.name if info.key else None,
         "route": info.route,
@@ -30,4 +85,5 @@ def log_request(info: RequestInfo) -> None:
         "bytes": info.bytes_out,
         "usage": info.usage,
         "outcome": info.outcome,
+        "error": info.error,
     }).decode())

@@ -9,12 +9,17 @@ from collections.abc import AsyncIterator, Mapping
 
 from aiohttp import web
 
-from .appkeys import KEYSTORE, LIMITER, SETTINGS, STREAMS, UPSTREAM
+from .appkeys import KEYSTORE, LIMITER, METRICS, MODEL_CATALOG, SETTINGS, STREAMS, UPSTREAM
 from .auth import ConfigKeyStore
-from .handlers import chat, health, models
+from .catalog import ModelCatalog
+from .handlers import chat, health, images, models, responses, vision
+from .keystore import RedisKeyStore
+from .metrics import Metrics
 from .middlewares import auth_middleware, errors_middleware, ratelimit_middleware
 from .mock_upstream import run_mock_upstream
 from .ratelimit.memory import MemoryLimiter
+from .ratelimit.redis import RedisLimiter
+from .redisclient import open_redis
 from .settings import Settings
 from .streams import StreamRegistry
 from .upstream import UpstreamClient
@@ -34,16 +39,25 @@ def create_app(settings: Settings, environ: Mapping[str, str] | None = None) -> 
     app[SETTINGS] = settings
     app[STREAMS] = StreamRegistry()
     app[KEYSTORE] = ConfigKeyStore(settings)
+    app[MODEL_CATALOG] = ModelCatalog(settings.models)
+    app[METRICS] = Metrics()
     env = os.environ if environ is None else environ
     app.cleanup_ctx.append(lambda a: _upstream_ctx(a, env))
     app.cleanup_ctx.append(_limiter_ctx)
+    app.cleanup_ctx.append(health.readiness_ctx)
     app.on_shutdown.append(_drain_streams)
 
     for prefix in API_PREFIXES:
         app.router.add_post(f"{prefix}/chat/completions", chat.chat_completions)
         app.router.add_get(f"{prefix}/models", models.list_models)
         app.router.add_get(f"{prefix}/models/{{model}}", models.get_model)
+        app.router.add_post(f"{prefix}/responses", responses.create_response)
+        app.router.add_post(f"{prefix}/images/generate", images.generate_images)
+        app.router.add_post(f"{prefix}/images/generations", images.generate_images)
+        app.router.add_post(f"{prefix}/vision/analyze", vision.analyze)
     app.router.add_get("/healthz", health.healthz)
+    app.router.add_get("/readyz", health.readyz)
+    app.router.add_get("/metrics", health.metrics)
     return app
 
 
@@ -74,10 +88,24 @@ async def _client(app: web.Application, url: str, key: str) -> AsyncIterator[Non
 
 
 async def _limiter_ctx(app: web.Application) -> AsyncIterator[None]:
-    limiter = MemoryLimiter()
-    app[LIMITER] = limiter
-    yield
-    await limiter.close()
+    """The limiter, and with Redis the app's one Redis client and the key store in Redis."""
+    redis_settings = app[SETTINGS].redis
+    if redis_settings is None:
+        memory = MemoryLimiter()
+        app[LIMITER] = memory
+        yield
+        await memory.close()
+        return
+    async with open_redis(redis_settings) as (client, breaker):
+        keystore = RedisKeyStore(app[KEYSTORE], client, redis_settings, breaker)
+        limiter = RedisLimiter(client, redis_settings, breaker)
+        app[KEYSTORE] = keystore
+        app[LIMITER] = limiter
+        try:
+            yield
+        finally:
+            await limiter.close()
+            await keystore.close()
 
 
 async def _drain_streams(app: web.Application) -> None:

@@ -38,13 +38,13 @@ async def json_body(request: web.Request) -> dict[str, Any]:
     except orjson.JSONDecodeError as e:
         raise InvalidRequest(f"Request body is not valid JSON: {e}") from None
     if not isinstance(body, dict):
-        raise InvalidRequest(f"Request body must be a JSON object, not {_kind(body)}")
+        raise InvalidRequest(f"Request body must be a JSON object, not {kind_of(body)}")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
-        raise InvalidRequest(f"'stream' must be a boolean, not {_kind(stream)}", param="stream")
+        raise InvalidRequest(f"'stream' must be a boolean, not {kind_of(stream)}", param="stream")
     model = body.get("model")
     if model is not None and not isinstance(model, str):
-        raise InvalidRequest(f"'model' must be a string, not {_kind(model)}", param="model")
+        raise InvalidRequest(f"'model' must be a string, not {kind_of(model)}", param="model")
     info.body = body
     info.stream = stream
     info.model = model
@@ -58,10 +58,11 @@ def require(body: dict[str, Any], field: str, kind: type, what: str) -> Any:
                              code="missing_required_parameter")
     value = body[field]
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise InvalidRequest(f"'{field}' must be {what}, not {_kind(value)}", param=field)
+        raise InvalidRequest(f"'{field}' must be {what}, not {kind_of(value)}", param=field)
     return value
 
 
-def _kind(value: Any) -> str:
+def kind_of(value: Any) -> str:
+    """How an error message names a JSON value's type ("an object", "a string", ...)."""
     return {dict: "an object", list: "an array", str: "a string", bool: "a boolean",
             int: "a number", float: "a number", type(None): "null"}.get(type(value), "a value")

@@ -1,4 +1,4 @@
-"""The command line: ``gateway serve``, ``gateway mock-upstream``.
+"""The command line: ``gateway serve``, ``gateway keys``, ``gateway mock-upstream``.
 
 It is the only place that reads files and the environment into settings.
 """
@@ -10,10 +10,14 @@ import asyncio
 import dataclasses
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from .settings import ConfigError, Settings, load_settings
+from .settings import ConfigError, Limits, Settings, load_settings
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 log = logging.getLogger("gateway")
 
@@ -41,17 +45,16 @@ def _settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from .app import create_app
+    """Run the gateway (``gateway.workers``: one process, or a supervisor and N workers) until
+    SIGTERM or SIGINT, which stop it gracefully."""
+    from .accesslog import setup_access_log
+    from .workers import serve as run
 
     settings = _settings_from_args(args)
-    _use_uvloop()
-    app = create_app(settings)
-    web.run_app(app, host=settings.server.host, port=settings.server.port,
-                handler_cancellation=True, access_log=None,
-                shutdown_timeout=settings.server.drain_seconds + 10,
-                print=lambda msg: log.info("listening on http://%s:%d", settings.server.host,
-                                           settings.server.port))
-    return 0
+    if settings.server.workers < 1:
+        raise ConfigError("--workers", "must be at least 1")
+    setup_access_log()  # one bare JSON line per request on stdout; diagnostics stay on stderr
+    return run(settings)
 
 
 def mock_upstream(args: argparse.Namespace) -> int:
@@ -62,6 +65,96 @@ def mock_upstream(args: argparse.Namespace) -> int:
                 access_log=None, print=lambda msg: log.info(
                     "mock upstream on http://%s:%d/v1", args.host, args.port))
     return 0
+
+
+def keys(args: argparse.Namespace) -> int:
+    """``gateway keys add|list|revoke``: the key store in Redis, shared by every instance."""
+    settings = load_settings(args.config)
+    if settings.redis is None:
+        print("gateway keys: no Redis is configured; set [redis] url in the config file "
+              "(--config) or GATEWAY_REDIS_URL", file=sys.stderr)
+        return 2
+    return asyncio.run(_keys(args, settings))
+
+
+async def _keys(args: argparse.Namespace, settings: Settings) -> int:
+    from .keystore import KeyStoreError
+    from .redisclient import REDIS_ERRORS, connect, safe_url
+
+    assert settings.redis is not None
+    # An operator's command, not the hot path: a longer timeout than the gateway's own.
+    client = connect(settings.redis, timeout=max(settings.redis.timeout_seconds, 5.0))
+    command = {"add": _keys_add, "list": _keys_list, "revoke": _keys_revoke}[args.keys_command]
+    try:
+        await command(args, settings, client)
+        return 0
+    except KeyStoreError as e:
+        print(f"gateway keys: {e}", file=sys.stderr)
+        return 1
+    except REDIS_ERRORS as e:
+        print(f"gateway keys: Redis at {safe_url(settings.redis.url)} failed: "
+              f"{type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    finally:
+        await client.aclose()
+
+
+async def _keys_add(args: argparse.Namespace, settings: Settings, client: Redis) -> None:
+    from .keystore import KeyStoreError, add_key
+
+    assert settings.redis is not None
+    if any(k.name == args.name for k in settings.keys):
+        raise KeyStoreError(f"a key named {args.name!r} is in the config file already")
+    defaults = settings.limits
+    limits = Limits(
+        requests_per_minute=defaults.requests_per_minute if args.rpm is None else args.rpm,
+        burst=defaults.burst if args.burst is None else args.burst,
+        max_concurrent_streams=defaults.max_concurrent_streams if args.max_streams is None
+        else args.max_streams)
+    if limits.requests_per_minute <= 0 or limits.burst < 1 or limits.max_concurrent_streams < 1:
+        raise KeyStoreError("--rpm must be positive, --burst and --max-streams at least 1")
+    models = frozenset(m.strip() for m in args.models.split(",") if m.strip()) \
+        if args.models else None
+    raw_key, stored = await add_key(client, settings.redis.key_prefix, args.name, limits, models)
+    print(raw_key)  # the only time the key exists in the clear
+    print(f"added key {stored.name!r} ({_limits_text(stored.limits)}, models: "
+          f"{', '.join(sorted(models)) if models else 'all'}). Store the key now: it is not "
+          "kept anywhere and cannot be shown again.", file=sys.stderr)
+
+
+async def _keys_list(args: argparse.Namespace, settings: Settings, client: Redis) -> None:
+    from .keystore import list_keys
+
+    assert settings.redis is not None
+    rows = [("NAME", "SOURCE", "RPM", "BURST", "STREAMS", "MODELS", "SHA256", "CREATED")]
+    listed = [(k.name, "config", k.limits, k.models, k.sha256, "") for k in settings.keys]
+    listed += [(k.name, "redis", k.limits, k.models, k.sha256, k.created)
+               for k in await list_keys(client, settings.redis.key_prefix)]
+    for name, source, limits, models, sha256, created in listed:
+        rows.append((name, source, f"{limits.requests_per_minute:g}", str(limits.burst),
+                     str(limits.max_concurrent_streams),
+                     ",".join(sorted(models)) if models else "*",
+                     sha256[:8] + "…", created))  # an id to tell keys apart, not the hash
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+async def _keys_revoke(args: argparse.Namespace, settings: Settings, client: Redis) -> None:
+    from .keystore import KeyStoreError, revoke_key
+
+    assert settings.redis is not None
+    if any(k.name == args.name for k in settings.keys):
+        raise KeyStoreError(f"the key {args.name!r} is in the config file; remove it there and "
+                            "restart the gateway")
+    stored = await revoke_key(client, settings.redis.key_prefix, args.name)
+    print(f"revoked key {stored.name!r}; every gateway refuses it within "
+          f"{settings.redis.key_cache_seconds:g}s", file=sys.stderr)
+
+
+def _limits_text(limits: Limits) -> str:
+    return (f"{limits.requests_per_minute:g} requests/min, burst {limits.burst}, "
+            f"{limits.max_concurrent_streams} streams")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,6 +170,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8090)
     p.set_defaults(func=mock_upstream)
+    p = sub.add_parser("keys", help="add, list or revoke client keys kept in Redis")
+    p.add_argument("--config", help="TOML settings file; its [redis] says where the keys are")
+    keys_sub = p.add_subparsers(dest="keys_command", required=True)
+    k = keys_sub.add_parser("add", help="create a key and print it, once")
+    k.add_argument("--name", required=True, help="unique name (logs, metrics, revoke)")
+    k.add_argument("--rpm", type=float, help="requests per minute (default: [limits])")
+    k.add_argument("--burst", type=int, help="requests at once (default: [limits])")
+    k.add_argument("--max-streams", type=int, help="simultaneous streams (default: [limits])")
+    k.add_argument("--models", help="comma-separated model allow-list (default: all)")
+    keys_sub.add_parser("list", help="names and limits (never the keys)")
+    k = keys_sub.add_parser("revoke", help="delete a key; every instance refuses it shortly")
+    k.add_argument("name")
+    for k in keys_sub.choices.values():
+        k.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.set_defaults(func=keys)
     return parser
 
 

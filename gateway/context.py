@@ -43,6 +43,8 @@ class RequestInfo:
     outcome: str = ""
     # completed | client_disconnect | upstream_error | timeout | shutdown | refused | error;
     # left empty until something decides, and "completed" if nothing did.
+    error: str | None = None  # the error code the client was sent (status or frame), if any
+    upstream_error: str | None = None  # UpstreamFailure.kind when the upstream caused it
     limit_headers: dict[str, str] = field(default_factory=dict)
 
     @property

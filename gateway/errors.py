@@ -68,9 +68,14 @@ class GatewayError(Exception):
         return b"data: " + orjson.dumps(self.body()) + b"\n\n"
 
     def response_error_frame(self, sequence_number: int | None = None) -> bytes:
-        """The Responses API's own stream error event, which its SDK raises as ``APIError``."""
+        """The Responses API's own stream error event, which its SDK raises as ``APIError``.
+
+        The documented event (the SDK's ``ResponseErrorEvent``) has ``code``, ``message`` and
+        ``param`` at the top level; the OpenAI service nests them under ``"error"`` too, and that
+        key is what the Python and Node SDKs raise on. The frame carries both shapes.
+        """
         event: dict[str, Any] = {"type": "error", "code": self.code, "message": self.message,
-                                 "param": self.param}
+                                 "param": self.param, "error": self.body()["error"]}
         if sequence_number is not None:
             event["sequence_number"] = sequence_number
         return b"event: error\ndata: " + orjson.dumps(event) + b"\n\n"

@@ -10,18 +10,19 @@ import asyncio
 import ipaddress
 import logging
 import re
-import uuid
+import random
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from .accesslog import log_request
-from .appkeys import KEYSTORE, LIMITER, REQUEST_INFO, SETTINGS
+from .appkeys import KEYSTORE, LIMITER, METRICS, REQUEST_INFO, SETTINGS
 from .auth import bearer_token
 from .body import json_body
 from .context import RequestInfo
 from .errors import (AuthenticationFailed, GatewayError, MethodNotAllowed, NotFound,
-                     PayloadTooLarge, PermissionDenied, RateLimited)
+                     PayloadTooLarge, PermissionDenied, RateLimited, UpstreamFailure,
+                     UpstreamTimeout)
 
 log = logging.getLogger("gateway")
 
@@ -83,7 +84,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     settings = request.app[SETTINGS]
     rid = request.headers.get("X-Request-ID", "")
     info = RequestInfo(
-        request_id=rid if _REQUEST_ID.fullmatch(rid) else uuid.uuid4().hex,
+        # Unique, not secret: no need for uuid4's syscall per request.
+        request_id=rid if rid and _REQUEST_ID.fullmatch(rid) else f"{random.getrandbits(128):032x}",
         route=request.match_info.route.resource.canonical
         if request.match_info.route.resource is not None else "unmatched",
         client_ip=_client_ip(request, settings.server.trusted_proxies),
@@ -106,8 +108,13 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             log.exception("request %s failed", info.request_id)
             raise GatewayError("The gateway failed to handle this request") from None
     except GatewayError as err:
+        info.error = err.code
         if isinstance(err, RateLimited):
             info.outcome = "refused"
+        elif isinstance(err, UpstreamFailure):
+            info.upstream_error = err.kind
+            info.outcome = info.outcome or (
+                "timeout" if isinstance(err, UpstreamTimeout) else "upstream_error")
         else:
             info.outcome = info.outcome or "error"
         err.headers = {"X-Request-ID": info.request_id, **info.limit_headers, **err.headers}
@@ -117,7 +124,10 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             # 499: the client closed the connection before any response (nginx's convention).
             info.status = response.status if response is not None else 499
         info.outcome = info.outcome or "completed"
-        log_request(info)
+        # The one place a finished request is recorded: its access-log line and its metrics.
+        if settings.server.access_log:
+            log_request(info)
+        request.app[METRICS].observe(info)
     return response
 
 

@@ -109,11 +109,13 @@ def chat_reply(body: dict[str, Any], opts: dict[str, Any], words: list[str]) -> 
         reply.content = json_fragments(value)
         return reply
     images = count_chat_images(body.get("messages"))
-    if images and "text" not in opts:
-        words = _split_words(f"I see {images} image{'s' if images > 1 else ''}: "
-                             "a small mock picture.")
-    reply.content = words
+    reply.content = seen_words(images) if images and "text" not in opts else words
     return reply
+
+
+def seen_words(images: int) -> list[str]:
+    """What the mock says about the images it was sent."""
+    return _split_words(f"I see {images} image{'s' if images > 1 else ''}: a small mock picture.")
 
 
 def _split_words(text: str) -> list[str]:

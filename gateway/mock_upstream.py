@@ -18,6 +18,10 @@ they are; with the OpenAI SDK pass ``extra_body={"mock": {...}}``):
 ``no_done``          end the stream cleanly but without ``data: [DONE]``
 ``error_after``      send an ``{"error": {...}}`` event after this many chunks, then end
 ``malformed_after``  send an event whose data is not JSON after this many chunks
+``inject_after``     with ``inject_hex``: after this many events, write these raw bytes (hex
+                     encoded), then go on with the rest (garbage, a huge line, bad UTF-8)
+``fail_first``       with ``tag``: answer ``status`` (default 503) to the first this many
+                     requests carrying this ``tag``, then answer normally (retry tests)
 ``format``           ``oneline`` (default), ``multiline`` (xAI docs: unprefixed JSON lines),
                      ``multidata`` (every JSON line its own ``data:``), ``crlf``, ``cr``
 ``split``            write the body in pieces of this many bytes (awkward offsets)
@@ -45,7 +49,7 @@ import contextlib
 import functools
 import itertools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,7 +58,7 @@ from aiohttp import web
 
 from .mock_replies import (ChatReply, chat_completion, chat_reply, count_chat_images,
                            count_input_images, images_result, reply_chunks, response_object,
-                           responses_error_event, responses_events, sees_images)
+                           responses_error_event, responses_events, sees_images, seen_words)
 
 MODELS = ("grok-4", "grok-4-1-fast-non-reasoning", "grok-3-mini", "grok-2-vision-1212",
           "grok-2-image-1212")
@@ -70,6 +74,7 @@ class MockState:
     disconnects: int = 0  # streams whose client (the gateway) went away before the end
     last_disconnect: float = 0.0  # time.monotonic() of the last one
     max_records: int = 1000
+    tags: dict[str, int] = field(default_factory=dict)  # requests seen per ``tag`` option
 
     def note_disconnect(self) -> None:
         self.disconnects += 1
@@ -143,11 +148,10 @@ def chat_chunks(model: str, words: list[str], include_usage: bool, fmt: str = "o
                                                   cid)]
 
 
-def _usage(completion: int) -> dict[str, int]:
-    return {"prompt_tokens": 12, "completion_tokens": completion, "total_tokens": 12 + completion}
-
-
-async def chat_completions(request: web.Request) -> web.StreamResponse:
+async def _preamble(request: web.Request) -> tuple[dict[str, Any], dict[str, Any],
+                                                   web.Response | None]:
+    """Read and record the body, wait ``headers_delay``, answer ``status``: the options every
+    POST route shares. Returns the body, the mock options and, when set, the answer to give."""
     state = request.app[MOCK_STATE]
     body = await _body(request)
     state.record(request, body)
@@ -158,39 +162,107 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         except asyncio.CancelledError:
             state.note_disconnect()  # the client left before we answered
             raise
-    if opts.get("status"):
-        status = int(opts["status"])
-        return _error(status, opts.get("message", f"mock upstream error {status}"),
-                      "rate_limit_error" if status == 429 else
-                      "server_error" if status >= 500 else "invalid_request_error")
+    status = opts.get("status")
+    if isinstance(opts.get("fail_first"), int):
+        tag = str(opts.get("tag", ""))
+        seen = state.tags[tag] = state.tags.get(tag, 0) + 1
+        status = (status or 503) if seen <= opts["fail_first"] else None
+    if status:
+        status = int(status)
+        return body, opts, _error(status, opts.get("message", f"mock upstream error {status}"),
+                                  "rate_limit_error" if status == 429 else
+                                  "server_error" if status >= 500 else "invalid_request_error")
+    return body, opts, None
+
+
+def _no_vision(model: str) -> web.Response:
+    return _error(400, f"Model {model} does not support image input",
+                  code="model_not_vision_capable")
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    body, opts, refusal = await _preamble(request)
+    if refusal is not None:
+        return refusal
     model = body.get("model")
     if not isinstance(model, str):
         return _error(400, "model is required")
-    words = _words(opts)
+    if count_chat_images(body.get("messages")) and not sees_images(model):
+        return _no_vision(model)
+    reply = chat_reply(body, opts, _words(opts))
     if not body.get("stream"):
-        return web.json_response({
-            "id": f"chatcmpl-{next(_ids)}", "object": "chat.completion", "created": CREATED,
-            "model": model, "system_fingerprint": "fp_mock",
-            "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": "".join(words)}}],
-            "usage": _usage(len(words))})
+        return web.json_response(chat_completion(model, reply, f"chatcmpl-{next(_ids)}"))
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-    events = chat_chunks(model, words, include_usage, opts.get("format", "oneline"))
+    fmt = opts.get("format", "oneline")
+    events = [_encode(c, fmt) for c in reply_chunks(model, reply, include_usage)]
+    if opts.get("reasoning_silence") and reply.reasoning and "pause_after" not in opts:
+        opts = {**opts, "pause_after": len(reply.reasoning), "pause": opts["reasoning_silence"]}
     return await stream_events(request, events, opts)
 
 
+async def responses(request: web.Request) -> web.StreamResponse:
+    """The Responses API: a ``response`` object, or its named events."""
+    body, opts, refusal = await _preamble(request)
+    if refusal is not None:
+        return refusal
+    model = body.get("model")
+    if not isinstance(model, str):
+        return _error(400, "model is required")
+    images = count_input_images(body.get("input"))
+    if images and not sees_images(model):
+        return _no_vision(model)
+    words = seen_words(images) if images and "text" not in opts else _words(opts)
+    if not body.get("stream"):
+        n = next(_ids)
+        return web.json_response(response_object(model, "".join(words), f"resp_mock_{n}",
+                                                 f"msg_mock_{n}", words=len(words)))
+    events = responses_events(model, words)
+    if opts.get("format") in ("crlf", "cr"):
+        ending = b"\r\n" if opts["format"] == "crlf" else b"\r"
+        events = [e.replace(b"\n", ending) for e in events]
+    return await stream_events(request, events, opts, done=None,
+                               error_event=responses_error_event)
+
+
+async def images_generations(request: web.Request) -> web.Response:
+    body, opts, refusal = await _preamble(request)
+    if refusal is not None:
+        return refusal
+    if body.get("stream"):
+        return _error(400, "Image generation does not support streaming")
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) or not prompt:
+        return _error(400, "prompt is required")
+    n = body.get("n", 1)
+    if not isinstance(n, int) or not 1 <= n <= 10:
+        return _error(400, "n must be an integer from 1 to 10")
+    return web.json_response(images_result(prompt, n, str(body.get("response_format", "url"))))
+
+
+def _chat_error_event(sequence_number: int) -> bytes:
+    return (b'data: {"error": {"message": "mock mid-stream failure",'
+            b' "type": "server_error", "code": "mock_failure"}}\n\n')
+
+
 async def stream_events(request: web.Request, events: list[bytes], opts: dict[str, Any],
-                        done: bytes | None = b"data: [DONE]\n\n") -> web.StreamResponse:
-    """Write ``events`` as an SSE response, misbehaving as ``opts`` asks."""
+                        done: bytes | None = b"data: [DONE]\n\n",
+                        error_event: Callable[[int], bytes] = _chat_error_event
+                        ) -> web.StreamResponse:
+    """Write ``events`` as an SSE response, misbehaving as ``opts`` asks. ``error_event(n)`` is
+    the API's own mid-stream error, sent as the ``n``-th event for ``error_after``."""
     state = request.app[MOCK_STATE]
     fmt = opts.get("format", "oneline")
     if done is not None and not opts.get("no_done"):
         events = events + [_encode(done[6:-2], fmt) if fmt in ("crlf", "cr") else done]
-    for name, bad in (("error_after", b'data: {"error": {"message": "mock mid-stream failure",'
-                                      b' "type": "server_error", "code": "mock_failure"}}\n\n'),
-                      ("malformed_after", b"data: {this is not json\n\n")):
-        if isinstance(opts.get(name), int):
-            events = events[:opts[name]] + [bad]
+    for name in ("error_after", "malformed_after"):
+        after = opts.get(name)
+        if isinstance(after, int):
+            bad = error_event(after) if name == "error_after" else b"data: {this is not json\n\n"
+            events = events[:after] + [bad]
+    inject = opts.get("inject_after")
+    if isinstance(inject, int):
+        events = events[:inject] + [bytes.fromhex(str(opts.get("inject_hex", "")))] \
+            + events[inject:]
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache"})
     await response.prepare(request)
@@ -248,6 +320,8 @@ def create_mock_app() -> web.Application:
         app.router.add_post(f"{prefix}/chat/completions", chat_completions)
         app.router.add_get(f"{prefix}/models", list_models)
         app.router.add_get(f"{prefix}/models/{{model}}", get_model)
+        app.router.add_post(f"{prefix}/responses", responses)
+        app.router.add_post(f"{prefix}/images/generations", images_generations)
     return app
 
 

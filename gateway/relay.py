@@ -14,6 +14,7 @@ writing ``: keep-alive`` comments; from then on errors can only be SSE frames.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -22,7 +23,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from .appkeys import REQUEST_INFO, SETTINGS, STREAMS, UPSTREAM
+from .appkeys import METRICS, REQUEST_INFO, SETTINGS, STREAMS, UPSTREAM
 from .context import RequestInfo
 from .errors import (SSE_HEADERS, GatewayError, ShuttingDown, UpstreamFailure, UpstreamProtocolError,
                      UpstreamTimeout, from_upstream)
@@ -34,6 +35,7 @@ Rewrite = Callable[[Any], Any]
 """Changes a parsed response object in place (model aliases); None when nothing changes."""
 
 _MAX_ERROR_BODY = 64 * 1024
+_MAX_USAGE_PARSE = 1024 * 1024
 _RESPONSES_TERMINAL = (b"response.completed", b"response.failed", b"response.incomplete",
                        b"error")
 
@@ -47,6 +49,85 @@ async def relay_json(request: web.Request, upstream_call: Awaitable[aiohttp.Clie
                      extra_headers: dict[str, str] | None = None) -> web.Response:
     """Forward a plain (non-streamed) request; the upstream's status and JSON come back."""
     info = request[REQUEST_INFO]
+    upstream, body = await _read_answer(request, upstream_call)
+    obj = None
+    if rewrite is not None:
+        obj = _answer_json(body)
+        rewrite(obj)
+        body = orjson.dumps(obj)
+    _note_usage(info, body, obj)
+    info.first_byte = asyncio.get_running_loop().time()
+    info.bytes_out = len(body)
+    return web.Response(status=upstream.status, body=body,
+                        content_type=upstream.content_type or "application/json",
+                        headers={**response_headers(info), **(extra_headers or {})})
+
+
+async def fetch_json(request: web.Request,
+                     upstream_call: Awaitable[aiohttp.ClientResponse]) -> Any:
+    """The upstream's complete JSON answer, parsed, for answers the gateway reshapes (the vision
+    stream fallback) or keeps (the model list). Upstream errors raise as in ``relay_json``."""
+    _, body = await _read_answer(request, upstream_call)
+    return _answer_json(body)
+
+
+def _answer_json(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise UpstreamProtocolError("The upstream answered with invalid JSON") from None
+
+
+def _note_usage(info: RequestInfo, body: bytes, obj: Any) -> None:
+    """Token counts of a plain answer, for the access log and metrics (streams take them from
+    their usage chunk). Parsed only when the answer has them and is small."""
+    if obj is None:
+        if len(body) > _MAX_USAGE_PARSE or b'"usage"' not in body:
+            return
+        try:
+            obj = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return
+    usage = obj.get("usage") if isinstance(obj, dict) else None
+    if isinstance(usage, dict):
+        info.usage = usage
+
+
+class _PlainRequest:
+    __slots__ = ("shutdown",)
+
+    def __init__(self) -> None:
+        self.shutdown = False  # set by StreamRegistry before it cancels us
+
+
+async def _read_answer(request: web.Request, upstream_call: Awaitable[aiohttp.ClientResponse]
+                       ) -> tuple[aiohttp.ClientResponse, bytes]:
+    """Await the upstream's whole answer; an error status raises as the gateway's error.
+
+    Tracked like a stream: at shutdown, past the drain time, the client gets 503
+    ``gateway_restarting`` (nothing was sent yet, so the status can still say so).
+    """
+    plain = _PlainRequest()
+    with request.app[STREAMS].track(plain):
+        try:
+            return await _await_answer(request, upstream_call)
+        except asyncio.CancelledError:
+            if not plain.shutdown:
+                raise
+            _uncancel()
+            request[REQUEST_INFO].outcome = "shutdown"
+            raise ShuttingDown("The gateway is restarting; retry the request") from None
+
+
+def _uncancel() -> None:
+    """Undo the shutdown's cancellation: the request still has to be answered."""
+    current = asyncio.current_task()
+    if current is not None:
+        current.uncancel()
+
+
+async def _await_answer(request: web.Request, upstream_call: Awaitable[aiohttp.ClientResponse]
+                        ) -> tuple[aiohttp.ClientResponse, bytes]:
     settings = request.app[SETTINGS].stream
     try:
         async with asyncio.timeout(settings.first_byte_timeout_seconds):
@@ -65,18 +146,7 @@ async def relay_json(request: web.Request, upstream_call: Awaitable[aiohttp.Clie
     if upstream.status >= 400:
         raise from_upstream(upstream.status, body, upstream.headers,
                             request.app[UPSTREAM].secrets)
-    if rewrite is not None:
-        try:
-            obj = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            raise UpstreamProtocolError("The upstream answered with invalid JSON") from None
-        rewrite(obj)
-        body = orjson.dumps(obj)
-    info.first_byte = asyncio.get_running_loop().time()
-    info.bytes_out = len(body)
-    return web.Response(status=upstream.status, body=body,
-                        content_type=upstream.content_type or "application/json",
-                        headers={**response_headers(info), **(extra_headers or {})})
+    return upstream, body
 
 
 class StreamDialect:
@@ -114,8 +184,13 @@ async def relay_stream(request: web.Request,
                        dialect: StreamDialect = CHAT) -> web.StreamResponse:
     """Relay an upstream event stream to the client; see the module docstring."""
     relay = _StreamRelay(request, rewrite, dialect)
-    with request.app[STREAMS].track(relay):
-        return await relay.run(upstream_call)
+    open_streams = request.app[METRICS].open_streams
+    open_streams.inc()
+    try:
+        with request.app[STREAMS].track(relay):
+            return await relay.run(upstream_call)
+    finally:
+        open_streams.dec()
 
 
 class _StreamRelay:
@@ -167,10 +242,11 @@ class _StreamRelay:
                 raise
             # Graceful shutdown ran out of drain time: tell the client why the stream ends.
             info.outcome = "shutdown"
-            current = asyncio.current_task()
-            if current is not None:
-                current.uncancel()
-            await self._end_with(ShuttingDown("The gateway is restarting; retry the request"))
+            _uncancel()
+            restarting = ShuttingDown("The gateway is restarting; retry the request")
+            if self.response is None:
+                raise restarting from None  # still waiting for the upstream: a true 503
+            await self._end_with(restarting)
         finally:
             _dispose(task, upstream, clean)
         assert self.response is not None
@@ -207,6 +283,9 @@ class _StreamRelay:
 
     async def _end_with(self, err: GatewayError) -> None:
         """After headers: the error becomes the stream's last event."""
+        self.info.error = err.code
+        if isinstance(err, UpstreamFailure):
+            self.info.upstream_error = err.kind
         try:
             await self._write(self.dialect.error_frame(err, self.seq))
             assert self.response is not None
@@ -217,50 +296,48 @@ class _StreamRelay:
     async def _pump(self, upstream: aiohttp.ClientResponse) -> bool:
         """Relay events until the terminal one; True when the upstream ended cleanly."""
         info = self.info
-        settings = self.settings
-        keepalive = settings.keepalive_seconds
-        framer = SSEFramer(settings.max_event_bytes)
+        framer = SSEFramer(self.settings.max_event_bytes)
         content = upstream.content
+        read = content.readany
+        feed = framer.feed
         loop = asyncio.get_running_loop()
-        silent = 0.0
-        while True:
-            try:
-                async with asyncio.timeout(keepalive):
-                    chunk = await content.readany()
-            except TimeoutError:
-                silent += keepalive
-                limit = (settings.idle_timeout_seconds if info.first_byte is not None
-                         else settings.first_byte_timeout_seconds)
-                if silent >= limit:
-                    raise UpstreamTimeout(f"The upstream sent nothing for {silent:g} seconds") \
-                        from None
-                await self._write(KEEPALIVE)
-                continue
-            except aiohttp.ClientError as e:
-                raise UpstreamProtocolError(
-                    f"The upstream connection broke mid-stream ({type(e).__name__})") from e
-            silent = 0.0
-            if chunk:
-                events = framer.feed(chunk)
-                whole = framer.whole_chunk
-            else:
-                events = framer.close()
-                whole = False
-            if events:
-                out, done, failure = self._render(events, chunk if whole else None)
+        watchdog = _Watchdog(self, content, loop)
+        try:
+            while True:
+                try:
+                    chunk = await read()
+                except aiohttp.ClientError as e:
+                    raise UpstreamProtocolError(
+                        f"The upstream connection broke mid-stream ({type(e).__name__})") from e
+                watchdog.last = loop.time()
+                if chunk:
+                    events = feed(chunk)
+                    if not events:
+                        continue
+                    out, done, failure = self._render(
+                        events, chunk if framer.whole_chunk else None)
+                else:
+                    events = framer.close()
+                    out, done, failure = self._render(events, None)
                 if out:
                     if info.first_byte is None:
-                        info.first_byte = loop.time()
+                        info.first_byte = watchdog.last
+                    watchdog.writing = True
                     await self._write(out)
+                    watchdog.writing = False
                 if failure is not None:
                     raise failure
                 if done:
+                    watchdog.cancel()
                     assert self.response is not None
                     await self.response.write_eof()
                     info.outcome = "completed"  # whatever happens while draining the rest
-                    return await _drain_to_eof(content, keepalive)
-            if not chunk:
-                raise UpstreamProtocolError("The upstream stream ended before it was complete")
+                    return await _drain_to_eof(content, self.settings.keepalive_seconds)
+                if not chunk:
+                    raise UpstreamProtocolError(
+                        "The upstream stream ended before it was complete")
+        finally:
+            watchdog.cancel()
 
     def _render(self, events: list[Event], chunk: bytes | None
                 ) -> tuple[bytes, bool, GatewayError | None]:
@@ -279,9 +356,8 @@ class _StreamRelay:
         failure: GatewayError | None = None
         for ev in events:
             data = ev.data
-            self.seq += 1
             if dialect.is_terminal(ev, data):
-                parts.append(ev.raw if ev.verbatim else encode_event(ev))
+                parts.append(self._terminal_bytes(ev, data))
                 info.chunks += 1
                 terminal = True
                 break
@@ -298,12 +374,22 @@ class _StreamRelay:
                 break
             verbatim += ev.verbatim and rewrite is None
             info.chunks += 1
+            self.seq += 1  # events sent: a Responses error event continues their numbering
         if chunk is not None and verbatim == len(events):
             out = chunk
         else:
             out = b"".join(parts)
         info.bytes_out += len(out)
         return out, terminal, failure
+
+    def _terminal_bytes(self, ev: Event, data: bytes | None) -> bytes:
+        """The last event as it goes out: as it came, unless a model alias must be rewritten
+        (the Responses API's ``response.completed`` names the model too)."""
+        if self.rewrite is not None and data is not None and data != DONE:
+            obj = _json(data)
+            self.rewrite(obj)
+            return encode_event(ev, obj)
+        return ev.raw if ev.verbatim else encode_event(ev)
 
     def _event_bytes(self, ev: Event, data: bytes) -> bytes:
         """One data event as it goes out. Every event's JSON is parsed (orjson: about a
@@ -342,6 +428,58 @@ def _upstream_stream_error(err: Any) -> UpstreamFailure:
             failure.code = err["code"]
         return failure
     return UpstreamFailure(f"Upstream error: {err}")
+
+
+class _Watchdog:
+    """One timer per stream for upstream silence, instead of a timeout around every read.
+
+    The read loop only stamps ``last``. When the upstream has been silent for a keep-alive
+    interval, the timer writes a ``: keep-alive`` comment (each relay write is one whole batch
+    of events, so a comment can only land between events); when the silence reaches the
+    first-byte or idle limit, it fails the pending read with ``UpstreamTimeout``.
+    """
+
+    __slots__ = ("relay", "content", "loop", "last", "writing", "handle", "pinging",
+                 "interval")
+
+    def __init__(self, relay: _StreamRelay, content: aiohttp.StreamReader,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.relay = relay
+        self.content = content
+        self.loop = loop
+        self.interval = relay.settings.keepalive_seconds
+        self.last = loop.time()
+        self.writing = False  # a write is waiting for a slow client: not upstream silence
+        self.pinging: asyncio.Task[None] | None = None
+        self.handle: asyncio.TimerHandle | None = loop.call_at(self.last + self.interval,
+                                                               self._tick)
+
+    def cancel(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+
+    def _tick(self) -> None:
+        now = self.loop.time()
+        silent = now - self.last
+        if self.writing or silent < self.interval:
+            self.handle = self.loop.call_at(max(now, self.last) + self.interval, self._tick)
+            return
+        settings = self.relay.settings
+        limit = (settings.idle_timeout_seconds if self.relay.info.first_byte is not None
+                 else settings.first_byte_timeout_seconds)
+        if silent >= limit:
+            self.handle = None
+            self.content.set_exception(
+                UpstreamTimeout(f"The upstream sent nothing for {silent:.3g} seconds"))
+            return
+        if self.pinging is None or self.pinging.done():
+            self.pinging = self.loop.create_task(self._ping())
+        self.handle = self.loop.call_at(now + min(self.interval, limit - silent), self._tick)
+
+    async def _ping(self) -> None:
+        with contextlib.suppress(ConnectionResetError):
+            await self.relay._write(KEEPALIVE)
 
 
 async def _drain_to_eof(content: aiohttp.StreamReader, timeout: float) -> bool:

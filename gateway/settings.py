@@ -36,11 +36,14 @@ class ConfigError(ValueError):
 class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 8080
+    # Processes sharing the port (SO_REUSEPORT) under one supervisor; see gateway/workers.py.
     workers: int = 1
-    # Seconds SIGTERM waits for open streams before ending them with an error frame.
+    # Seconds SIGTERM waits for requests in flight before ending them: a stream with an error
+    # frame, a request still waiting for the upstream with 503 (code gateway_restarting).
     drain_seconds: float = 30.0
     # Addresses (exact IPs) whose X-Forwarded-For is believed.
     trusted_proxies: tuple[str, ...] = ("127.0.0.1", "::1")
+    # One JSON line per request on stdout (gateway/accesslog.py).
     access_log: bool = True
 
 
@@ -105,8 +108,14 @@ class StreamSettings:
 
 @dataclass(frozen=True, slots=True)
 class VisionSettings:
+    # How a vision request with "stream": true is answered: "sse", "json" or "off" (see
+    # docs/vision-fallback.md).
     stream_fallback: str = "sse"
+    # Largest image, decoded, in a data: URL.
     max_image_bytes: int = 10 * 1024 * 1024
+    # Models that take image input: shell-style patterns matched against the client's model
+    # name and the upstream name it is aliased to (xAI: grok-4 and its variants, *-vision-*).
+    models: tuple[str, ...] = ("grok-4*", "*vision*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +229,9 @@ def _build(data: Mapping[str, Any]) -> Settings:
                'must be "fail_open" or "fail_closed"')
         _check(redis.timeout_seconds > 0, "redis.timeout_seconds", "must be positive")
         _check(redis.lease_seconds >= 1, "redis.lease_seconds", "must be at least 1")
+        _check(redis.key_cache_seconds >= 0, "redis.key_cache_seconds", "must not be negative")
+        _check(bool(redis.key_prefix) and not any(c in redis.key_prefix for c in "{} \t\n"),
+               "redis.key_prefix", "must be non-empty, without braces or spaces")
     _check_limits(limits, "limits")
     for name in ("keepalive_seconds", "connect_timeout_seconds", "first_byte_timeout_seconds",
                  "idle_timeout_seconds"):
@@ -227,6 +239,7 @@ def _build(data: Mapping[str, Any]) -> Settings:
     _check(stream.max_body_bytes > 0, "stream.max_body_bytes", "must be positive")
     _check(vision.stream_fallback in ("sse", "json", "off"), "vision.stream_fallback",
            'must be "sse", "json" or "off"')
+    _check(vision.max_image_bytes > 0, "vision.max_image_bytes", "must be positive")
 
     keys = tuple(_key(i, entry, limits) for i, entry in enumerate(_list(data, "keys")))
     names = [k.name for k in keys]

@@ -11,6 +11,11 @@ forwards those very bytes. Anything else is parsed leniently and re-encoded by `
 into ``[event: ...\\n]data: <one line>\\n\\n``. Lenient means the multi-line JSON of xAI's own
 docs is understood: lines after ``data: {`` that carry no field name continue the data, and a new
 ``data:`` line after a complete JSON value starts a new event even without a blank line.
+
+Two things raise ``SSEProtocolError`` instead of being guessed at: an event that grows past
+``max_event_bytes`` without a blank line (memory stays bounded), and a line that is neither a
+known field (``data``, ``event``, ``id``, ``retry``), a comment, nor the continuation of a
+``data:`` value (garbage: the upstream is not sending an event stream).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ _KNOWN_FIELDS = (b"data", b"event", b"id", b"retry")
 
 
 class SSEProtocolError(ValueError):
-    """The upstream's stream cannot be framed (an event larger than the limit)."""
+    """The upstream's stream cannot be framed (an event larger than the limit, or garbage)."""
 
 
 class Event:
@@ -91,8 +96,12 @@ def _parse_block(block: bytes) -> list[_Fields]:
             continue
         name, sep, value = line.partition(b":")
         if name not in _KNOWN_FIELDS or not sep:
-            if data:
-                data.append(line)  # an unprefixed continuation of multi-line JSON
+            if not data:
+                # Not a field, and no data for it to continue: not an event stream (an HTML
+                # error page, binary junk). Dropping it, as a browser would, could turn a broken
+                # upstream into a clean-looking stream; the relay ends the stream instead.
+                raise SSEProtocolError("the upstream sent a line that is not an SSE field")
+            data.append(line)  # an unprefixed continuation of multi-line JSON
             continue
         if value[:1] == b" ":
             value = value[1:]

@@ -1,4 +1,12 @@
-"""Open streams, tracked so that a graceful shutdown can let them finish or end them cleanly."""
+"""Requests being relayed, tracked so that a graceful shutdown can let them finish or end them
+cleanly.
+
+Streams and plain requests alike register while the relay works on them. On shutdown ``drain``
+waits for them up to the drain time, then marks each one ``shutdown`` and cancels it: a stream
+then ends with a ``gateway_restarting`` error frame, a plain request with a 503 of that code
+(see ``gateway.relay``). A request that reaches the relay after that is ended the same way at
+once.
+"""
 
 from __future__ import annotations
 
@@ -16,12 +24,14 @@ class Stoppable(Protocol):
 
 
 class StreamRegistry:
-    """Every open stream's task, so shutdown can wait for them and then stop the rest."""
+    """Every relayed request's task, so shutdown can wait for them and then stop the rest."""
 
     def __init__(self) -> None:
         self._open: dict[asyncio.Task[object], Stoppable] = {}
         self._idle = asyncio.Event()
         self._idle.set()
+        self._hurry = asyncio.Event()
+        self._closed = False
 
     def __len__(self) -> int:
         return len(self._open)
@@ -30,6 +40,10 @@ class StreamRegistry:
     def track(self, stream: Stoppable) -> Iterator[None]:
         task = asyncio.current_task()
         assert task is not None
+        if self._closed:
+            # The drain time is over; this request was still in the middlewares then.
+            stream.shutdown = True
+            task.cancel()
         self._open[task] = stream
         self._idle.clear()
         try:
@@ -39,19 +53,29 @@ class StreamRegistry:
             if not self._open:
                 self._idle.set()
 
+    def stop_waiting(self) -> None:
+        """End a drain in progress now (a second SIGTERM or Ctrl-C)."""
+        self._hurry.set()
+
     async def drain(self, seconds: float) -> None:
-        """Wait up to ``seconds`` for open streams to end, then stop the rest with a frame."""
+        """Wait up to ``seconds`` for open requests to end, then stop the rest."""
         if self._open:
-            log.info("draining %d open streams for up to %gs", len(self._open), seconds)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(seconds):
-                    await self._idle.wait()
+            log.info("draining %d open requests for up to %gs", len(self._open), seconds)
+            idle = asyncio.ensure_future(self._idle.wait())
+            hurry = asyncio.ensure_future(self._hurry.wait())
+            try:
+                await asyncio.wait((idle, hurry), timeout=seconds,
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                idle.cancel()
+                hurry.cancel()
+        self._closed = True
         remaining = list(self._open.items())
         for task, stream in remaining:
             stream.shutdown = True
             task.cancel()
         if remaining:
-            log.warning("ended %d streams still open after the drain time", len(remaining))
+            log.warning("ended %d requests still open after the drain time", len(remaining))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(5):
                     await self._idle.wait()

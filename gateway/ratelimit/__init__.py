@@ -57,6 +57,11 @@ def openai_duration(seconds: float) -> str:
 
 
 class Limiter(Protocol):
+    @property
+    def backend_state(self) -> str:
+        """``memory``; or ``redis``, and while Redis is unreachable ``fallback`` (fail_open,
+        per-process buckets) or ``unavailable`` (fail_closed). For metrics and readiness."""
+
     async def acquire(self, key: ClientKey, *, stream: bool) -> Decision:
         """Take one token (and, for a stream, a concurrency lease) or refuse."""
 

@@ -1,6 +1,9 @@
 """The in-process limiter: the embedded default, and the fallback when Redis is unreachable.
 
-Same semantics as the Redis backend, with ``time.monotonic`` as the clock.
+Same semantics as the Redis backend, with ``time.monotonic`` as the clock. Leases need no
+expiry here: they live and die with the process, and the middleware releases each one in a
+shielded ``finally``. Idle buckets are dropped once they would be full again, as Redis expires
+them, so memory follows the keys in use rather than every key ever seen.
 """
 
 from __future__ import annotations
@@ -13,37 +16,49 @@ from ..context import ClientKey
 from . import Decision
 
 
+_SWEEP_EVERY = 4096
+"""Checks between two sweeps for idle buckets."""
+
+
 class MemoryLimiter:
+    backend_state = "memory"
+
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._buckets: dict[str, tuple[float, float]] = {}  # name -> (tokens, at)
+        self._full_at: dict[str, float] = {}  # name -> when its bucket is full again
         self._streams: dict[str, set[str]] = {}
         self._ids = itertools.count()
+        self._checks = 0
 
     async def acquire(self, key: ClientKey, *, stream: bool) -> Decision:
         now = self._clock()
+        self._checks += 1
+        if self._checks % _SWEEP_EVERY == 0:
+            self._sweep(now)
         rate = key.requests_per_minute / 60.0
         capacity = float(key.burst)
         tokens, at = self._buckets.get(key.name, (capacity, now))
         tokens = min(capacity, tokens + max(0.0, now - at) * rate)
         open_streams = self._streams.get(key.name, set())
-        base = dict(limit=key.burst, requests_per_minute=key.requests_per_minute)
+        # Refusals leave the state alone: refilling is a function of time alone.
         if stream and len(open_streams) >= key.max_concurrent_streams:
-            self._buckets[key.name] = (tokens, now)
-            return Decision(False, remaining=int(tokens), reset_seconds=(capacity - tokens) / rate,
-                            retry_after=1.0, refused_by="concurrency", **base)
+            return Decision(False, key.burst, int(tokens), (capacity - tokens) / rate,
+                            retry_after=1.0, refused_by="concurrency",
+                            requests_per_minute=key.requests_per_minute)
         if tokens < 1.0:
-            self._buckets[key.name] = (tokens, now)
-            return Decision(False, remaining=0, reset_seconds=(capacity - tokens) / rate,
-                            retry_after=(1.0 - tokens) / rate, refused_by="requests", **base)
+            return Decision(False, key.burst, 0, (capacity - tokens) / rate,
+                            retry_after=(1.0 - tokens) / rate, refused_by="requests",
+                            requests_per_minute=key.requests_per_minute)
         tokens -= 1.0
         self._buckets[key.name] = (tokens, now)
+        self._full_at[key.name] = now + (capacity - tokens) / rate
         lease = None
         if stream:
             lease = f"m{next(self._ids)}"
             self._streams.setdefault(key.name, set()).add(lease)
-        return Decision(True, remaining=int(tokens), reset_seconds=(capacity - tokens) / rate,
-                        lease=lease, **base)
+        return Decision(True, key.burst, int(tokens), (capacity - tokens) / rate, lease=lease,
+                        requests_per_minute=key.requests_per_minute)
 
     async def release(self, key: ClientKey, lease: str) -> None:
         leases = self._streams.get(key.name)
@@ -52,6 +67,13 @@ class MemoryLimiter:
             if not leases:
                 del self._streams[key.name]
 
+    def _sweep(self, now: float) -> None:
+        """Forget buckets that are full again: a missing bucket is a full one."""
+        for name in [n for n, full_at in self._full_at.items() if full_at <= now]:
+            del self._full_at[name]
+            self._buckets.pop(name, None)
+
     async def close(self) -> None:
         self._buckets.clear()
+        self._full_at.clear()
         self._streams.clear()

@@ -1,0 +1,43 @@
+"""Model aliases: client-facing names (``[models]`` in the config) for upstream models.
+
+A request's ``model`` is rewritten on the way up, and the ``model`` of every answer (a response
+object, each stream chunk, the ``response`` inside Responses API events) is rewritten back to the
+name the client used. Only aliased requests pay for that: without an alias the body goes up as
+the client's own bytes and the answer comes back untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from .relay import Rewrite
+
+
+def upstream_model(aliases: Mapping[str, str], model: str) -> str:
+    return aliases.get(model, model)
+
+
+def model_rewriter(client_model: str) -> Rewrite:
+    """Sets ``model`` back to ``client_model`` in one parsed answer object, in place."""
+
+    def rewrite(obj: Any) -> None:
+        if not isinstance(obj, dict):
+            return
+        if isinstance(obj.get("model"), str):
+            obj["model"] = client_model
+        inner = obj.get("response")  # Responses API lifecycle events carry the response
+        if isinstance(inner, dict) and isinstance(inner.get("model"), str):
+            inner["model"] = client_model
+
+    return rewrite
+
+
+def aliased(aliases: Mapping[str, str], body: dict[str, Any]
+            ) -> tuple[dict[str, Any] | None, Rewrite | None]:
+    """The body to send up (None: send the client's bytes unchanged) and the rewrite for the
+    answer (None: relay it untouched)."""
+    model = body.get("model")
+    if not isinstance(model, str) or model not in aliases:
+        return None, None
+    return {**body, "model": aliases[model]}, model_rewriter(model)

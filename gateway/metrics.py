@@ -1,0 +1,195 @@
+"""Prometheus metrics, recorded at one place per request.
+
+``Metrics.observe(info)`` runs once per request, where the access-log line is written (the errors
+middleware), from the same ``RequestInfo``; the open-streams gauge is the only metric kept
+elsewhere (around ``relay_stream``), because it must move while a stream runs.
+
+The hot path does little: label children are looked up once per label set and cached in plain
+dicts, so a request costs a few dict lookups and ``inc``/``observe`` calls.
+
+Multi-process: ``gateway serve --workers N`` gives every worker the same
+``PROMETHEUS_MULTIPROC_DIR`` (the supervisor owns the directory and removes it). prometheus-client
+then keeps each process's values in mmap files there, and ``/metrics`` on any worker adds up the
+files of all of them; the supervisor marks a dead worker's gauges dead
+(``multiprocess.mark_process_dead``). prometheus-client chooses the mode once, from the
+environment, when it is first imported; ``Metrics`` asks the library which mode it is in rather
+than guessing. https://prometheus.github.io/client_python/multiprocess/
+
+Labels stay bounded: ``route`` is the route's pattern (``/v1/chat/completions``, ``unmatched``),
+``key`` a configured key's name (never the key), ``model`` appears only on token counts, which
+exist only for models the upstream accepted.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
+                               generate_latest, multiprocess, values)
+
+from .context import RequestInfo
+
+TTFB_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+"""Time to first byte: milliseconds for a fast model, minutes for a reasoning one."""
+DURATION_BUCKETS = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+                    1200.0, 3600.0)
+LIMITER_STATES = ("memory", "redis", "fallback", "unavailable")
+"""``Limiter.backend_state`` values (see ``gateway.ratelimit``)."""
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+_REFUSAL_LIMITS = {"rate_limit_exceeded": "requests", "concurrency_limit_exceeded": "concurrency"}
+_MAX_TOKEN_SERIES = 2000
+"""Past this many (key, model, type) label sets, further models are counted as ``other``."""
+
+
+class _RouteSeries:
+    """One route's label children, created on the route's first request."""
+
+    __slots__ = ("ttfb", "duration", "chunks", "bytes", "disconnects")
+
+    def __init__(self, metrics: Metrics, route: str) -> None:
+        self.ttfb = metrics.ttfb.labels(route)
+        self.duration = metrics.stream_duration.labels(route)
+        self.chunks = metrics.chunks.labels(route)
+        self.bytes = metrics.bytes.labels(route)
+        self.disconnects = metrics.disconnects.labels(route)
+
+
+class Metrics:
+    """The gateway's metrics, in a registry of their own (one per app: tests build many apps)."""
+
+    def __init__(self) -> None:
+        self.multiprocess_dir: str | None = None
+        if getattr(values.ValueClass, "_multiprocess", False):
+            self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "gateway_requests", "Requests answered, by route, HTTP status and client key name "
+            "(status 499: the client left before any response).",
+            ("route", "status", "key"), registry=r)
+        self.open_streams = Gauge(
+            "gateway_open_streams", "Event streams being relayed now.",
+            multiprocess_mode="livesum", registry=r)
+        self.ttfb = Histogram(
+            "gateway_time_to_first_byte_seconds", "From the request's arrival to the first "
+            "upstream event (or the whole plain answer) sent to the client.",
+            ("route",), buckets=TTFB_BUCKETS, registry=r)
+        self.stream_duration = Histogram(
+            "gateway_stream_duration_seconds", "Event streams, from the request's arrival to "
+            "their end (completed or not).", ("route",), buckets=DURATION_BUCKETS, registry=r)
+        self.chunks = Counter(
+            "gateway_relayed_chunks", "Upstream events relayed to clients.", ("route",),
+            registry=r)
+        self.bytes = Counter(
+            "gateway_relayed_bytes", "Response body bytes relayed to clients.", ("route",),
+            registry=r)
+        self.upstream_errors = Counter(
+            "gateway_upstream_errors", "Requests that failed because of the upstream, by kind: "
+            "status (an error status), unreachable, timeout, bad_stream, error (an error event "
+            "inside a stream).", ("kind",), registry=r)
+        self.disconnects = Counter(
+            "gateway_client_disconnects", "Requests whose client went away before the end.",
+            ("route",), registry=r)
+        self.refusals = Counter(
+            "gateway_ratelimit_refusals", "Requests refused with 429, by key name and by the "
+            "limit that refused them (requests or concurrency).", ("key", "limit"), registry=r)
+        self.tokens = Counter(
+            "gateway_tokens", "Tokens reported by the upstream's usage, by key name, model and "
+            "type (prompt, completion, reasoning).", ("key", "model", "type"), registry=r)
+        self.limiter_backend = Gauge(
+            "gateway_limiter_backend", "Worker processes whose rate limiter is in this state: "
+            "redis (shared limits), fallback (Redis down, per-process limits), unavailable "
+            "(Redis down, refusing), memory (no Redis configured).", ("state",),
+            multiprocess_mode="livesum", registry=r)
+        self._requests: dict[tuple[str, int, str], Any] = {}
+        self._routes: dict[str, _RouteSeries] = {}
+        self._upstream_errors: dict[str, Any] = {}
+        self._refusals: dict[tuple[str, str], Any] = {}
+        self._tokens: dict[tuple[str, str, str], Any] = {}
+        self._limiter_state: str | None = None
+
+    def observe(self, info: RequestInfo) -> None:
+        """Count one finished request (called where its access-log line is written)."""
+        key = info.key.name if info.key is not None else "-"
+        status = info.status
+        child = self._requests.get((info.route, status, key))
+        if child is None:
+            child = self._requests[(info.route, status, key)] = self.requests.labels(
+                info.route, str(status), key)
+        child.inc()
+        route = self._routes.get(info.route)
+        if route is None:
+            route = self._routes[info.route] = _RouteSeries(self, info.route)
+        ttfb = info.ttfb_seconds
+        if ttfb is not None:
+            route.ttfb.observe(ttfb)
+        if info.stream and status == 200:
+            route.duration.observe(time.monotonic() - info.started)
+        if info.chunks:
+            route.chunks.inc(info.chunks)
+        if info.bytes_out:
+            route.bytes.inc(info.bytes_out)
+        outcome = info.outcome
+        if outcome == "client_disconnect":
+            route.disconnects.inc()
+        elif outcome == "refused":
+            self._refused(key, info.error or "")
+        if info.upstream_error is not None:
+            self._upstream_error(info.upstream_error)
+        if info.usage is not None:
+            self._count_tokens(key, info.model or "-", info.usage)
+
+    def _refused(self, key: str, code: str) -> None:
+        limit = _REFUSAL_LIMITS.get(code, code or "requests")
+        child = self._refusals.get((key, limit))
+        if child is None:
+            child = self._refusals[(key, limit)] = self.refusals.labels(key, limit)
+        child.inc()
+
+    def _upstream_error(self, kind: str) -> None:
+        child = self._upstream_errors.get(kind)
+        if child is None:
+            child = self._upstream_errors[kind] = self.upstream_errors.labels(kind)
+        child.inc()
+
+    def _count_tokens(self, key: str, model: str, usage: dict[str, Any]) -> None:
+        # Chat Completions name them prompt/completion, the Responses API input/output.
+        details = usage.get("completion_tokens_details") or usage.get("output_tokens_details")
+        for kind, count in (
+                ("prompt", usage.get("prompt_tokens", usage.get("input_tokens"))),
+                ("completion", usage.get("completion_tokens", usage.get("output_tokens"))),
+                ("reasoning", details.get("reasoning_tokens")
+                 if isinstance(details, dict) else None)):
+            if not isinstance(count, int) or isinstance(count, bool) or count <= 0:
+                continue
+            child = self._tokens.get((key, model, kind))
+            if child is None:
+                if len(self._tokens) >= _MAX_TOKEN_SERIES:
+                    model = "other"
+                child = self._tokens.get((key, model, kind))
+                if child is None:
+                    child = self._tokens[(key, model, kind)] = self.tokens.labels(
+                        key, model, kind)
+            child.inc(count)
+
+    def set_limiter_state(self, state: str) -> None:
+        """This process's limiter state: 1 for it, 0 for the others (summed over workers)."""
+        if state == self._limiter_state:
+            return
+        if self._limiter_state is not None:
+            self.limiter_backend.labels(self._limiter_state).set(0)
+        else:
+            for other in LIMITER_STATES:  # every state shows, at 0 when no worker is in it
+                self.limiter_backend.labels(other).set(0)
+        self.limiter_backend.labels(state).set(1)
+        self._limiter_state = state
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition: this process's metrics, or every worker's."""
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=self.multiprocess_dir)
+        return generate_latest(registry)

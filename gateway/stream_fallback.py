@@ -1,0 +1,140 @@
+"""Vision requests that ask to stream get the complete answer instead (docs/vision-fallback.md).
+
+The upstream is called without streaming, and the answer carries ``X-Stream-Fallback: true``
+in the form ``[vision] stream_fallback`` names:
+
+- ``"sse"``: the same event stream a client would otherwise read, complete in one go. For chat
+  completions, one ``chat.completion.chunk`` carrying the whole message, finish reason and usage,
+  then ``data: [DONE]``. For the Responses API, the minimal named-event sequence of a streamed
+  response (``response.created`` ... one ``response.output_text.delta`` per text part with all
+  of its text ... ``response.completed``), numbered from 0.
+- ``"json"``: the upstream's plain JSON body (``chat.completion`` or ``response``).
+
+(``"off"`` never gets here: the handlers relay such streams like any other.)
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from .appkeys import REQUEST_INFO, SETTINGS
+from .errors import UpstreamProtocolError
+from .forward import json_answer, sse_answer, upstream_post
+from .relay import Rewrite, fetch_json
+
+FALLBACK_HEADERS = {"X-Stream-Fallback": "true"}
+_DONE = b"data: [DONE]\n\n"
+
+
+async def chat(request: web.Request, body: dict[str, Any], rewrite: Rewrite | None
+               ) -> web.Response:
+    """A chat completion (or ``vision/analyze``) asked to stream, answered whole."""
+    completion = await _fetch(request, "chat/completions", body, rewrite)
+    if request.app[SETTINGS].vision.stream_fallback == "json":
+        return json_answer(request, completion, FALLBACK_HEADERS)
+    chunk = b"data: " + orjson.dumps(completion_chunk(completion)) + b"\n\n"
+    return sse_answer(request, [chunk, _DONE], FALLBACK_HEADERS)
+
+
+async def responses(request: web.Request, body: dict[str, Any], rewrite: Rewrite | None
+                    ) -> web.Response:
+    """A Responses API request asked to stream, answered whole."""
+    response = await _fetch(request, "responses", body, rewrite)
+    if request.app[SETTINGS].vision.stream_fallback == "json":
+        return json_answer(request, response, FALLBACK_HEADERS)
+    return sse_answer(request, response_events(response), FALLBACK_HEADERS)
+
+
+async def _fetch(request: web.Request, path: str, body: dict[str, Any],
+                 rewrite: Rewrite | None) -> dict[str, Any]:
+    plain = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+    answer = await fetch_json(request, upstream_post(request, path, plain))
+    if not isinstance(answer, dict):
+        raise UpstreamProtocolError("The upstream answered with something other than an object")
+    if rewrite is not None:
+        rewrite(answer)
+    usage = answer.get("usage")
+    if isinstance(usage, dict):
+        request[REQUEST_INFO].usage = usage
+    return answer
+
+
+def completion_chunk(completion: dict[str, Any]) -> dict[str, Any]:
+    """A ``chat.completion`` as the one ``chat.completion.chunk`` that says all of it."""
+    choices = []
+    for choice in completion.get("choices") or []:
+        message = choice.get("message") or {}
+        delta = {k: v for k, v in message.items() if v is not None}
+        if isinstance(delta.get("tool_calls"), list):
+            # Deltas number their tool calls; whole messages do not.
+            delta["tool_calls"] = [{"index": i, **call} if isinstance(call, dict) else call
+                                   for i, call in enumerate(delta["tool_calls"])]
+        choices.append({"index": choice.get("index", 0), "delta": delta,
+                        "logprobs": choice.get("logprobs"),
+                        "finish_reason": choice.get("finish_reason")})
+    chunk: dict[str, Any] = {"id": completion.get("id"), "object": "chat.completion.chunk",
+                             "created": completion.get("created"),
+                             "model": completion.get("model")}
+    if completion.get("system_fingerprint") is not None:
+        chunk["system_fingerprint"] = completion["system_fingerprint"]
+    chunk["choices"] = choices
+    if completion.get("usage") is not None:
+        chunk["usage"] = completion["usage"]
+    return chunk
+
+
+def response_events(response: dict[str, Any]) -> list[bytes]:
+    """The named events a streamed ``response`` would have sent, with each text whole."""
+    seq = itertools.count()
+
+    def event(name: str, **fields: Any) -> bytes:
+        data = orjson.dumps({"type": name, **fields, "sequence_number": next(seq)})
+        return b"event: " + name.encode() + b"\ndata: " + data + b"\n\n"
+
+    started = {**response, "status": "in_progress", "output": [], "usage": None}
+    if "completed_at" in started:
+        started["completed_at"] = None
+    out = [event("response.created", response=started),
+           event("response.in_progress", response=started)]
+    for index, item in enumerate(response.get("output") or []):
+        if not isinstance(item, dict):
+            continue
+        if item.get("type") == "message":
+            out.append(event("response.output_item.added", output_index=index,
+                             item={**item, "status": "in_progress", "content": []}))
+            out += _content_events(event, index, item)
+        else:  # reasoning, function calls, ...: added and done, whole
+            out.append(event("response.output_item.added", output_index=index, item=item))
+        out.append(event("response.output_item.done", output_index=index, item=item))
+    out.append(event("response.completed", response=response))
+    return out
+
+
+def _content_events(event: Callable[..., bytes], index: int, item: dict[str, Any]
+                    ) -> list[bytes]:
+    out = []
+    for part_index, part in enumerate(item.get("content") or []):
+        if not isinstance(part, dict):
+            continue
+        where = {"item_id": item.get("id", ""), "output_index": index,
+                 "content_index": part_index}
+        if part.get("type") == "output_text":
+            text = str(part.get("text", ""))
+            out += [event("response.content_part.added", **where,
+                          part={**part, "text": "", "annotations": []}),
+                    event("response.output_text.delta", **where, delta=text, logprobs=[]),
+                    event("response.output_text.done", **where, text=text, logprobs=[])]
+        elif part.get("type") == "refusal":
+            text = str(part.get("refusal", ""))
+            out += [event("response.content_part.added", **where, part={**part, "refusal": ""}),
+                    event("response.refusal.delta", **where, delta=text),
+                    event("response.refusal.done", **where, refusal=text)]
+        else:
+            out.append(event("response.content_part.added", **where, part=part))
+        out.append(event("response.content_part.done", **where, part=part))
+    return out

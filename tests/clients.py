@@ -1,0 +1,106 @@
+"""The clients the API tests drive the gateway with: the OpenAI SDK (sync and async) and raw
+aiohttp, for exact bytes and headers.
+
+The servers run in the test's event loop, so a sync ``OpenAI`` client must run in a thread
+(``asyncio.to_thread``); ``AsyncOpenAI`` runs in the loop itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import aiohttp
+import orjson
+from openai import AsyncOpenAI, OpenAI
+
+from conftest import KEY
+
+AUTH = {"Authorization": f"Bearer {KEY}"}
+USER = [{"role": "user", "content": "What is the meaning of life?"}]
+IMAGE_URL = "https://example.com/cat.png"
+T = TypeVar("T")
+
+
+def async_sdk(base: str, key: str = KEY) -> AsyncOpenAI:
+    return AsyncOpenAI(api_key=key, base_url=f"{base}/api/v1", max_retries=0)
+
+
+def sync_sdk(base: str, key: str = KEY) -> OpenAI:
+    return OpenAI(api_key=key, base_url=f"{base}/api/v1", max_retries=0)
+
+
+async def in_thread(base: str, use: Callable[[OpenAI], T], key: str = KEY) -> T:
+    """Run ``use(client)`` with a sync client, in a thread, closing the client after."""
+    def run() -> T:
+        with sync_sdk(base, key) as client:
+            return use(client)
+
+    return await asyncio.to_thread(run)
+
+
+class Raw:
+    """One raw HTTP exchange: status, headers, body bytes."""
+
+    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    def json(self) -> Any:
+        return orjson.loads(self.body)
+
+    def error(self) -> dict[str, Any]:
+        err = self.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"}
+        return err  # type: ignore[no-any-return]
+
+    def events(self) -> list[bytes]:
+        """The events of an SSE body, each with its blank line, without comment lines (the
+        gateway's ``: keep-alive`` pings)."""
+        out = []
+        for block in self.body.split(b"\n\n"):
+            lines = [line for line in block.split(b"\n") if line and not line.startswith(b":")]
+            if lines:
+                out.append(b"\n".join(lines) + b"\n\n")
+        return out
+
+    def data(self) -> list[Any]:
+        """The parsed JSON of each ``data:`` line, read line by line (as a simple client does);
+        ``[DONE]`` stays a string."""
+        out: list[Any] = []
+        for line in self.body.split(b"\n"):
+            if line.startswith(b"data: "):
+                payload = line[6:]
+                out.append("[DONE]" if payload == b"[DONE]" else orjson.loads(payload))
+        return out
+
+
+async def post(url: str, body: Any = None, *, data: bytes | None = None,
+               headers: dict[str, str] | None = None) -> Raw:
+    async with aiohttp.ClientSession() as s:
+        async with s.post(url, json=body if data is None else None, data=data,
+                          headers={**AUTH, **(headers or {})}) as r:
+            return Raw(r.status, dict(r.headers), await r.read())
+
+
+async def get(url: str, key: str = KEY) -> Raw:
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url, headers={"Authorization": f"Bearer {key}"}) as r:
+            return Raw(r.status, dict(r.headers), await r.read())
+
+
+def data_url(size: int, media: str = "image/png") -> str:
+    """A data: URL whose image decodes to exactly ``size`` bytes."""
+    return f"data:{media};base64," + base64.b64encode(b"\x89" * size).decode()
+
+
+def image_message(url: str = IMAGE_URL, text: str = "What is in this picture?",
+                  detail: str | None = None) -> list[dict[str, Any]]:
+    image: dict[str, Any] = {"url": url}
+    if detail is not None:
+        image["detail"] = detail
+    return [{"role": "user", "content": [{"type": "text", "text": text},
+                                         {"type": "image_url", "image_url": image}]}]
