@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import aiohttp
 
-from .errors import UpstreamTimeout, UpstreamUnreachable
+from .errors import UpstreamProtocolError, UpstreamTimeout, UpstreamUnreachable
 from .settings import Settings
 
 log = logging.getLogger("gateway.upstream")
@@ -61,6 +61,7 @@ class UpstreamClient:
 
         Connection failures and 502/503/504 are retried up to ``max_retries`` times: nothing
         has reached the client yet, and the client's one rate-limit token covers all tries.
+        An answer that is not HTTP is not retried (``UpstreamProtocolError``, 502).
         The caller owns the response and must release or close it.
         """
         assert self._session is not None, "UpstreamClient.start() was not awaited"
@@ -72,6 +73,12 @@ class UpstreamClient:
         while True:
             try:
                 resp = await self._session.request(method, url, data=body, headers=out)
+            except aiohttp.ClientResponseError as e:
+                # Not an HTTP answer at all (garbage, a header line too long). Nothing of it
+                # reaches the client: it may hold anything, the upstream's internals included.
+                log.warning("upstream %s %s: the answer is not valid HTTP: %s", method, path,
+                            e.message.splitlines()[0] if e.message else type(e).__name__)
+                raise UpstreamProtocolError("The upstream's answer is not valid HTTP") from e
             except (aiohttp.ClientConnectionError, OSError) as e:
                 if attempt >= self._retries or isinstance(e, aiohttp.ServerTimeoutError):
                     if isinstance(e, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):

@@ -151,7 +151,7 @@ async def _serve_until_stopped(settings: Settings, reuse_port: bool,
         if supervisor_pid is not None:
             watcher = asyncio.create_task(_watch_supervisor(supervisor_pid, stop))
         await stop.wait()
-        log.info("stopped accepting connections; open requests have up to %gs to finish",
+        log.info("closing the port; open requests have up to %gs to finish",
                  settings.server.drain_seconds)
     finally:
         if watcher is not None:
@@ -316,6 +316,12 @@ def _reserve_port(host: str, port: int) -> socket.socket:
     port 0 becomes a real one) while the workers, which do listen, take the connections."""
     family, kind, proto, _, address = socket.getaddrinfo(
         host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    if port:
+        # SO_REUSEPORT would let this bind succeed next to another gateway of the same user
+        # (which would then silently share the traffic): first make sure nothing holds the port.
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -213,6 +213,10 @@ def test_workers_share_one_port_with_metrics_from_all_and_stop_together(
         _wait_for_workers(gateway, 2)
         pids = {_healthz_pid(gateway, f"spread-{i}") for i in range(30)}
         assert len(pids) == 2 and gateway.pid not in pids  # two workers, not the supervisor
+        # A second gateway on the same port is refused, not let in to share the traffic.
+        twin = GatewayProcess(tmp_path, "twin", {**config(mock.url), "server": {
+            "port": gateway.port}}, args=("--workers", "2")).start()
+        assert twin.wait(20) == 1 and "cannot serve on" in twin.stderr()
         metrics = _scrape(gateway)
         # Any worker reports for both: 30 requests, whichever served the scrape.
         assert _metric(metrics, "gateway_requests_total", route="/healthz") == 30
