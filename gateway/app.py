@@ -15,7 +15,8 @@ from .catalog import ModelCatalog
 from .handlers import chat, health, images, models, responses, vision
 from .keystore import RedisKeyStore
 from .metrics import Metrics
-from .middlewares import auth_middleware, errors_middleware, ratelimit_middleware
+from .middlewares import (HTTP_SERVER_LOG, auth_middleware, errors_middleware,
+                          ratelimit_middleware)
 from .mock_upstream import run_mock_upstream
 from .ratelimit.memory import MemoryLimiter
 from .ratelimit.redis import RedisLimiter
@@ -35,6 +36,7 @@ def create_app(settings: Settings, environ: Mapping[str, str] | None = None) -> 
     app = web.Application(
         middlewares=[errors_middleware, auth_middleware, ratelimit_middleware],
         client_max_size=settings.stream.max_body_bytes,
+        handler_args={"logger": HTTP_SERVER_LOG},  # aiohttp's own errors, without credentials
     )
     app[SETTINGS] = settings
     app[STREAMS] = StreamRegistry()

@@ -2,6 +2,11 @@
 
 ``errors_middleware`` is the one place that turns exceptions into responses. The others raise;
 handlers never build error responses themselves.
+
+A request aiohttp cannot parse (a header with a bare CR or LF, an absurd ``Content-Length``)
+never reaches the chain: aiohttp answers ``400`` itself, in plain text, and logs the line it
+could not parse, which may be ``Authorization: Bearer <key>``. The app hands aiohttp
+``HTTP_SERVER_LOG`` for that, whose filter takes credentials out first.
 """
 
 from __future__ import annotations
@@ -22,12 +27,39 @@ from .body import json_body
 from .context import RequestInfo
 from .errors import (AuthenticationFailed, GatewayError, MethodNotAllowed, NotFound,
                      PayloadTooLarge, PermissionDenied, RateLimited, UpstreamFailure,
-                     UpstreamTimeout)
+                     UpstreamTimeout, redact)
 
 log = logging.getLogger("gateway")
 
 PUBLIC_PATHS = frozenset(("/healthz", "/readyz", "/metrics"))
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+_CREDENTIAL_HEADER = re.compile(r"(?i)\b(authorization|x-api-key)(\s*:\s*)[^\n'\"\\]*")
+
+
+class RedactCredentials(logging.Filter):
+    """Takes credential headers and key-like strings out of a record, its exception included,
+    before any handler formats it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        cleaned = _scrub(message)
+        if cleaned != message:
+            record.msg, record.args = cleaned, None
+        if record.exc_info:
+            record.exc_text = _scrub(logging.Formatter().formatException(record.exc_info))
+            record.exc_info = None  # handlers print exc_text instead
+        elif record.exc_text:
+            record.exc_text = _scrub(record.exc_text)
+        return True
+
+
+def _scrub(text: str) -> str:
+    return redact(_CREDENTIAL_HEADER.sub(r"\1\2[redacted]", text))
+
+
+HTTP_SERVER_LOG = logging.getLogger("gateway.http")
+"""aiohttp's own server errors (requests it could not parse), credentials taken out."""
+HTTP_SERVER_LOG.addFilter(RedactCredentials())
 
 
 def _client_ip(request: web.Request, trusted: tuple[str, ...]) -> str:

@@ -12,6 +12,8 @@ they are; with the OpenAI SDK pass ``extra_body={"mock": {...}}``):
 ``headers_delay``    seconds before the response headers (a slow upstream)
 ``first_token_delay`` seconds after the headers before the first event (a thinking model)
 ``pause_after``      with ``pause``: stop for ``pause`` seconds after this many chunks
+``hold_until_open``  with ``pause_after``: stop there until this many streams are open at
+                     once (at most ``pause`` seconds), a barrier for concurrency tests
 ``status``           answer with this HTTP status and an OpenAI-shaped error body
 ``disconnect_after`` abort the connection after this many chunks
 ``hang_after``       send this many chunks, then nothing, forever
@@ -70,11 +72,32 @@ CREATED = 1700000000
 class MockState:
     requests: list[dict[str, Any]] = field(default_factory=list)
     open_streams: int = 0
+    peak_open_streams: int = 0  # the most streams open at once
     completed_streams: int = 0
     disconnects: int = 0  # streams whose client (the gateway) went away before the end
     last_disconnect: float = 0.0  # time.monotonic() of the last one
     max_records: int = 1000
     tags: dict[str, int] = field(default_factory=dict)  # requests seen per ``tag`` option
+    _open_waiters: list[tuple[int, asyncio.Future[None]]] = field(default_factory=list,
+                                                                  repr=False)
+
+    def stream_opened(self) -> None:
+        self.open_streams += 1
+        self.peak_open_streams = max(self.peak_open_streams, self.open_streams)
+        if self._open_waiters:
+            for target, waiter in self._open_waiters:
+                if target <= self.open_streams and not waiter.done():
+                    waiter.set_result(None)
+            self._open_waiters = [w for w in self._open_waiters if not w[1].done()]
+
+    async def wait_until_open(self, target: int, timeout: float) -> None:
+        """Return once ``target`` streams are open at the same time, or after ``timeout``."""
+        if self.open_streams >= target:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._open_waiters.append((target, waiter))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(waiter, timeout)
 
     def note_disconnect(self) -> None:
         self.disconnects += 1
@@ -244,6 +267,23 @@ def _chat_error_event(sequence_number: int) -> bytes:
             b' "type": "server_error", "code": "mock_failure"}}\n\n')
 
 
+_PACING = ("pause_after", "disconnect_after", "hang_after")
+_BATCH_BYTES = 64 * 1024
+
+
+async def _write_batched(response: web.StreamResponse, events: list[bytes]) -> None:
+    batch: list[bytes] = []
+    size = 0
+    for event in events:
+        batch.append(event)
+        size += len(event)
+        if size >= _BATCH_BYTES:
+            await response.write(b"".join(batch))
+            batch, size = [], 0
+    if batch:
+        await response.write(b"".join(batch))
+
+
 async def stream_events(request: web.Request, events: list[bytes], opts: dict[str, Any],
                         done: bytes | None = b"data: [DONE]\n\n",
                         error_event: Callable[[int], bytes] = _chat_error_event
@@ -266,18 +306,27 @@ async def stream_events(request: web.Request, events: list[bytes], opts: dict[st
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache"})
     await response.prepare(request)
-    state.open_streams += 1
+    state.stream_opened()
     finished = False
     try:
         if opts.get("first_token_delay"):
             await asyncio.sleep(float(opts["first_token_delay"]))
         delay = float(opts.get("chunk_delay", 0))
         split = opts.get("split")
+        if not (delay or split or any(k in opts for k in _PACING)):
+            # A burst: events leave back to back, as from a fast upstream, in writes of up to
+            # 64 KiB, so that the mock is not what limits a load test.
+            await _write_batched(response, events)
+            events = []
         for i, event in enumerate(events):
             if i and delay:
                 await asyncio.sleep(delay)
             if i == opts.get("pause_after"):
-                await asyncio.sleep(float(opts.get("pause", 1)))
+                if isinstance(opts.get("hold_until_open"), int):
+                    await state.wait_until_open(opts["hold_until_open"],
+                                                float(opts.get("pause", 1)))
+                else:
+                    await asyncio.sleep(float(opts.get("pause", 1)))
             if i == opts.get("disconnect_after"):
                 assert request.transport is not None
                 request.transport.abort()

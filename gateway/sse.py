@@ -139,20 +139,35 @@ def _is_verbatim(block: bytes) -> bool:
     return True
 
 
+def count_one_line_data_events(chunk: bytes) -> int:
+    """How many events ``chunk`` holds if it is nothing but complete ``data: <one line>\n\n``
+    events (the shape of nearly every chunk an OpenAI-compatible upstream sends), else 0.
+
+    Byte counts only, at C speed: a relay can forward such a chunk with no per-event work.
+    """
+    if chunk[:6] != b"data: " or chunk[-2:] != b"\n\n" or b"\r" in chunk:
+        return 0
+    n = chunk.count(b"\n\n")
+    # Every LF is in a blank-line pair, and every pair but the last is followed by `data: `.
+    if chunk.count(b"\n") != 2 * n or chunk.count(b"\n\ndata: ") != n - 1:
+        return 0
+    return n
+
+
 class SSEFramer:
     """Feed it chunks; it returns the events they complete."""
 
-    __slots__ = ("_buf", "_scan_from", "_dirty", "_skip_lf", "_max_event_bytes", "whole_chunk")
+    __slots__ = ("_buf", "_scan_from", "_dirty", "_skip_lf", "max_event_bytes", "clean")
 
     def __init__(self, max_event_bytes: int = 4 * 1024 * 1024) -> None:
         self._buf = bytearray()
         self._scan_from = 0  # where to resume looking for a blank line in _buf
         self._dirty = False  # _buf holds bytes whose line endings were rewritten
         self._skip_lf = False  # the last chunk ended in CR: a leading LF next is its CRLF's
-        self._max_event_bytes = max_event_bytes
-        # After feed(): the chunk was exactly the returned events (no carry in or out, line
-        # endings untouched), so a relay may forward the chunk itself when all are verbatim.
-        self.whole_chunk = False
+        self.max_event_bytes = max_event_bytes
+        # After take(): the region returned is exactly the bytes received (line endings
+        # untouched), so a relay may forward it as it is when its events are all verbatim.
+        self.clean = False
 
     @property
     def pending(self) -> int:
@@ -160,7 +175,15 @@ class SSEFramer:
         return len(self._buf)
 
     def feed(self, chunk: bytes) -> list[Event]:
-        self.whole_chunk = False
+        """Add a chunk; the events it completes."""
+        region = self.take(chunk)
+        events = self.split(region) if region else []
+        return events + self.held_events() if self._buf else events
+
+    def take(self, chunk: bytes) -> bytes:
+        """Add a chunk and cut off the bytes of every event it completes: what was held before
+        and the chunk up to its last blank line (LF line endings). The rest is held. A relay
+        can forward a region whole; ``split`` makes it events. Then call ``held_events``."""
         if self._skip_lf:
             self._skip_lf = False
             if chunk[:1] == b"\n":
@@ -170,34 +193,44 @@ class SSEFramer:
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
             self._dirty = True
         if not self._buf:
-            # Fast path: nothing pending, so split the chunk itself without copying it.
+            # Nothing held: cut the chunk itself, without copying it when it ends an event.
             end = chunk.rfind(b"\n\n")
             if end == -1:
                 self._buf += chunk
-                return self._no_blank_line()
-            events = self._split(chunk, end + 2)
+                return b""
+            self.clean = not self._dirty
+            if end + 2 == len(chunk):
+                self._dirty = False
+                return chunk
             rest = chunk[end + 2:]
             if rest.strip(b"\n"):
                 self._buf += rest
-                events += self._no_blank_line()
             else:
-                self.whole_chunk = not self._dirty
-                self._dirty = False
-            return events
+                self._dirty = False  # extra blank lines belong to no event
+            return chunk[:end + 2]
         self._buf += chunk
         end = self._buf.rfind(b"\n\n", max(self._scan_from - 1, 0))
         if end == -1:
-            return self._no_blank_line()
-        whole = bytes(self._buf[:end + 2])
+            return b""
+        region = bytes(self._buf[:end + 2])
         del self._buf[:end + 2]
-        events = self._split(whole, len(whole))
-        if self._buf.strip(b"\n"):
-            events += self._no_blank_line()
-        else:
+        self.clean = not self._dirty
+        if not self._buf.strip(b"\n"):
             self._buf.clear()
-            self._scan_from = 0
             self._dirty = False
-        return events
+        return region
+
+    def split(self, region: bytes) -> list[Event]:
+        """The events of a region that ``take`` returned."""
+        return self._split(region, len(region))
+
+    def held_events(self) -> list[Event]:
+        """Events that the held bytes prove complete without a blank line (xAI's documented
+        frames); raises when what is held outgrows the event size limit."""
+        if not self._buf:
+            self._scan_from = 0
+            return []
+        return self._no_blank_line()
 
     def close(self) -> list[Event]:
         """End of input: a trailing event without its blank line still counts."""
@@ -207,6 +240,8 @@ class SSEFramer:
         self._dirty = False
         if not rest:
             return []
+        if len(rest) > self.max_event_bytes:
+            raise SSEProtocolError(f"upstream event exceeds {self.max_event_bytes} bytes")
         return self._parsed(rest + b"\n\n")
 
     def _no_blank_line(self) -> list[Event]:
@@ -225,18 +260,29 @@ class SSEFramer:
             else:
                 at = self._buf.find(b"\ndata:", at + 1)
         self._scan_from = len(self._buf)
-        if len(self._buf) > self._max_event_bytes:
+        if len(self._buf) > self.max_event_bytes:
             raise SSEProtocolError(
-                f"upstream event exceeds {self._max_event_bytes} bytes without a blank line")
+                f"upstream event exceeds {self.max_event_bytes} bytes without a blank line")
         return events
+
+    def _check_sizes(self, data: bytes, end: int) -> None:
+        """An event that arrived whole, in one chunk, is held to the limit too."""
+        start = 0
+        while start < end:
+            stop = data.find(b"\n\n", start, end)
+            if stop - start > self.max_event_bytes:
+                raise SSEProtocolError(f"upstream event exceeds {self.max_event_bytes} bytes")
+            start = stop + 2
 
     def _parsed(self, block: bytes) -> list[Event]:
         return [Event(block, verbatim=False, fields=f) for f in _parse_block(block)
-                if f[0] is not None or f[1] is not None]
+                if f != (None, None, None, None)]
 
     def _split(self, data: bytes, end: int) -> list[Event]:
         """Split ``data[:end]``, which ends in a blank line, into events."""
-        dirty = self._dirty
+        if end > self.max_event_bytes:
+            self._check_sizes(data, end)  # rare: only chunks larger than the limit
+        dirty = not self.clean
         events: list[Event] = []
         start = 0
         while start < end:

@@ -1,4 +1,7 @@
-"""Chat completions through the gateway: byte for byte, headers, keep-alive, backpressure."""
+"""Chat completions through the gateway: byte for byte, headers, keep-alive.
+
+Backpressure from slow clients is a guarantee, in ``tests/guarantees/test_slow_clients.py``.
+"""
 
 from __future__ import annotations
 
@@ -144,20 +147,37 @@ async def test_sdk_streams_through_the_gateway_sync_and_async(gateway: Any) -> N
     assert await asyncio.to_thread(sync) == text
 
 
-async def test_slow_client_slows_the_upstream_instead_of_filling_memory(
-        gateway: Any, mock_upstream: Upstream) -> None:
+
+@pytest.mark.parametrize("inject, message", [
+    # Two JSON values in one event: valid inside the fast path's `[...]`, so the element count
+    # must catch it.
+    (b'data: {"a": 1},{"b": 2}\n\n', "malformed"),
+    (b"data: [DONE]\n\n", None),  # [DONE] before the end of a burst: the stream ends there
+])
+async def test_burst_chunks_are_checked_as_strictly_as_single_events(
+        gateway: Any, inject: bytes, message: str | None) -> None:
     _, base = gateway
-    chunk_bytes, chunks = 64 * 1024, 1024  # a 64 MiB stream
-    async with aiohttp.ClientSession() as s:
-        async with s.post(f"{base}/api/v1/chat/completions", headers=AUTH,
-                          json=chat(chunks=chunks, chunk_bytes=chunk_bytes)) as r:
-            assert r.status == 200
-            await asyncio.sleep(1.5)  # the client reads nothing
-            # Buffered without bound, the mock would have finished long ago.
-            assert mock_upstream.state.completed_streams == 0
-            assert mock_upstream.state.open_streams == 1
-            size = 0
-            async for piece in r.content.iter_any():
-                size += len(piece)
-    assert mock_upstream.state.completed_streams == 1
-    assert size > chunks * chunk_bytes
+    r, raw = await post(f"{base}/api/v1/chat/completions",
+                        chat(chunks=20, inject_after=5, inject_hex=inject.hex()))
+    assert r.status == 200
+    got = events(raw)
+    assert all(e.startswith(b'data: {"id"') for e in got[:5])  # the events before it arrived
+    if message is None:
+        assert got[-1] == b"data: [DONE]\n\n" and len(got) == 6
+    else:
+        assert message in orjson.loads(got[-1][6:])["error"]["message"]
+        assert len(got) == 6
+
+
+async def test_usage_is_taken_from_a_burst_for_the_access_log(
+        gateway: Any, caplog: pytest.LogCaptureFixture) -> None:
+    _, base = gateway
+    body = chat(chunks=40)
+    body["stream_options"] = {"include_usage": True}
+    with caplog.at_level("INFO", logger="gateway.access"):
+        r, raw = await post(f"{base}/api/v1/chat/completions", body)
+    assert raw.endswith(b"data: [DONE]\n\n")
+    line = orjson.loads([rec.getMessage() for rec in caplog.records
+                         if rec.name == "gateway.access"][-1])
+    assert line["usage"]["completion_tokens"] == 40
+    assert line["chunks"] == 43  # 40 content chunks, the finish chunk, usage, [DONE]

@@ -116,7 +116,8 @@ async def test_keepalive_comments_pass_during_a_long_pause(deployment: Deploymen
     # [stream] keepalive_seconds = 0.5 during a 2 s pause: three or four pings, each passed on
     # by nginx as it was written (not held until the pause ended).
     assert len(pings) >= 3
-    assert pings[-1] - pings[0] >= 1.0
+    # Spread over the pause (pings held back by a buffer would arrive together: span ~0).
+    assert pings[-1] - pings[0] >= 0.9
     raw = b"".join(chunk for _, chunk in arrivals)
     assert raw.endswith(b"data: [DONE]\n\n")
     # The same events, byte for byte, as a gateway sends them without nginx.

@@ -1,8 +1,11 @@
-"""A client that leaves cancels the upstream request at once and releases all it held."""
+"""A client that leaves, at any moment, cancels the upstream request at once and gives back all
+the request held: the gateway's stream, the upstream connection, its tasks and the key's
+concurrency slot. The access-log line says ``client_disconnect`` and the metric counts it.
+"""
 
 from __future__ import annotations
 
-import asyncio
+import logging
 import time
 from typing import Any
 
@@ -11,8 +14,10 @@ import pytest
 
 from conftest import KEY, Upstream, settings_for
 from gateway.appkeys import STREAMS
+from observe import Baseline, access_lines, assert_released, scrape, value, wait_until
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
+ROUTE = "/api/v1/chat/completions"
 
 
 def body(**mock: Any) -> dict[str, Any]:
@@ -20,48 +25,44 @@ def body(**mock: Any) -> dict[str, Any]:
             "mock": mock}
 
 
-async def wait_for(predicate: Any, timeout: float) -> float:
-    """Seconds until ``predicate()`` held; fails the test after ``timeout``."""
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            pytest.fail(f"condition not met within {timeout}s")
-        await asyncio.sleep(0.01)
-    return time.monotonic() - start
-
-
 @pytest.mark.parametrize("mock, read_events", [
     ({"headers_delay": 30}, 0),  # before the upstream answered at all
     ({"first_token_delay": 30}, 0),  # upstream answered, model still thinking
     ({"chunks": 1000, "chunk_delay": 0.05}, 3),  # mid-stream
     ({"pause_after": 2, "pause": 30}, 2),  # during a long silence
-])
-async def test_disconnect_cancels_the_upstream_within_a_second(
-        mock_upstream: Upstream, start_gateway: Any, mock: dict[str, Any], read_events: int
-) -> None:
+], ids=["before_the_upstream_answers", "before_the_first_token", "mid_stream",
+        "during_a_long_silence"])
+async def test_a_client_disconnect_cancels_the_upstream_within_a_second_and_frees_everything(
+        mock_upstream: Upstream, start_gateway: Any, caplog: pytest.LogCaptureFixture,
+        mock: dict[str, Any], read_events: int) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.access")
     settings = settings_for(mock_upstream.url, stream={"keepalive_seconds": 0.2},
                             limits={"max_concurrent_streams": 1},
                             keys=[{"name": "alice", "key": KEY, "max_concurrent_streams": 1}])
     app, base = await start_gateway(settings)
-    tasks_before = len(asyncio.all_tasks())
+    baseline = await Baseline.after_one_request(base, KEY)
     session = aiohttp.ClientSession()
-    response = await session.post(f"{base}/api/v1/chat/completions", headers=AUTH,
-                                  json=body(**mock))
+    response = await session.post(f"{base}{ROUTE}", headers=AUTH, json=body(**mock))
     assert response.status == 200
     for _ in range(read_events):
         line = await response.content.readuntil(b"\n\n")
         assert line.startswith(b"data: ") or line.startswith(b": keep-alive")
-    await wait_for(lambda: len(app[STREAMS]) == 1, 2)
+    await wait_until(lambda: len(app[STREAMS]) == 1, 2, "the stream is relayed")
     left = time.monotonic()
     response.close()  # the client goes away
     await session.close()
 
-    await wait_for(lambda: mock_upstream.state.disconnects == 1, 1.0)
+    await wait_until(lambda: mock_upstream.state.disconnects == 1, 1.0,
+                     "the upstream saw the request cancelled")
     assert mock_upstream.state.last_disconnect - left < 1.0
-    await wait_for(lambda: len(app[STREAMS]) == 0, 1.0)
-    await wait_for(lambda: len(asyncio.all_tasks()) <= tasks_before, 1.0)
+    await assert_released(app, mock_upstream.state, baseline, timeout=1.0)
+    [logged] = access_lines(caplog, ROUTE)
+    assert logged["outcome"] == "client_disconnect" and logged["error"] is None
+    samples = await scrape(base)
+    assert value(samples, "gateway_client_disconnects_total", route=ROUTE) == 1
+    assert value(samples, "gateway_open_streams") == 0
     # The key's only stream slot came back: a new stream is admitted and completes.
     async with aiohttp.ClientSession() as s:
-        async with s.post(f"{base}/api/v1/chat/completions", headers=AUTH, json=body()) as r:
+        async with s.post(f"{base}{ROUTE}", headers=AUTH, json=body()) as r:
             assert r.status == 200
             assert (await r.read()).endswith(b"data: [DONE]\n\n")

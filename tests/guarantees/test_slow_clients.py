@@ -1,0 +1,82 @@
+"""A client that reads slowly, or not at all, slows the upstream read instead of filling the
+gateway's memory: the relay writes, waits for the client to drain, and only then reads on, so
+aiohttp pauses the upstream socket. Memory per stream is bounded by the socket buffers and one
+chunk, whatever the stream's size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from conftest import KEY, Upstream
+from servers import GatewayProcess, gateway_processes
+
+AUTH = {"Authorization": f"Bearer {KEY}"}
+MESSAGES = [{"role": "user", "content": "What is the meaning of life?"}]
+CHUNK_BYTES, CHUNKS = 64 * 1024, 1024  # a 64 MiB stream
+MiB = 1024 * 1024
+
+
+def chat(**mock: Any) -> dict[str, Any]:
+    return {"model": "grok-4", "messages": MESSAGES, "stream": True, "mock": mock}
+
+
+async def test_a_slow_client_slows_the_upstream_instead_of_filling_memory(
+        gateway: Any, mock_upstream: Upstream) -> None:
+    _, base = gateway
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{base}/api/v1/chat/completions", headers=AUTH,
+                          json=chat(chunks=CHUNKS, chunk_bytes=CHUNK_BYTES)) as r:
+            assert r.status == 200
+            await asyncio.sleep(1.5)  # the client reads nothing
+            # Buffered without bound, the mock would have finished long ago.
+            assert mock_upstream.state.completed_streams == 0
+            assert mock_upstream.state.open_streams == 1
+            size = 0
+            async for piece in r.content.iter_any():
+                size += len(piece)
+    assert mock_upstream.state.completed_streams == 1
+    assert size > CHUNKS * CHUNK_BYTES
+
+
+def memory(gw: GatewayProcess) -> tuple[int, int]:
+    """The process's resident set now and its peak so far (``VmHWM``), in bytes."""
+    fields = dict(line.split(":", 1) for line in
+                  Path(f"/proc/{gw.proc.pid}/status").read_text().splitlines())
+    return (int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024)
+
+
+async def test_the_gateway_process_memory_stays_flat_under_a_stalled_64_mib_stream(
+        mock_upstream: Upstream, tmp_path: Path) -> None:
+    """Measured on a real ``gateway serve`` process (its RSS is its own, not the test's): a
+    64 MiB stream to a client that stalls, then reads, moves its peak RSS by a small fraction
+    of the stream."""
+    config = {"server": {"drain_seconds": 0.5},
+              "upstream": {"url": mock_upstream.url, "api_key": "xai-operator-secret-key"},
+              "keys": [{"name": "alice", "key": KEY}]}
+    async with gateway_processes(config, 1, tmp_path) as [gw], \
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
+        url = f"{gw.base}/api/v1/chat/completions"
+        # Warm up: the allocator's and aiohttp's buffers at their working size.
+        for _ in range(3):
+            async with s.post(url, headers=AUTH, json=chat(chunks=64,
+                                                           chunk_bytes=CHUNK_BYTES)) as r:
+                assert len(await r.read()) > 64 * CHUNK_BYTES
+        before, _ = memory(gw)
+        async with s.post(url, headers=AUTH,
+                          json=chat(chunks=CHUNKS, chunk_bytes=CHUNK_BYTES)) as r:
+            assert r.status == 200
+            for _ in range(10):  # the client stalls for a second
+                await asyncio.sleep(0.1)
+                assert memory(gw)[0] - before < 16 * MiB
+            assert mock_upstream.state.completed_streams == 3  # the upstream read is paused
+            size = 0
+            async for piece in r.content.iter_any():
+                size += len(piece)
+        _, peak = memory(gw)
+    assert size > CHUNKS * CHUNK_BYTES
+    assert peak - before < 16 * MiB, f"peak RSS grew by {(peak - before) / MiB:.1f} MiB"
