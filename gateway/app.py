@@ -15,8 +15,7 @@ from .catalog import ModelCatalog
 from .handlers import chat, health, images, models, responses, vision
 from .keystore import RedisKeyStore
 from .metrics import Metrics
-from .middlewares import (HTTP_SERVER_LOG, auth_middleware, errors_middleware,
-                          ratelimit_middleware)
+from .middlewares import HTTP_SERVER_LOG, auth_middleware, errors_middleware, ratelimit_middleware
 from .mock_upstream import run_mock_upstream
 from .ratelimit.memory import MemoryLimiter
 from .ratelimit.redis import RedisLimiter

@@ -15,16 +15,18 @@ if TYPE_CHECKING:
     from .handlers.health import UpstreamProbe
     from .metrics import Metrics
     from .ratelimit import Limiter
-    from .upstream import UpstreamClient
     from .streams import StreamRegistry
+    from .upstream import UpstreamClient
 
+# Typed by annotation: the classes are imported for type checkers only, so that this module
+# stays free of import cycles.
 SETTINGS = web.AppKey("settings", Settings)
-UPSTREAM = web.AppKey("upstream", "UpstreamClient")
-KEYSTORE = web.AppKey("keystore", "KeyStore")
-LIMITER = web.AppKey("limiter", "Limiter")
-STREAMS = web.AppKey("streams", "StreamRegistry")
-METRICS = web.AppKey("metrics", "Metrics")
-UPSTREAM_PROBE = web.AppKey("upstream_probe", "UpstreamProbe")
-MODEL_CATALOG = web.AppKey("model_catalog", "ModelCatalog")
+UPSTREAM: web.AppKey[UpstreamClient] = web.AppKey("upstream")
+KEYSTORE: web.AppKey[KeyStore] = web.AppKey("keystore")
+LIMITER: web.AppKey[Limiter] = web.AppKey("limiter")
+STREAMS: web.AppKey[StreamRegistry] = web.AppKey("streams")
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
+UPSTREAM_PROBE: web.AppKey[UpstreamProbe] = web.AppKey("upstream_probe")
+MODEL_CATALOG: web.AppKey[ModelCatalog] = web.AppKey("model_catalog")
 
 REQUEST_INFO = web.RequestKey("request_info", RequestInfo)

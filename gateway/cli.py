@@ -38,7 +38,8 @@ def _use_uvloop() -> None:
 def _settings_from_args(args: argparse.Namespace) -> Settings:
     settings = load_settings(args.config)
     server = settings.server
-    overrides = {k: v for k in ("host", "port", "workers") if (v := getattr(args, k, None)) is not None}
+    overrides = {k: v for k in ("host", "port", "workers")
+                 if (v := getattr(args, k, None)) is not None}
     if overrides:
         settings = dataclasses.replace(settings, server=dataclasses.replace(server, **overrides))
     return settings
@@ -137,7 +138,7 @@ async def _keys_list(args: argparse.Namespace, settings: Settings, client: Redis
                      sha256[:8] + "…", created))  # an id to tell keys apart, not the hash
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
 async def _keys_revoke(args: argparse.Namespace, settings: Settings, client: Redis) -> None:

@@ -14,8 +14,8 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import re
 import random
+import re
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -25,9 +25,18 @@ from .appkeys import KEYSTORE, LIMITER, METRICS, REQUEST_INFO, SETTINGS
 from .auth import bearer_token
 from .body import json_body
 from .context import RequestInfo
-from .errors import (AuthenticationFailed, GatewayError, MethodNotAllowed, NotFound,
-                     PayloadTooLarge, PermissionDenied, RateLimited, UpstreamFailure,
-                     UpstreamTimeout, redact)
+from .errors import (
+    AuthenticationFailed,
+    GatewayError,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    PermissionDenied,
+    RateLimited,
+    UpstreamFailure,
+    UpstreamTimeout,
+    redact,
+)
 
 log = logging.getLogger("gateway")
 
@@ -192,7 +201,7 @@ async def ratelimit_middleware(request: web.Request, handler: Handler) -> web.St
     decision = await limiter.acquire(key, stream=info.stream)
     info.limit_headers = decision.headers()
     if not decision.allowed:
-        retry = decision.headers()["Retry-After"]
+        retry = info.limit_headers["Retry-After"]
         if decision.refused_by == "concurrency":
             raise RateLimited(f"Concurrency limit reached: this key may hold "
                               f"{key.max_concurrent_streams} open streams; retry in {retry}s "

@@ -58,9 +58,20 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .mock_replies import (ChatReply, chat_completion, chat_reply, count_chat_images,
-                           count_input_images, images_result, reply_chunks, response_object,
-                           responses_error_event, responses_events, sees_images, seen_words)
+from .mock_replies import (
+    ChatReply,
+    chat_completion,
+    chat_reply,
+    count_chat_images,
+    count_input_images,
+    images_result,
+    reply_chunks,
+    response_object,
+    responses_error_event,
+    responses_events,
+    seen_words,
+    sees_images,
+)
 
 MODELS = ("grok-4", "grok-4-1-fast-non-reasoning", "grok-3-mini", "grok-2-vision-1212",
           "grok-2-image-1212")

@@ -110,7 +110,7 @@ class RedisBatcher:
                 if not future.done():
                     future.set_exception(exc)
             return
-        for (_, future), reply in zip(batch, replies):
+        for (_, future), reply in zip(batch, replies, strict=True):
             if future.done():
                 continue  # its caller is gone
             if isinstance(reply, Exception):

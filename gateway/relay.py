@@ -26,10 +26,25 @@ from aiohttp import web
 
 from .appkeys import METRICS, REQUEST_INFO, SETTINGS, STREAMS, UPSTREAM
 from .context import RequestInfo
-from .errors import (SSE_HEADERS, GatewayError, ShuttingDown, UpstreamFailure, UpstreamProtocolError,
-                     UpstreamTimeout, from_upstream, redact)
-from .sse import (DONE, KEEPALIVE, Event, SSEFramer, SSEProtocolError, count_one_line_data_events,
-                  encode_event)
+from .errors import (
+    SSE_HEADERS,
+    GatewayError,
+    ShuttingDown,
+    UpstreamFailure,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+    from_upstream,
+    redact,
+)
+from .sse import (
+    DONE,
+    KEEPALIVE,
+    Event,
+    SSEFramer,
+    SSEProtocolError,
+    count_one_line_data_events,
+    encode_event,
+)
 
 log = logging.getLogger("gateway.relay")
 
@@ -502,7 +517,7 @@ def _count_json_values(array: bytes) -> int | None:
     except ValueError:
         return None
     try:
-        return len(doc)
+        return len(doc) if isinstance(doc, simdjson.Array) else None
     finally:
         del doc  # the parser is reused: no proxy into its document may outlive this call
 

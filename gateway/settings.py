@@ -318,7 +318,8 @@ def _key(index: int, entry: Any, defaults: Limits) -> KeySettings:
     allowed = {"name", "key", "sha256", "requests_per_minute", "burst",
                "max_concurrent_streams", "models"}
     for k in entry:
-        _check(k in allowed, f"{where}.{k}", f"unknown setting (known: {', '.join(sorted(allowed))})")
+        _check(k in allowed, f"{where}.{k}",
+               f"unknown setting (known: {', '.join(sorted(allowed))})")
     name = entry.get("name")
     _check(isinstance(name, str) and bool(name), f"{where}.name", "must be a non-empty string")
     where = f"keys[{name}]"

@@ -44,7 +44,8 @@ class UpstreamClient:
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=300)
         self._session = aiohttp.ClientSession(
             connector=connector,
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._stream.connect_timeout_seconds,
+            timeout=aiohttp.ClientTimeout(total=None,
+                                          sock_connect=self._stream.connect_timeout_seconds,
                                           connect=self._stream.connect_timeout_seconds),
             auto_decompress=True,
             skip_auto_headers=("User-Agent",),

@@ -1,5 +1,8 @@
 """The clients the API tests drive the gateway with: the OpenAI SDK (sync and async) and raw
-aiohttp, for exact bytes and headers.
+aiohttp, for exact bytes and headers; and what every test builds or reads with them:
+``chat_body(stream=..., **mock)`` (a chat request body, ``stream`` always said), ``mock_events``
+(what the mock upstream streams for a text), ``sse_events`` / ``blocks`` (an SSE body cut into
+events), ``scrape`` / ``value`` (``/metrics``, parsed).
 
 The servers run in the test's event loop, so a sync ``OpenAI`` client must run in a thread
 (``asyncio.to_thread``); ``AsyncOpenAI`` runs in the loop itself.
@@ -9,19 +12,49 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import Callable
+import copy
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import aiohttp
 import orjson
 from openai import AsyncOpenAI, OpenAI
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.mock_upstream import chat_chunks
 
 from conftest import KEY
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
+HI = [{"role": "user", "content": "hi"}]
 USER = [{"role": "user", "content": "What is the meaning of life?"}]
 IMAGE_URL = "https://example.com/cat.png"
 T = TypeVar("T")
+
+
+def chat_body(*, stream: bool | None, messages: list[dict[str, Any]] = HI,
+              model: str = "grok-4", fields: Mapping[str, Any] | None = None,
+              **mock: Any) -> dict[str, Any]:
+    """A chat-completions request body, in this order: ``model``, ``messages`` (a copy: a test
+    may change its body), ``stream`` (left out when ``stream`` is None, as by a client that
+    never names it), ``fields`` (other top-level parameters: ``tools``, ...), and the mock
+    upstream's options under ``"mock"`` when any are given."""
+    body: dict[str, Any] = {"model": model, "messages": copy.deepcopy(messages)}
+    if stream is not None:
+        body["stream"] = stream
+    if fields:
+        body.update(fields)
+    if mock:
+        body["mock"] = mock
+    return body
+
+
+def mock_events(text: str, model: str = "grok-4") -> list[bytes]:
+    """The events the mock upstream streams for a reply of ``text`` when nothing goes wrong
+    (one word a chunk), ``[DONE]`` last."""
+    words = text.split(" ")
+    words = [w + " " for w in words[:-1]] + [words[-1]]
+    return chat_chunks(model, words, False) + [b"data: [DONE]\n\n"]
 
 
 def async_sdk(base: str, key: str = KEY) -> AsyncOpenAI:
@@ -58,14 +91,7 @@ class Raw:
         return err  # type: ignore[no-any-return]
 
     def events(self) -> list[bytes]:
-        """The events of an SSE body, each with its blank line, without comment lines (the
-        gateway's ``: keep-alive`` pings)."""
-        out = []
-        for block in self.body.split(b"\n\n"):
-            lines = [line for line in block.split(b"\n") if line and not line.startswith(b":")]
-            if lines:
-                out.append(b"\n".join(lines) + b"\n\n")
-        return out
+        return sse_events(self.body)
 
     def data(self) -> list[Any]:
         """The parsed JSON of each ``data:`` line, read line by line (as a simple client does);
@@ -104,3 +130,37 @@ def image_message(url: str = IMAGE_URL, text: str = "What is in this picture?",
         image["detail"] = detail
     return [{"role": "user", "content": [{"type": "text", "text": text},
                                          {"type": "image_url", "image_url": image}]}]
+
+
+def sse_events(raw: bytes) -> list[bytes]:
+    """The events of an SSE body, each ending in its blank line, comment lines (the gateway's
+    ``: keep-alive`` pings) left out."""
+    out = []
+    for block in raw.split(b"\n\n"):
+        lines = [line for line in block.split(b"\n") if line and not line.startswith(b":")]
+        if lines:
+            out.append(b"\n".join(lines) + b"\n\n")
+    return out
+
+
+def blocks(raw: bytes) -> list[bytes]:
+    """An SSE body cut at each blank line, each block with its blank line, comments kept."""
+    return [e + b"\n\n" for e in raw.split(b"\n\n") if e]
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+async def scrape(base: str) -> Samples:
+    """``GET /metrics`` (no client key: a public path), parsed: one value per name and labels."""
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{base}/metrics") as r:
+            assert r.status == 200
+            assert r.headers["Content-Type"].startswith("text/plain; version=")
+            text = await r.text()
+    return {(sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -26,12 +25,6 @@ from gateway.settings import Settings
 KEY = "sk-test-alice-000000000001"
 OTHER_KEY = "sk-test-bob-00000000000002"
 REDIS_URL = os.environ.get("GATEWAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Upstream:

@@ -1,7 +1,6 @@
-"""Real processes for the deployment tests.
+"""Real processes for the deployment tests (gateway processes: ``GatewayProcess`` and
+``running`` in ``tests/servers.py``).
 
-- ``GatewayProcess``: ``python -m gateway serve --config <toml>`` as a subprocess; its stdout
-  (the access log, one JSON object per line) and stderr go to files the test reads.
 - ``NginxProcess``: nginx run with ``deploy/nginx.conf`` itself; only the lines marked
   ``# site: NAME`` are changed (ports, upstream servers, file paths), see the file's header.
 - ``ThreadedMockUpstream``: the project's mock upstream on an event loop of its own in a thread
@@ -14,125 +13,28 @@ Every wait is bounded; a process that dies early fails the test with its stderr.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import threading
-import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
 
-from conftest import free_port
-from servers import clean_environ, toml_text
 from gateway.mock_upstream import MOCK_STATE, MockState, run_mock_upstream
+
+from servers import accepts, free_port, json_lines, orphan_proof, spawn, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 NGINX_CONF = ROOT / "deploy" / "nginx.conf"
 SITE_MARKERS = frozenset(("user", "pid", "error_log", "access_log", "temp_paths", "listen",
                           "upstream"))
 _MARKER = re.compile(r"#\s*site:\s*([a-z_]+)\s*$")
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str,
-               interval: float = 0.02) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
-async def wait_until_async(predicate: Callable[[], bool], timeout: float, what: str,
-                           interval: float = 0.02) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(interval)
-
-
-def accepts(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-class GatewayProcess:
-    """``gateway serve`` in a subprocess, on its own port, with its own log files."""
-
-    def __init__(self, directory: Path, name: str, config: dict[str, Any],
-                 args: tuple[str, ...] = ()) -> None:
-        self.name = name
-        self.port = int(config["server"]["port"])
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.config_path = directory / f"{name}.toml"
-        self.config_path.write_text(toml_text(config))
-        self.stdout_path = directory / f"{name}.access.log"
-        self.stderr_path = directory / f"{name}.stderr.log"
-        self.args = args
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> GatewayProcess:
-        env = clean_environ()
-        env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # the supervisor makes its own
-        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gateway", "serve", "--config", str(self.config_path),
-                 *self.args], stdout=out, stderr=err, stdin=subprocess.DEVNULL, cwd=ROOT,
-                env=env)
-        return self
-
-    def wait_ready(self, timeout: float = 20.0) -> GatewayProcess:
-        def up() -> bool:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise AssertionError(f"gateway {self.name} exited with {self.proc.returncode}:"
-                                     f"\n{self.stderr()}")
-            return accepts(self.port)
-        wait_until(up, timeout, f"gateway {self.name} on port {self.port}", interval=0.05)
-        return self
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
-
-    def access_lines(self) -> list[dict[str, Any]]:
-        """Every access-log line so far; each must be one JSON object, nothing else."""
-        text = self.stdout_path.read_text()
-        return [json.loads(line) for line in text.splitlines() if line]
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    def wait(self, timeout: float) -> int:
-        assert self.proc is not None
-        return self.proc.wait(timeout)
-
-    def stop(self, timeout: float = 20.0) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise
 
 
 def nginx_binary() -> str:
@@ -199,12 +101,12 @@ class NginxProcess:
 
     def check(self) -> None:
         result = subprocess.run([self.binary, "-t", "-p", str(self.prefix), "-c", str(self.conf)],
-                                capture_output=True, timeout=20)
+                                capture_output=True, timeout=20, **orphan_proof())
         assert result.returncode == 0, result.stderr.decode()
 
     def start(self) -> NginxProcess:
         self.check()
-        self.proc = subprocess.Popen(
+        self.proc = spawn(
             [self.binary, "-p", str(self.prefix), "-c", str(self.conf), "-g", "daemon off;"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=open(self.prefix / "stderr.log", "wb"))
@@ -226,8 +128,7 @@ class NginxProcess:
         return "\n".join(parts)
 
     def access_lines(self) -> list[dict[str, Any]]:
-        path = self.prefix / "access.log"
-        return [json.loads(line) for line in path.read_text().splitlines() if line]
+        return json_lines(self.prefix / "access.log")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -276,18 +177,3 @@ class ThreadedMockUpstream:
         assert self._loop is not None and self._stop is not None
         self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(10)
-
-
-@contextlib.contextmanager
-def running(*procs: GatewayProcess) -> Iterator[None]:
-    """Start the gateways together, wait for all, stop them all afterwards."""
-    try:
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.wait_ready()
-        yield
-    finally:
-        for p in procs:
-            with contextlib.suppress(Exception):
-                p.stop()

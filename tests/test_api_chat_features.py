@@ -10,7 +10,7 @@ import pytest
 from openai import OpenAI
 from pydantic import BaseModel
 
-from clients import USER, async_sdk, in_thread, post
+from clients import USER, async_sdk, chat_body, in_thread, post
 from conftest import Upstream, settings_for
 
 WEATHER_TOOL = {"type": "function", "function": {
@@ -30,16 +30,13 @@ class Cities(BaseModel):
     count: int
 
 
-def chat(**extra: Any) -> dict[str, Any]:
-    return {"model": "grok-4", "messages": USER, "stream": True, **extra}
-
-
 # --- tool calls ---------------------------------------------------------------------------------
 
 async def test_tool_call_deltas_are_relayed_incrementally_byte_for_byte(
         gateway: Any, mock_upstream: Upstream) -> None:
     _, base = gateway
-    body = chat(tools=[WEATHER_TOOL], mock={"tool_arguments": ARGS})
+    body = chat_body(stream=True, messages=USER, fields={"tools": [WEATHER_TOOL]},
+                     tool_arguments=ARGS)
     direct = await post(f"{mock_upstream.url}/chat/completions", body)
     relayed = await post(f"{base}/api/v1/chat/completions", body)
     assert relayed.status == 200
@@ -200,5 +197,5 @@ async def test_usage_chunk_reaches_the_sdk_sync_and_async(gateway: Any, model: s
 
 async def test_no_usage_chunk_unless_asked(gateway: Any) -> None:
     _, base = gateway
-    raw = await post(f"{base}/api/v1/chat/completions", chat())
+    raw = await post(f"{base}/api/v1/chat/completions", chat_body(stream=True, messages=USER))
     assert not any("usage" in d for d in raw.data() if d != "[DONE]")

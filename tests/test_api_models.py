@@ -10,9 +10,10 @@ import openai
 import pytest
 from openai import OpenAI
 
+from gateway.mock_upstream import MODELS
+
 from clients import async_sdk, get, in_thread
 from conftest import KEY, OTHER_KEY, Upstream, settings_for
-from gateway.mock_upstream import MODELS
 
 ALIASES = {"grok": "grok-4", "grok-mini": "grok-3-mini", "ghost": "no-such-upstream-model"}
 

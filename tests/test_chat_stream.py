@@ -13,17 +13,8 @@ import orjson
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
+from clients import AUTH, USER, blocks, chat_body
 from conftest import KEY, Upstream, settings_for
-
-AUTH = {"Authorization": f"Bearer {KEY}"}
-MESSAGES = [{"role": "user", "content": "What is the meaning of life?"}]
-
-
-def chat(stream: bool = True, **mock: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": "grok-4", "messages": MESSAGES, "stream": stream}
-    if mock:
-        body["mock"] = mock
-    return body
 
 
 async def post(url: str, body: dict[str, Any], headers: dict[str, str] | None = None
@@ -33,31 +24,28 @@ async def post(url: str, body: dict[str, Any], headers: dict[str, str] | None = 
             return r, await r.read()
 
 
-def events(raw: bytes) -> list[bytes]:
-    return [e + b"\n\n" for e in raw.split(b"\n\n") if e]
-
-
 async def test_stream_is_relayed_byte_for_byte(gateway: Any, mock_upstream: Upstream) -> None:
     _, base = gateway
-    body = chat(stream_options={"include_usage": True}, chunks=30)
-    body["stream_options"] = {"include_usage": True}
+    body = chat_body(stream=True, messages=USER, chunks=30,
+                     fields={"stream_options": {"include_usage": True}})
     _, direct = await post(f"{mock_upstream.url}/chat/completions", body)
     r, relayed = await post(f"{base}/api/v1/chat/completions", body)
     assert r.status == 200
     assert relayed == direct
     assert relayed.endswith(b"data: [DONE]\n\n")
-    assert b'"usage"' in events(relayed)[-2]  # the usage chunk reached the client
+    assert b'"usage"' in blocks(relayed)[-2]  # the usage chunk reached the client
 
 
 async def test_stream_headers_and_request_id(gateway: Any, mock_upstream: Upstream) -> None:
     _, base = gateway
-    r, _ = await post(f"{base}/v1/chat/completions", chat(), {"X-Request-ID": "req-123"})
+    r, _ = await post(f"{base}/v1/chat/completions", chat_body(stream=True, messages=USER),
+                      {"X-Request-ID": "req-123"})
     assert r.headers["Content-Type"] == "text/event-stream"
     assert r.headers["Cache-Control"] == "no-cache"
     assert r.headers["X-Accel-Buffering"] == "no"
     assert r.headers["X-Request-ID"] == "req-123"
     assert mock_upstream.state.requests[-1]["headers"]["X-Request-ID"] == "req-123"
-    r, _ = await post(f"{base}/v1/chat/completions", chat())
+    r, _ = await post(f"{base}/v1/chat/completions", chat_body(stream=True, messages=USER))
     generated = r.headers["X-Request-ID"]
     assert len(generated) == 32
     assert mock_upstream.state.requests[-1]["headers"]["X-Request-ID"] == generated
@@ -66,7 +54,7 @@ async def test_stream_headers_and_request_id(gateway: Any, mock_upstream: Upstre
 async def test_upstream_gets_the_operator_key_never_the_clients(
         gateway: Any, mock_upstream: Upstream) -> None:
     _, base = gateway
-    await post(f"{base}/v1/chat/completions", chat())
+    await post(f"{base}/v1/chat/completions", chat_body(stream=True, messages=USER))
     headers = mock_upstream.state.requests[-1]["headers"]
     assert headers["Authorization"] == "Bearer xai-operator-secret-key"
     assert KEY not in str(headers)
@@ -77,8 +65,10 @@ async def test_awkward_upstream_chunking_changes_nothing(
         gateway: Any, mock_upstream: Upstream, split: int) -> None:
     _, base = gateway
     text = "Ünïcödé 漢字 🚀 split everywhere"
-    _, whole = await post(f"{mock_upstream.url}/chat/completions", chat(text=text))
-    _, relayed = await post(f"{base}/api/v1/chat/completions", chat(text=text, split=split))
+    _, whole = await post(f"{mock_upstream.url}/chat/completions",
+                          chat_body(stream=True, messages=USER, text=text))
+    _, relayed = await post(f"{base}/api/v1/chat/completions",
+                            chat_body(stream=True, messages=USER, text=text, split=split))
     assert relayed == whole
 
 
@@ -86,21 +76,24 @@ async def test_awkward_upstream_chunking_changes_nothing(
 async def test_non_standard_frames_are_reencoded_as_one_line_events(
         gateway: Any, mock_upstream: Upstream, fmt: str) -> None:
     _, base = gateway
-    _, standard = await post(f"{mock_upstream.url}/chat/completions", chat())
-    r, relayed = await post(f"{base}/api/v1/chat/completions", chat(format=fmt, split=5))
+    _, standard = await post(f"{mock_upstream.url}/chat/completions",
+                             chat_body(stream=True, messages=USER))
+    r, relayed = await post(f"{base}/api/v1/chat/completions",
+                            chat_body(stream=True, messages=USER, format=fmt, split=5))
     assert r.status == 200
-    got = events(relayed)
+    got = blocks(relayed)
     assert all(e.startswith(b"data: ") and e.count(b"\n") == 2 for e in got)
     assert got[-1] == b"data: [DONE]\n\n"
     # Same objects as the well-formed stream, only compacted by orjson.
     assert [orjson.loads(e[6:]) for e in got[:-1]] == \
-        [orjson.loads(e[6:]) for e in events(standard)[:-1]]
+        [orjson.loads(e[6:]) for e in blocks(standard)[:-1]]
 
 
 async def test_plain_request_returns_the_upstream_json(gateway: Any, mock_upstream: Upstream
                                                        ) -> None:
     _, base = gateway
-    r, body = await post(f"{base}/api/v1/chat/completions", chat(stream=False))
+    r, body = await post(f"{base}/api/v1/chat/completions",
+                         chat_body(stream=False, messages=USER))
     assert r.status == 200
     assert r.content_type == "application/json"
     data = orjson.loads(body)
@@ -115,7 +108,8 @@ async def test_keepalive_comments_before_the_upstream_answers_and_during_silence
                                                stream={"keepalive_seconds": 0.2}))
     async with aiohttp.ClientSession() as s:
         async with s.post(f"{base}/api/v1/chat/completions", headers=AUTH,
-                          json=chat(headers_delay=0.7, pause_after=2, pause=0.7)) as r:
+                          json=chat_body(stream=True, messages=USER, headers_delay=0.7,
+                                         pause_after=2, pause=0.7)) as r:
             # Headers come before the upstream's: the gateway committed 200 to keep the
             # connection alive while the upstream was silent.
             assert r.status == 200
@@ -132,7 +126,7 @@ async def test_sdk_streams_through_the_gateway_sync_and_async(gateway: Any) -> N
     _, base = gateway
     aclient = AsyncOpenAI(base_url=f"{base}/api/v1", api_key=KEY, max_retries=0)
     stream = await aclient.chat.completions.create(
-        model="grok-4", messages=MESSAGES, stream=True, stream_options={"include_usage": True})
+        model="grok-4", messages=USER, stream=True, stream_options={"include_usage": True})
     chunks = [c async for c in stream]
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == "Ah, the meaning of life is forty-two, as everyone knows."
@@ -142,7 +136,7 @@ async def test_sdk_streams_through_the_gateway_sync_and_async(gateway: Any) -> N
     def sync() -> str:
         with OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0) as client:
             return "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
-                model="grok-4", messages=MESSAGES, stream=True))
+                model="grok-4", messages=USER, stream=True))
 
     assert await asyncio.to_thread(sync) == text
 
@@ -158,9 +152,10 @@ async def test_burst_chunks_are_checked_as_strictly_as_single_events(
         gateway: Any, inject: bytes, message: str | None) -> None:
     _, base = gateway
     r, raw = await post(f"{base}/api/v1/chat/completions",
-                        chat(chunks=20, inject_after=5, inject_hex=inject.hex()))
+                        chat_body(stream=True, messages=USER, chunks=20, inject_after=5,
+                                  inject_hex=inject.hex()))
     assert r.status == 200
-    got = events(raw)
+    got = blocks(raw)
     assert all(e.startswith(b'data: {"id"') for e in got[:5])  # the events before it arrived
     if message is None:
         assert got[-1] == b"data: [DONE]\n\n" and len(got) == 6
@@ -172,8 +167,8 @@ async def test_burst_chunks_are_checked_as_strictly_as_single_events(
 async def test_usage_is_taken_from_a_burst_for_the_access_log(
         gateway: Any, caplog: pytest.LogCaptureFixture) -> None:
     _, base = gateway
-    body = chat(chunks=40)
-    body["stream_options"] = {"include_usage": True}
+    body = chat_body(stream=True, messages=USER, chunks=40,
+                     fields={"stream_options": {"include_usage": True}})
     with caplog.at_level("INFO", logger="gateway.access"):
         r, raw = await post(f"{base}/api/v1/chat/completions", body)
     assert raw.endswith(b"data: [DONE]\n\n")

@@ -12,10 +12,11 @@ import aiohttp
 import openai
 import orjson
 import pytest
-from conftest import KEY, Upstream, settings_for
 from openai import AsyncOpenAI
 
-AUTH = {"Authorization": f"Bearer {KEY}"}
+from clients import AUTH
+from conftest import KEY, Upstream, settings_for
+
 MESSAGES = [{"role": "user", "content": "hi"}]
 
 

@@ -17,12 +17,14 @@ import openai
 import pytest
 import redis as syncredis
 
-from conftest import REDIS_URL, Upstream, settings_for
 from gateway.auth import ConfigKeyStore, digest
 from gateway.errors import ServiceUnavailable
 from gateway.keystore import RedisKeyStore, add_key, store_keys
 from gateway.redisclient import open_redis
 from gateway.settings import Limits, RedisSettings
+
+from clients import chat_body
+from conftest import REDIS_URL, Upstream, settings_for
 from servers import clean_environ, gateway_processes, redis_server, run_cli, write_config
 
 CONFIG_KEY = "sk-test-config-key-000001"
@@ -51,10 +53,6 @@ def redis_dump(prefix: str) -> str:
         return "\n".join(parts)
     finally:
         client.close()
-
-
-def chat(model: str = "grok-4") -> dict[str, Any]:
-    return {"model": model, "messages": [{"role": "user", "content": "hi"}]}
 
 
 def test_cli_adds_lists_and_revokes_keys(tmp_path: Path, redis_url: str,
@@ -124,12 +122,12 @@ async def test_revoked_key_gets_401_on_every_process_within_the_cache_time(
     async with gateway_processes(data, 2, tmp_path) as gateways, \
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as http:
         async def status(base: str, token: str) -> int:
-            async with http.post(f"{base}/v1/chat/completions", json=chat(),
+            async with http.post(f"{base}/v1/chat/completions", json=chat_body(stream=None),
                                  headers={"Authorization": f"Bearer {token}"}) as resp:
                 await resp.read()
                 return resp.status
 
-        assert [await status(gw.base, key) for gw in gateways] == [200, 200]
+        assert [await status(gw.url, key) for gw in gateways] == [200, 200]
         revoked = await asyncio.to_thread(run_cli, "keys", "revoke", "dave",
                                           "--config", str(config))
         assert revoked.returncode == 0, revoked.stderr
@@ -137,7 +135,7 @@ async def test_revoked_key_gets_401_on_every_process_within_the_cache_time(
         refused: set[int] = set()
         while len(refused) < 2 and time.monotonic() - done < cache_seconds + 2:
             for i, gw in enumerate(gateways):
-                if i not in refused and await status(gw.base, key) == 401:
+                if i not in refused and await status(gw.url, key) == 401:
                     refused.add(i)
             await asyncio.sleep(0.02)
         assert refused == {0, 1}
@@ -145,10 +143,10 @@ async def test_revoked_key_gets_401_on_every_process_within_the_cache_time(
 
         # The OpenAI SDK (sync client, in a thread: the servers run in this loop's process).
         def sdk_call(token: str) -> Any:
-            client = openai.OpenAI(api_key=token, base_url=f"{gateways[0].base}/v1",
+            client = openai.OpenAI(api_key=token, base_url=f"{gateways[0].url}/v1",
                                    max_retries=0)
             try:
-                return client.chat.completions.create(**chat())
+                return client.chat.completions.create(**chat_body(stream=None))
             finally:
                 client.close()
 
@@ -182,19 +180,21 @@ async def test_model_allow_list(mock_upstream: Upstream, start_gateway: Callable
         "url": redis_url, "key_prefix": redis_prefix}))
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as http:
         headers = {"Authorization": f"Bearer {key}"}
-        async with http.post(f"{base}/v1/chat/completions", json=chat("grok-4"),
+        async with http.post(f"{base}/v1/chat/completions",
+                             json=chat_body(stream=None, model="grok-4"),
                              headers=headers) as resp:
             assert resp.status == 403
             error = (await resp.json())["error"]
             assert error["code"] == "model_not_allowed" and error["type"] == "permission_error"
             assert error["param"] == "model" and "grok-4" in error["message"]
-        async with http.post(f"{base}/v1/chat/completions", json=chat("grok-3-mini"),
+        async with http.post(f"{base}/v1/chat/completions",
+                             json=chat_body(stream=None, model="grok-3-mini"),
                              headers=headers) as resp:
             assert resp.status == 200
     client = openai.AsyncOpenAI(api_key=key, base_url=f"{base}/v1", max_retries=0)
     try:
         with pytest.raises(openai.PermissionDeniedError) as caught:
-            await client.chat.completions.create(**chat("grok-4"))
+            await client.chat.completions.create(**chat_body(stream=None, model="grok-4"))
         assert caught.value.code == "model_not_allowed"
     finally:
         await client.close()

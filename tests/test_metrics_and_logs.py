@@ -7,18 +7,18 @@ import asyncio
 import io
 import json
 import logging
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import urllib.request
-
 import aiohttp
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import KEY, Upstream, free_port, settings_for
-from processes import GatewayProcess, ThreadedMockUpstream, running
+from clients import chat_body, scrape, value
+from conftest import KEY, Upstream, settings_for
+from processes import ThreadedMockUpstream
+from servers import GatewayProcess, free_port, running
 
 TINY_KEY = "sk-test-tiny-0000000000003"
 SOLO_KEY = "sk-test-solo-0000000000004"
@@ -29,31 +29,6 @@ KEYS = [{"name": "alice", "key": KEY},
 
 def auth(key: str = KEY) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
-
-
-def chat(stream: bool = True, **mock: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": "grok-4", "messages": [{"role": "user", "content": "hi"}],
-                            "stream": stream}
-    if mock:
-        body["mock"] = mock
-    return body
-
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-async def scrape(base: str) -> Samples:
-    async with aiohttp.ClientSession() as s:
-        async with s.get(f"{base}/metrics") as r:  # no client key: a public path
-            assert r.status == 200
-            assert r.headers["Content-Type"].startswith("text/plain; version=")
-            text = await r.text()
-    return {(sample.name, frozenset(sample.labels.items())): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples}
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
 
 
 @pytest.fixture
@@ -87,22 +62,24 @@ async def test_metrics_and_access_log_record_every_kind_of_request(
             async with s.post(url, json=body, headers=headers) as r:
                 return r.status, await r.read()
 
-        body = chat(chunks=5)
+        body = chat_body(stream=True, chunks=5)
         body["stream_options"] = {"include_usage": True}
         status, first_raw = await post(body, {**auth(), "X-Request-ID": "stream-1"})
         assert status == 200 and first_raw.endswith(b"data: [DONE]\n\n")
-        assert (await post(chat(False, chunks=3), auth()))[0] == 200
-        assert (await post(chat(), auth("sk-wrong-key-0000000000")))[0] == 401
-        assert [(await post(chat(False), auth(TINY_KEY)))[0] for _ in range(2)] == [200, 429]
-        assert (await post(chat(False, status=500), auth()))[0] == 500
-        status, raw = await post(chat(error_after=1), auth())
+        assert (await post(chat_body(stream=False, chunks=3), auth()))[0] == 200
+        assert (await post(chat_body(stream=True), auth("sk-wrong-key-0000000000")))[0] == 401
+        assert [(await post(chat_body(stream=False), auth(TINY_KEY)))[0]
+                for _ in range(2)] == [200, 429]
+        assert (await post(chat_body(stream=False, status=500), auth()))[0] == 500
+        status, raw = await post(chat_body(stream=True, error_after=1), auth())
         assert status == 200 and b"mock_failure" in raw
 
         # solo holds its one stream slot; a second stream is refused by the concurrency cap.
-        held = await s.post(url, json=chat(hang_after=1), headers=auth(SOLO_KEY))
+        held = await s.post(url, json=chat_body(stream=True, hang_after=1),
+                            headers=auth(SOLO_KEY))
         await held.content.readuntil(b"\n\n")
         during = await scrape(base)
-        assert (await post(chat(), auth(SOLO_KEY)))[0] == 429
+        assert (await post(chat_body(stream=True), auth(SOLO_KEY)))[0] == 429
         held.close()  # and its client leaves
         await asyncio.sleep(0)
     for _ in range(100):
@@ -164,7 +141,8 @@ async def test_access_log_off(mock_upstream: Upstream, start_gateway: Any,
     _, base = await start_gateway(settings_for(mock_upstream.url,
                                                server={"access_log": False}))
     async with aiohttp.ClientSession() as s:
-        async with s.post(f"{base}/v1/chat/completions", json=chat(), headers=auth()) as r:
+        async with s.post(f"{base}/v1/chat/completions", json=chat_body(stream=True),
+                          headers=auth()) as r:
             assert r.status == 200
     assert access_log.getvalue() == ""
     samples = await scrape(base)  # metrics are still kept

@@ -18,13 +18,14 @@ import aiohttp
 import orjson
 import pytest
 
-from conftest import KEY, free_port
 from gateway.sse import KEEPALIVE
-from processes import (NGINX_CONF, GatewayProcess, NginxProcess, ThreadedMockUpstream,
-                       render_nginx_conf, running, wait_until_async)
+
+from clients import AUTH, blocks, chat_body
+from conftest import KEY
+from processes import NGINX_CONF, NginxProcess, ThreadedMockUpstream, render_nginx_conf
+from servers import GatewayProcess, free_port, running, wait_until_async
 
 TINY_KEY = "sk-test-tiny-0000000000003"
-AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 def gateway_config(port: int, upstream: str) -> dict[str, Any]:
@@ -69,14 +70,6 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
                 nginx.stop()
 
 
-def chat(stream: bool = True, **mock: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": "grok-4", "messages": [{"role": "user", "content": "hi"}],
-                            "stream": stream}
-    if mock:
-        body["mock"] = mock
-    return body
-
-
 async def fetch(url: str, body: dict[str, Any] | None = None, headers: dict[str, str] | None = None,
                 method: str = "POST") -> tuple[int, dict[str, str], bytes]:
     async with aiohttp.ClientSession() as s:
@@ -84,16 +77,12 @@ async def fetch(url: str, body: dict[str, Any] | None = None, headers: dict[str,
             return r.status, dict(r.headers), await r.read()
 
 
-def events(raw: bytes) -> list[bytes]:
-    return [e + b"\n\n" for e in raw.split(b"\n\n") if e]
-
-
 async def test_first_chunk_reaches_the_client_while_the_upstream_is_paused(
         deployment: Deployment) -> None:
     async with aiohttp.ClientSession() as s:
         started = time.monotonic()
         async with s.post(f"{deployment.url}/v1/chat/completions", headers=AUTH,
-                          json=chat(pause_after=1, pause=3)) as r:
+                          json=chat_body(stream=True, pause_after=1, pause=3)) as r:
             assert r.status == 200
             assert r.headers["Content-Type"] == "text/event-stream"
             first = await asyncio.wait_for(r.content.readuntil(b"\n\n"), 2.5)
@@ -103,7 +92,7 @@ async def test_first_chunk_reaches_the_client_while_the_upstream_is_paused(
 
 
 async def test_keepalive_comments_pass_during_a_long_pause(deployment: Deployment) -> None:
-    body = chat(pause_after=1, pause=2.0)
+    body = chat_body(stream=True, pause_after=1, pause=2.0)
     arrivals: list[tuple[float, bytes]] = []
     async with aiohttp.ClientSession() as s:
         async with s.post(f"{deployment.url}/v1/chat/completions", headers=AUTH, json=body) as r:
@@ -121,8 +110,8 @@ async def test_keepalive_comments_pass_during_a_long_pause(deployment: Deploymen
     raw = b"".join(chunk for _, chunk in arrivals)
     assert raw.endswith(b"data: [DONE]\n\n")
     # The same events, byte for byte, as a gateway sends them without nginx.
-    _, _, direct = await fetch(f"{deployment.gateways[0].url}/v1/chat/completions", chat(),
-                               AUTH)
+    _, _, direct = await fetch(f"{deployment.gateways[0].url}/v1/chat/completions",
+                               chat_body(stream=True), AUTH)
     assert raw.replace(KEEPALIVE, b"") == direct
 
 
@@ -130,8 +119,8 @@ async def test_auth_and_rate_limit_refusals_pass_unchanged(deployment: Deploymen
     url = "/v1/chat/completions"
     bad = {"Authorization": "Bearer sk-not-a-valid-key-000000"}
     for stream in (False, True):
-        via_nginx = await fetch(deployment.url + url, chat(stream), bad)
-        direct = await fetch(deployment.gateways[0].url + url, chat(stream), bad)
+        via_nginx = await fetch(deployment.url + url, chat_body(stream=stream), bad)
+        direct = await fetch(deployment.gateways[0].url + url, chat_body(stream=stream), bad)
         assert via_nginx[0] == direct[0] == 401
         assert via_nginx[2] == direct[2]
         assert via_nginx[1]["Content-Type"] == direct[1]["Content-Type"]
@@ -142,7 +131,7 @@ async def test_auth_and_rate_limit_refusals_pass_unchanged(deployment: Deploymen
     # The "tiny" key has a burst of 1 in each process: by the third request one has refused.
     refused = None
     for _ in range(4):
-        status, headers, raw = await fetch(deployment.url + url, chat(),
+        status, headers, raw = await fetch(deployment.url + url, chat_body(stream=True),
                                            {"Authorization": f"Bearer {TINY_KEY}"})
         if status == 429:
             refused = headers, raw
@@ -162,15 +151,17 @@ async def test_auth_and_rate_limit_refusals_pass_unchanged(deployment: Deploymen
 async def test_error_frames_and_gateway_errors_pass_unchanged(deployment: Deployment) -> None:
     url = "/v1/chat/completions"
     # An upstream error inside the stream becomes the gateway's error frame, last in the stream.
-    via_nginx = await fetch(deployment.url + url, chat(error_after=2), AUTH)
-    direct = await fetch(deployment.gateways[1].url + url, chat(error_after=2), AUTH)
+    via_nginx = await fetch(deployment.url + url, chat_body(stream=True, error_after=2), AUTH)
+    direct = await fetch(deployment.gateways[1].url + url,
+                         chat_body(stream=True, error_after=2), AUTH)
     assert via_nginx[0] == direct[0] == 200
     assert via_nginx[2] == direct[2]
-    last = events(via_nginx[2])[-1]
+    last = blocks(via_nginx[2])[-1]
     assert orjson.loads(last[6:])["error"]["code"] == "mock_failure"
     # The gateway's own 503 (the upstream's, passed on) is not replaced by nginx's error page.
-    via_nginx = await fetch(deployment.url + url, chat(False, status=503), AUTH)
-    direct = await fetch(deployment.gateways[1].url + url, chat(False, status=503), AUTH)
+    via_nginx = await fetch(deployment.url + url, chat_body(stream=False, status=503), AUTH)
+    direct = await fetch(deployment.gateways[1].url + url,
+                         chat_body(stream=False, status=503), AUTH)
     assert via_nginx[0] == direct[0] == 503
     assert via_nginx[2] == direct[2]
     assert orjson.loads(via_nginx[2])["error"]["code"] == "upstream_http_503"
@@ -220,8 +211,8 @@ async def test_a_client_disconnect_at_nginx_cancels_the_upstream_request(
     before = state.disconnects
     rid = f"leaver-{uuid.uuid4().hex[:12]}"
     async with aiohttp.ClientSession() as s:
-        r = await s.post(f"{deployment.url}/v1/chat/completions", json=chat(pause_after=1,
-                                                                            pause=10),
+        r = await s.post(f"{deployment.url}/v1/chat/completions",
+                         json=chat_body(stream=True, pause_after=1, pause=10),
                          headers={**AUTH, "X-Request-ID": rid})
         assert r.status == 200
         assert (await r.content.readuntil(b"\n\n")).startswith(b"data: ")
@@ -238,13 +229,13 @@ async def test_a_client_disconnect_at_nginx_cancels_the_upstream_request(
 
 async def test_body_size_limit_and_large_bodies(deployment: Deployment) -> None:
     # Above client_body_buffer_size (1 MiB): nginx buffers it to a file, then passes it on.
-    big = chat(False)
+    big = chat_body(stream=False)
     big["messages"][0]["content"] = "x" * (2 * 1024 * 1024)
     status, _, raw = await fetch(f"{deployment.url}/v1/chat/completions", big, AUTH)
     assert status == 200, raw
     # Above client_max_body_size (20 MiB, the gateway's own limit): nginx refuses it, in the
     # error shape OpenAI clients parse.
-    huge = chat(False)
+    huge = chat_body(stream=False)
     huge["messages"][0]["content"] = "x" * (20 * 1024 * 1024 + 1)
     status, headers, raw = await fetch(f"{deployment.url}/v1/chat/completions", huge,
                                        {**AUTH, "X-Request-ID": "too-big-1"})
@@ -259,7 +250,8 @@ async def test_nginx_own_errors_are_openai_shaped_and_metrics_stay_local(
     dead = NginxProcess([f"127.0.0.1:{free_port()}"])  # nothing listens there
     try:
         dead.start()
-        status, headers, raw = await fetch(f"{dead.url}/v1/chat/completions", chat(), AUTH)
+        status, headers, raw = await fetch(f"{dead.url}/v1/chat/completions",
+                                           chat_body(stream=True), AUTH)
     finally:
         dead.stop()
     assert status == 502
@@ -300,7 +292,8 @@ async def test_slow_clients_are_cut_by_nginx_timeouts(deployment: Deployment) ->
     opened = time.monotonic()
     try:
         # Others are served meanwhile.
-        status, _, raw = await fetch(f"{deployment.url}/v1/chat/completions", chat(), AUTH)
+        status, _, raw = await fetch(f"{deployment.url}/v1/chat/completions",
+                                     chat_body(stream=True), AUTH)
         assert status == 200 and raw.endswith(b"data: [DONE]\n\n")
         # client_header_timeout and client_body_timeout are 10 s.
         loop = asyncio.get_running_loop()

@@ -18,7 +18,6 @@ import openai
 import orjson
 import pytest
 
-from conftest import KEY, Upstream, settings_for
 from gateway.appkeys import LIMITER
 from gateway.context import ClientKey
 from gateway.ratelimit import Limiter
@@ -26,6 +25,9 @@ from gateway.ratelimit.memory import MemoryLimiter
 from gateway.ratelimit.redis import RedisLimiter
 from gateway.redisclient import connect
 from gateway.settings import RedisSettings
+
+from clients import AUTH, chat_body
+from conftest import KEY, Upstream, settings_for
 
 BACKENDS = ("memory", "redis")
 
@@ -150,17 +152,6 @@ def limited(upstream: Upstream, backend: dict[str, Any], **limits: Any) -> Any:
     return settings_for(upstream.url, keys=[{"name": "alice", "key": KEY, **limits}], **backend)
 
 
-def chat(stream: bool = False, **mock: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": "grok-4", "stream": stream,
-                            "messages": [{"role": "user", "content": "hi"}]}
-    if mock:
-        body["mock"] = mock
-    return body
-
-
-AUTH = {"Authorization": f"Bearer {KEY}"}
-
-
 async def test_gateway_headers_and_refusal_shapes(
         mock_upstream: Upstream, start_gateway: Callable[..., Any],
         backend: dict[str, Any]) -> None:
@@ -168,13 +159,14 @@ async def test_gateway_headers_and_refusal_shapes(
                                             requests_per_minute=60))
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as http:
         for remaining in ("1", "0"):
-            async with http.post(f"{base}/v1/chat/completions", json=chat(),
+            async with http.post(f"{base}/v1/chat/completions", json=chat_body(stream=False),
                                  headers=AUTH) as resp:
                 assert resp.status == 200
                 assert resp.headers["x-ratelimit-limit-requests"] == "2"
                 assert resp.headers["x-ratelimit-remaining-requests"] == remaining
                 assert resp.headers["RateLimit-Policy"] == '"requests";q=2;w=2'
-        async with http.post(f"{base}/v1/chat/completions", json=chat(), headers=AUTH) as resp:
+        async with http.post(f"{base}/v1/chat/completions", json=chat_body(stream=False),
+                             headers=AUTH) as resp:
             assert resp.status == 429
             body = await resp.json()
             assert body["error"]["code"] == "rate_limit_exceeded"
@@ -183,7 +175,7 @@ async def test_gateway_headers_and_refusal_shapes(
             assert resp.headers["Retry-After"] == "1"
             assert 0 < int(resp.headers["retry-after-ms"]) <= 1000
             assert resp.headers["x-ratelimit-remaining-requests"] == "0"
-        async with http.post(f"{base}/v1/chat/completions", json=chat(stream=True),
+        async with http.post(f"{base}/v1/chat/completions", json=chat_body(stream=True),
                              headers=AUTH) as resp:
             assert resp.status == 429
             assert resp.headers["Content-Type"] == "text/event-stream"
@@ -201,14 +193,15 @@ async def test_gateway_stream_lease_is_released_on_disconnect(
                                           max_concurrent_streams=1))
     url = f"{base}/v1/chat/completions"
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as http:
-        first = await http.post(url, json=chat(True, chunks=400, chunk_delay=0.05), headers=AUTH)
+        first = await http.post(url, json=chat_body(stream=True, chunks=400, chunk_delay=0.05),
+                                headers=AUTH)
         try:
             assert first.status == 200
             # The limit headers come with the stream's headers, before its first byte.
             assert first.headers["x-ratelimit-remaining-requests"] == "99"
             assert first.headers["RateLimit"].startswith('"requests";r=99')
             assert (await first.content.readline()).startswith(b"data: ")
-            async with http.post(url, json=chat(True), headers=AUTH) as refused:
+            async with http.post(url, json=chat_body(stream=True), headers=AUTH) as refused:
                 assert refused.status == 429
                 frame = orjson.loads((await refused.read())[6:])
                 assert frame["error"]["code"] == "concurrency_limit_exceeded"
@@ -217,7 +210,7 @@ async def test_gateway_stream_lease_is_released_on_disconnect(
             first.close()  # the client goes away mid-stream
         started = time.monotonic()
         for _ in range(40):
-            async with http.post(url, json=chat(True), headers=AUTH) as resp:
+            async with http.post(url, json=chat_body(stream=True), headers=AUTH) as resp:
                 if resp.status == 200:
                     await resp.read()
                     break

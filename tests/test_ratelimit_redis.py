@@ -15,20 +15,21 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from conftest import Upstream, settings_for
 from gateway.appkeys import LIMITER
 from gateway.context import ClientKey
 from gateway.ratelimit.redis import RedisLimiter, key_names
 from gateway.redisclient import connect
 from gateway.settings import RedisSettings
-from servers import GatewayProcess, gateway_processes, redis_server
+
+from clients import chat_body
+from conftest import Upstream, settings_for
+from servers import Blackhole, GatewayProcess, gateway_processes, redis_server
 
 LEASE_SECONDS = 2
 
@@ -55,20 +56,12 @@ def config(redis_url: str, prefix: str, keys: list[dict[str, Any]], **redis: Any
     }
 
 
-def chat(stream: bool = False, **mock: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": "grok-4", "stream": stream,
-                            "messages": [{"role": "user", "content": "hi"}]}
-    if mock:
-        body["mock"] = mock
-    return body
-
-
-LONG_STREAM = {"chunks": 600, "chunk_delay": 0.05}  # 30 s: the test ends it
+LONG_STREAM: dict[str, Any] = {"chunks": 600, "chunk_delay": 0.05}  # 30 s: the test ends it
 
 
 async def post(http: aiohttp.ClientSession, gw: GatewayProcess, name: str,
                body: dict[str, Any] | None = None) -> tuple[int, dict[str, str], bytes]:
-    async with http.post(f"{gw.base}/v1/chat/completions", json=body or chat(),
+    async with http.post(f"{gw.url}/v1/chat/completions", json=body or chat_body(stream=False),
                          headers={"Authorization": f"Bearer {raw_key(name)}"}) as resp:
         return resp.status, dict(resp.headers), await resp.read()
 
@@ -76,7 +69,8 @@ async def post(http: aiohttp.ClientSession, gw: GatewayProcess, name: str,
 async def open_stream(http: aiohttp.ClientSession, gw: GatewayProcess, name: str
                       ) -> aiohttp.ClientResponse:
     """A stream that keeps running until the test closes it (a client disconnect)."""
-    resp = await http.post(f"{gw.base}/v1/chat/completions", json=chat(True, **LONG_STREAM),
+    resp = await http.post(f"{gw.url}/v1/chat/completions",
+                           json=chat_body(stream=True, **LONG_STREAM),
                            headers={"Authorization": f"Bearer {raw_key(name)}"})
     if resp.status == 200:
         assert (await resp.content.readline()).startswith(b"data: ")
@@ -178,11 +172,11 @@ async def test_stream_cap_holds_across_processes_and_a_disconnect_frees_a_slot(
         try:
             assert [s.status for s in streams] == [200] * 4
             for gw in (a, b):
-                status, _, body = await post(http, gw, "streams", chat(True))
+                status, _, body = await post(http, gw, "streams", chat_body(stream=True))
                 assert status == 429 and error_code(body) == "concurrency_limit_exceeded"
             # Past the lease time the leases still hold: they are renewed while streams run.
             await asyncio.sleep(LEASE_SECONDS * 1.3)
-            status, _, body = await post(http, b, "streams", chat(True))
+            status, _, body = await post(http, b, "streams", chat_body(stream=True))
             assert status == 429 and error_code(body) == "concurrency_limit_exceeded"
             streams.pop(0).close()  # a client of process A disconnects
             started = time.monotonic()
@@ -209,7 +203,7 @@ async def test_kill_9_frees_a_process_slots_within_the_lease_time(
             assert [s.status for s in streams] == [200] * 4
             doomed.kill9()
             killed = time.monotonic()
-            status, _, body = await post(http, b, "streams", chat(True))
+            status, _, body = await post(http, b, "streams", chat_body(stream=True))
             assert status == 429 and error_code(body) == "concurrency_limit_exceeded"
             opened: list[aiohttp.ClientResponse] = []
             while time.monotonic() - killed < LEASE_SECONDS + 2 and len(opened) < 3:
@@ -223,7 +217,7 @@ async def test_kill_9_frees_a_process_slots_within_the_lease_time(
             assert len(opened) == 3, "the killed process's three slots did not come back"
             assert freed <= LEASE_SECONDS + 1.5  # renewals stopped; slack for a busy host
             # Process A's stream still holds the fourth slot.
-            status, _, body = await post(http, b, "streams", chat(True))
+            status, _, body = await post(http, b, "streams", chat_body(stream=True))
             assert status == 429 and error_code(body) == "concurrency_limit_exceeded"
         finally:
             for s in streams:
@@ -321,7 +315,7 @@ async def test_scripts_survive_script_flush(tmp_path: Path, http: aiohttp.Client
                 await asyncio.sleep(LEASE_SECONDS * 1.3)
                 _, streams = key_names("gwtest", "flush")
                 assert raw.zcard(streams) == 1
-                status, _, body = await post(http, b, "flush", chat(True))
+                status, _, body = await post(http, b, "flush", chat_body(stream=True))
                 assert status == 429 and error_code(body) == "concurrency_limit_exceeded"
             finally:
                 stream.close()
@@ -386,52 +380,6 @@ async def test_redis_stopped_and_restarted_under_both_policies(
             assert '"status":500' not in logs and '"status":502' not in logs
 
 
-class Blackhole:
-    """A TCP proxy to Redis that can go silent: connections stay open, bytes vanish."""
-
-    def __init__(self, target: str) -> None:
-        parts = urlsplit(target)
-        self.target = (parts.hostname or "127.0.0.1", parts.port or 6379)
-        self.db = parts.path
-        self.silent = False
-        self.server: asyncio.Server | None = None
-        self.writers: set[asyncio.StreamWriter] = set()
-
-    async def start(self) -> str:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        port = self.server.sockets[0].getsockname()[1]
-        return f"redis://127.0.0.1:{port}{self.db}"
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.writers.add(writer)
-        try:
-            upstream_reader, upstream_writer = await asyncio.open_connection(*self.target)
-        except OSError:
-            writer.close()
-            return
-        self.writers.add(upstream_writer)
-        with contextlib.suppress(OSError):
-            await asyncio.gather(self._pipe(reader, upstream_writer),
-                                 self._pipe(upstream_reader, writer))
-        for w in (writer, upstream_writer):
-            w.close()
-            self.writers.discard(w)
-
-    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-        while data := await src.read(65536):
-            if not self.silent:
-                dst.write(data)
-                await dst.drain()
-        dst.close()
-
-    async def close(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        for w in list(self.writers):
-            w.close()
-        await self.server.wait_closed()
-
-
 async def test_a_blackholed_redis_costs_one_timeout_not_one_per_request(
         mock_upstream: Upstream, start_gateway: Callable[..., Any], redis_url: str,
         redis_prefix: str, caplog: pytest.LogCaptureFixture,
@@ -449,7 +397,7 @@ async def test_a_blackholed_redis_costs_one_timeout_not_one_per_request(
 
         async def request() -> tuple[int, float]:
             started = time.monotonic()
-            async with http.post(f"{base}/v1/chat/completions", json=chat(),
+            async with http.post(f"{base}/v1/chat/completions", json=chat_body(stream=False),
                                  headers=headers) as resp:
                 await resp.read()
                 return resp.status, time.monotonic() - started

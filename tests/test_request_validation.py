@@ -8,7 +8,7 @@ from typing import Any
 import openai
 import pytest
 
-from clients import IMAGE_URL, USER, async_sdk, data_url, image_message, post
+from clients import IMAGE_URL, USER, async_sdk, chat_body, data_url, image_message, post
 from conftest import Upstream, settings_for
 
 LIMIT = 1000  # [vision] max_image_bytes in these tests
@@ -25,8 +25,9 @@ def image_part(url: str = IMAGE_URL, **image: Any) -> dict[str, Any]:
     return {"type": "image_url", "image_url": {"url": url, **image}}
 
 
-def chat(*content: Any, role: str = "user", model: str = "grok-4") -> dict[str, Any]:
-    return {"model": model, "messages": [{"role": role, "content": list(content)}]}
+def chat_of_parts(*content: Any, role: str = "user", model: str = "grok-4") -> dict[str, Any]:
+    """One message whose content is an array of these parts; no ``stream`` field."""
+    return chat_body(stream=None, model=model, messages=[{"role": role, "content": list(content)}])
 
 
 CHAT_CASES = [
@@ -36,25 +37,25 @@ CHAT_CASES = [
     ({"model": "grok-4", "messages": ["hi"]}, "messages[0]", "must be an object"),
     ({"model": "grok-4", "messages": [{"role": "user", "content": 7}]},
      "messages[0].content", "string or an array"),
-    (chat({"text": "hi"}), "messages[0].content[0].type", "must be a string"),
-    (chat("hi"), "messages[0].content[0]", "must be an object"),
-    (chat({"type": "image_url", "image_url": "https://example.com/a.png"}),
+    (chat_of_parts({"text": "hi"}), "messages[0].content[0].type", "must be a string"),
+    (chat_of_parts("hi"), "messages[0].content[0]", "must be an object"),
+    (chat_of_parts({"type": "image_url", "image_url": "https://example.com/a.png"}),
      "messages[0].content[0].image_url", "must be an object"),
-    (chat({"type": "image_url", "image_url": {"url": 5}}),
+    (chat_of_parts({"type": "image_url", "image_url": {"url": 5}}),
      "messages[0].content[0].image_url.url", "must be a string"),
-    (chat(image_part("ftp://example.com/a.png")),
+    (chat_of_parts(image_part("ftp://example.com/a.png")),
      "messages[0].content[0].image_url.url", "http(s) URL or a data: URL"),
-    (chat(image_part("data:text/plain;base64,aGk=")),
+    (chat_of_parts(image_part("data:text/plain;base64,aGk=")),
      "messages[0].content[0].image_url.url", "data: URL of an image"),
-    (chat(image_part("data:image/png,rawbytes")),
+    (chat_of_parts(image_part("data:image/png,rawbytes")),
      "messages[0].content[0].image_url.url", "base64"),
-    (chat(image_part(detail="ultra")),
+    (chat_of_parts(image_part(detail="ultra")),
      "messages[0].content[0].image_url.detail", "auto, low, high"),
-    (chat({"type": "text", "text": "hi"}, image_part(data_url(LIMIT + 1))),
+    (chat_of_parts({"type": "text", "text": "hi"}, image_part(data_url(LIMIT + 1))),
      "messages[0].content[1].image_url.url", f"is {LIMIT + 1} bytes; the limit is {LIMIT}"),
-    (chat(image_part(), role="assistant"),
+    (chat_of_parts(image_part(), role="assistant"),
      "messages[0].content[0]", "only allowed in user messages"),
-    (chat({"type": "text", "text": "hi"}, image_part(), model="grok-3-mini"),
+    (chat_of_parts({"type": "text", "text": "hi"}, image_part(), model="grok-3-mini"),
      "messages[0].content[1]", "Model 'grok-3-mini' does not accept images"),
 ]
 
@@ -85,9 +86,10 @@ async def test_invalid_json_is_refused(base: str, mock_upstream: Upstream) -> No
 
 
 async def test_exact_size_limit_passes_and_one_byte_more_does_not(base: str) -> None:
-    ok = await post(f"{base}/api/v1/chat/completions", chat(image_part(data_url(LIMIT))))
+    ok = await post(f"{base}/api/v1/chat/completions", chat_of_parts(image_part(data_url(LIMIT))))
     assert ok.status == 200
-    over = await post(f"{base}/api/v1/chat/completions", chat(image_part(data_url(LIMIT + 1))))
+    over = await post(f"{base}/api/v1/chat/completions",
+                      chat_of_parts(image_part(data_url(LIMIT + 1))))
     assert over.status == 400 and over.error()["code"] == "image_too_large"
 
 
@@ -158,9 +160,9 @@ async def test_vision_models_are_configurable(mock_upstream: Upstream,
                                               start_gateway: Any) -> None:
     _, url = await start_gateway(settings_for(mock_upstream.url,
                                               vision={"models": ["*vision*"]}))
-    refused = await post(f"{url}/api/v1/chat/completions", chat(image_part()))
+    refused = await post(f"{url}/api/v1/chat/completions", chat_of_parts(image_part()))
     assert refused.status == 400 and refused.error()["code"] == "model_not_vision_capable"
     assert "*vision*" in refused.error()["message"]
     ok = await post(f"{url}/api/v1/chat/completions",
-                    chat(image_part(), model="grok-2-vision-1212"))
+                    chat_of_parts(image_part(), model="grok-2-vision-1212"))
     assert ok.status == 200

@@ -10,7 +10,8 @@ import pytest
 
 from gateway.sse import SSEFramer, SSEProtocolError, count_one_line_data_events, encode_event
 
-CHUNK = b'data: {"id":"c1","choices":[{"delta":{"content":"\xc3\xa9t\xc3\xa9 \xf0\x9f\x9a\x80"}}]}\n\n'
+CHUNK = (b'data: {"id":"c1","choices":[{"delta":{"content":'
+         b'"\xc3\xa9t\xc3\xa9 \xf0\x9f\x9a\x80"}}]}\n\n')
 STREAM = CHUNK + b'event: response.output_text.delta\ndata: {"delta":"x"}\n\n' \
     + b": upstream ping\n\n" + b"data: [DONE]\n\n"
 

@@ -19,14 +19,15 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from conftest import KEY, REDIS_URL, Upstream, free_port, settings_for
 from gateway.appkeys import LIMITER, UPSTREAM
 from gateway.ratelimit.redis import key_names
 from gateway.workers import GatewayServer
-from processes import (GatewayProcess, ThreadedMockUpstream, accepts, running, wait_until,
-                       wait_until_async)
 
-AUTH = {"Authorization": f"Bearer {KEY}"}
+from clients import AUTH, blocks, chat_body
+from conftest import KEY, REDIS_URL, Upstream, settings_for
+from processes import ThreadedMockUpstream
+from servers import GatewayProcess, accepts, free_port, running, wait_until, wait_until_async
+
 BAD_SIGNS = ("Traceback", "Unclosed", "Task was destroyed", "Exception ignored")
 
 
@@ -44,15 +45,6 @@ def config(upstream: str, **server: Any) -> dict[str, Any]:
         "limits": {"requests_per_minute": 6000, "burst": 1000, "max_concurrent_streams": 100},
         "keys": [{"name": "alice", "key": KEY}],
     }
-
-
-def chat(stream: bool = True, **mock: Any) -> dict[str, Any]:
-    return {"model": "grok-4", "messages": [{"role": "user", "content": "hi"}],
-            "stream": stream, "mock": mock}
-
-
-def events(raw: bytes) -> list[bytes]:
-    return [e + b"\n\n" for e in raw.split(b"\n\n") if e]
 
 
 async def _post(session: aiohttp.ClientSession, url: str, body: dict[str, Any], rid: str,
@@ -74,15 +66,16 @@ async def test_sigterm_lets_streams_finish_then_ends_the_rest_and_exits(
             started = {name: asyncio.Event() for name in ("short", "endless")}
             requests = {
                 # Ends about 1 s after SIGTERM, within the 2.5 s drain: completes intact.
-                "short": _post(s, url, chat(chunks=6, chunk_delay=0.15), "short",
+                "short": _post(s, url, chat_body(stream=True, chunks=6, chunk_delay=0.15), "short",
                                started["short"]),
                 # Never ends: cut at the end of the drain with the restarting frame.
-                "endless": _post(s, url, chat(hang_after=2), "endless", started["endless"]),
+                "endless": _post(s, url, chat_body(stream=True, hang_after=2), "endless",
+                                 started["endless"]),
                 # Still waiting for the upstream's headers (keep-alive 5 s: nothing sent yet):
                 # a true 503, as an SSE frame since the client reads a stream.
-                "waiting": _post(s, url, chat(headers_delay=30), "waiting"),
+                "waiting": _post(s, url, chat_body(stream=True, headers_delay=30), "waiting"),
                 # A plain request still waiting: 503 JSON.
-                "plain": _post(s, url, chat(False, headers_delay=30), "plain"),
+                "plain": _post(s, url, chat_body(stream=False, headers_delay=30), "plain"),
             }
             tasks = {name: asyncio.create_task(c) for name, c in requests.items()}
             for event in started.values():
@@ -104,11 +97,11 @@ async def test_sigterm_lets_streams_finish_then_ends_the_rest_and_exits(
     status, ctype, raw = results["short"]
     assert status == 200 and raw.endswith(b"data: [DONE]\n\n")
     assert b"gateway_restarting" not in raw
-    assert len([e for e in events(raw) if e.startswith(b"data: {")]) == 7  # 6 + finish_reason
+    assert len([e for e in blocks(raw) if e.startswith(b"data: {")]) == 7  # 6 + finish_reason
 
     status, ctype, raw = results["endless"]
     assert status == 200
-    frames = events(raw)
+    frames = blocks(raw)
     assert [f.startswith(b'data: {"id"') for f in frames] == [True, True, False]
     error = orjson.loads(frames[-1].removeprefix(b"data: "))["error"]
     assert error["code"] == "gateway_restarting" and error["type"] == "server_error"
@@ -150,7 +143,7 @@ async def test_shutdown_releases_leases_in_redis_and_closes_the_upstream_session
         assert type(server.app[LIMITER]).__name__ == "RedisLimiter"
         async with aiohttp.ClientSession() as s:
             async with s.post(f"http://127.0.0.1:{server.port}/v1/chat/completions",
-                              json=chat(hang_after=1), headers=AUTH) as r:
+                              json=chat_body(stream=True, hang_after=1), headers=AUTH) as r:
                 await r.content.readuntil(b"\n\n")
                 assert await client.zcard(streams_key) == 1  # the stream holds a lease
                 stop = asyncio.create_task(server.stop())

@@ -1,1 +1,1 @@
-"""Route handlers, one module per route family. Each is thin: validate, decide, hand to the relay."""
+"""Route handlers, one module per route family; each is thin: validate, decide, relay."""

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from ..context import ClientKey
 from . import Decision
 
-
 _SWEEP_EVERY = 4096
 """Checks between two sweeps for idle buckets."""
 

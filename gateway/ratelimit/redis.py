@@ -218,7 +218,7 @@ class RedisLimiter:
                 self._unreleased.setdefault(streams, {}).update(dict.fromkeys(leases, now))
             raise
         lost = 0
-        for (streams, _), gone in zip(held, results[len(unreleased):]):
+        for (streams, _), gone in zip(held, results[len(unreleased):], strict=True):
             still_held = self._held.get(streams)
             if still_held is None:
                 continue

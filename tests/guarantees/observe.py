@@ -3,7 +3,8 @@ everything the request held was given back.
 
 - ``access_lines(caplog)``: the ``gateway.access`` JSON lines captured so far (the test calls
   ``caplog.set_level(logging.INFO, logger="gateway.access")`` first).
-- ``scrape(base)`` and ``value(samples, name, **labels)``: ``GET /metrics``, parsed.
+- The metrics (``scrape(base)`` and ``value(samples, name, **labels)``) and the events of an SSE
+  body (``sse_events(raw)``) are read with ``tests/clients.py``, as in the other tests.
 - ``Baseline`` / ``assert_released``: no stream still registered, no stream open at the mock
   upstream, no task left behind, each waited for (bounded) rather than assumed.
 """
@@ -19,31 +20,15 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
-from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.appkeys import STREAMS
 from gateway.mock_upstream import MockState
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 def access_lines(caplog: pytest.LogCaptureFixture, route: str | None = None
                  ) -> list[dict[str, Any]]:
     lines = [orjson.loads(r.getMessage()) for r in caplog.records if r.name == "gateway.access"]
     return [line for line in lines if route is None or line["route"] == route]
-
-
-async def scrape(base: str) -> Samples:
-    async with aiohttp.ClientSession() as s:
-        async with s.get(f"{base}/metrics") as r:
-            assert r.status == 200
-            text = await r.text()
-    return {(sample.name, frozenset(sample.labels.items())): sample.value
-            for family in text_string_to_metric_families(text) for sample in family.samples}
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
 
 
 async def wait_until(predicate: Callable[[], bool], timeout: float,
@@ -85,17 +70,6 @@ async def assert_released(app: web.Application, state: MockState | None, baselin
                          "the upstream's stream was closed")
     await wait_until(lambda: len(asyncio.all_tasks()) <= baseline.tasks, timeout,
                      lambda: f"tasks back to {baseline.tasks}: {asyncio.all_tasks()}")
-
-
-def sse_events(raw: bytes) -> list[bytes]:
-    """The events of an SSE body, each ending in its blank line, comment lines (the gateway's
-    ``: keep-alive``) left out."""
-    out = []
-    for block in raw.split(b"\n\n"):
-        lines = [line for line in block.split(b"\n") if line and not line.startswith(b":")]
-        if lines:
-            out.append(b"\n".join(lines) + b"\n\n")
-    return out
 
 
 def error_of(frame_or_body: bytes) -> dict[str, Any]:

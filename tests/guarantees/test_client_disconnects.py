@@ -12,17 +12,13 @@ from typing import Any
 import aiohttp
 import pytest
 
-from conftest import KEY, Upstream, settings_for
 from gateway.appkeys import STREAMS
-from observe import Baseline, access_lines, assert_released, scrape, value, wait_until
 
-AUTH = {"Authorization": f"Bearer {KEY}"}
+from clients import AUTH, chat_body, scrape, value
+from conftest import KEY, Upstream, settings_for
+from observe import Baseline, access_lines, assert_released, wait_until
+
 ROUTE = "/api/v1/chat/completions"
-
-
-def body(**mock: Any) -> dict[str, Any]:
-    return {"model": "grok-4", "messages": [{"role": "user", "content": "hi"}], "stream": True,
-            "mock": mock}
 
 
 @pytest.mark.parametrize("mock, read_events", [
@@ -42,7 +38,8 @@ async def test_a_client_disconnect_cancels_the_upstream_within_a_second_and_free
     app, base = await start_gateway(settings)
     baseline = await Baseline.after_one_request(base, KEY)
     session = aiohttp.ClientSession()
-    response = await session.post(f"{base}{ROUTE}", headers=AUTH, json=body(**mock))
+    response = await session.post(f"{base}{ROUTE}", headers=AUTH,
+                                  json=chat_body(stream=True, **mock))
     assert response.status == 200
     for _ in range(read_events):
         line = await response.content.readuntil(b"\n\n")
@@ -63,6 +60,7 @@ async def test_a_client_disconnect_cancels_the_upstream_within_a_second_and_free
     assert value(samples, "gateway_open_streams") == 0
     # The key's only stream slot came back: a new stream is admitted and completes.
     async with aiohttp.ClientSession() as s:
-        async with s.post(f"{base}{ROUTE}", headers=AUTH, json=body()) as r:
+        async with s.post(f"{base}{ROUTE}", headers=AUTH,
+                          json=chat_body(stream=True, fields={"mock": {}})) as r:
             assert r.status == 200
             assert (await r.read()).endswith(b"data: [DONE]\n\n")

@@ -20,14 +20,16 @@ import orjson
 import pytest
 from aiohttp import web
 
-from conftest import KEY, Upstream, free_port, settings_for
 from gateway.app import create_app
 from gateway.body import json_body
 from gateway.forward import upstream_post
 from gateway.relay import relay_stream
-from observe import access_lines, error_of, sse_events
 
-AUTH = {"Authorization": f"Bearer {KEY}"}
+from clients import AUTH, sse_events
+from conftest import Upstream, settings_for
+from observe import access_lines, error_of
+from servers import free_port
+
 # No key-like prefix: only the gateway's knowledge of its own key can redact it.
 OPERATOR_KEY = "operator-7Hq2Lw9ZxK4m"
 SECRETS = (OPERATOR_KEY, "xai-another-credential-123456")

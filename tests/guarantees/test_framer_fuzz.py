@@ -20,10 +20,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import KEY, Upstream, settings_for
-from gateway.mock_upstream import chat_chunks
 from gateway.sse import Event, SSEFramer, SSEProtocolError, encode_event
-from observe import Baseline, assert_released, sse_events
+
+from clients import mock_events, sse_events
+from conftest import KEY, Upstream, settings_for
+from observe import Baseline, assert_released
+
 
 def feed_all(framer: SSEFramer, data: bytes, cuts: list[int]) -> list[Event]:
     events, last = [], 0
@@ -101,8 +103,7 @@ def test_a_line_that_is_not_sse_is_an_error_not_silently_dropped(
 # --- byte soup from a real upstream, through a real gateway ---------------------------------
 
 TEXT = "soup arrives in the middle of this stream"
-WORDS = [w + " " for w in TEXT.split(" ")[:-1]] + [TEXT.split(" ")[-1]]
-CLEAN = chat_chunks("grok-4", WORDS, False) + [b"data: [DONE]\n\n"]
+CLEAN = mock_events(TEXT)
 
 
 def soups(count: int) -> list[bytes]:

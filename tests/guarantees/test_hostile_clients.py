@@ -22,16 +22,14 @@ import aiohttp
 import orjson
 import pytest
 
+from clients import AUTH, mock_events
 from conftest import KEY, Upstream, settings_for
-from gateway.mock_upstream import chat_chunks
 from observe import error_of
 
-AUTH = {"Authorization": f"Bearer {KEY}"}
 ROUTE = "/api/v1/chat/completions"
 LIMIT = 1024 * 1024  # [stream] max_body_bytes for these tests
 TEXT = "a healthy stream keeps flowing while others misbehave"
-WORDS = [w + " " for w in TEXT.split(" ")[:-1]] + [TEXT.split(" ")[-1]]
-HEALTHY = b"".join(chat_chunks("grok-4", WORDS, False)) + b"data: [DONE]\n\n"
+HEALTHY = b"".join(mock_events(TEXT))
 
 
 @pytest.fixture

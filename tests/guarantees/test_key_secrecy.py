@@ -21,11 +21,12 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from conftest import KEY, Upstream, settings_for
 from gateway.appkeys import KEYSTORE, SETTINGS
 from gateway.context import ClientKey
 from gateway.keystore import add_key, store_keys
 from gateway.settings import Limits
+
+from conftest import KEY, Upstream, settings_for
 
 ROUTE = "/v1/chat/completions"
 SOLO_KEY = "sk-test-solo-key-0000000001"

@@ -18,13 +18,12 @@ from typing import Any
 
 import aiohttp
 
+from clients import AUTH, mock_events
 from conftest import KEY, Upstream
-from gateway.mock_upstream import chat_chunks
 from observe import wait_until
 from servers import gateway_processes
 
 STREAMS = 1000
-AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 def text_of(index: int) -> str:
@@ -33,10 +32,7 @@ def text_of(index: int) -> str:
 
 def expected_digest(index: int) -> str:
     """What the mock upstream sends for ``text_of(index)``, hashed."""
-    words = text_of(index).split(" ")
-    words = [w + " " for w in words[:-1]] + [words[-1]]
-    stream = b"".join(chat_chunks("grok-4", words, False)) + b"data: [DONE]\n\n"
-    return hashlib.sha256(stream).hexdigest()
+    return hashlib.sha256(b"".join(mock_events(text_of(index)))).hexdigest()
 
 
 def allow_open_files(count: int) -> None:
@@ -64,7 +60,7 @@ async def test_a_thousand_concurrent_streams_through_one_process_arrive_byte_for
                 "messages": [{"role": "user", "content": f"stream {index}"}],
                 "mock": {"text": text_of(index), "pause_after": 1,
                          "hold_until_open": STREAMS, "pause": 15}}
-            async with http.post(f"{gw.base}/v1/chat/completions", json=body,
+            async with http.post(f"{gw.url}/v1/chat/completions", json=body,
                                  headers=AUTH) as resp:
                 digest = hashlib.sha256()
                 async for piece in resp.content.iter_any():
@@ -80,7 +76,7 @@ async def test_a_thousand_concurrent_streams_through_one_process_arrive_byte_for
         assert intact.count(False) == 0, f"streams with wrong bytes: {intact.count(False)}"
         assert state.completed_streams == STREAMS and state.disconnects == 0
         await wait_until(lambda: state.open_streams == 0, 2, "every upstream stream closed")
-        async with http.get(f"{gw.base}/metrics") as resp:
+        async with http.get(f"{gw.url}/metrics") as resp:
             metrics = await resp.text()
         assert "gateway_open_streams 0.0" in metrics.splitlines()
         assert "Traceback" not in gw.logs()

@@ -20,11 +20,13 @@ from typing import Any
 import aiohttp
 import pytest
 
-from conftest import KEY, Upstream, settings_for
 from gateway.appkeys import LIMITER
-from observe import error_of
 
-AUTH = {"Authorization": f"Bearer {KEY}"}
+from clients import AUTH, chat_body
+from conftest import Upstream, settings_for
+from observe import error_of
+from servers import Blackhole
+
 TIMEOUT = 1.0  # [redis] timeout_seconds: long, so a stall of the loop could not hide in it
 
 
@@ -51,6 +53,27 @@ async def healthz_latencies(base: str, stop: asyncio.Event) -> list[float]:
     return out
 
 
+async def timed_chat(s: aiohttp.ClientSession, base: str, stream: bool | None
+                     ) -> tuple[int, dict[str, str], bytes, float]:
+    """One chat request: its status, headers and body, and the seconds until the body was read
+    (``stream`` None: a body without the ``stream`` field)."""
+    started = time.monotonic()
+    async with s.post(f"{base}/v1/chat/completions", headers=AUTH,
+                      json=chat_body(stream=stream)) as r:
+        return r.status, dict(r.headers), await r.read(), time.monotonic() - started
+
+
+async def waves(s: aiohttp.ClientSession, base: str
+                ) -> list[tuple[int, dict[str, str], bytes, float]]:
+    """Three waves of 40 concurrent requests, streamed and plain in turn, 0.3 s apart (across
+    a breaker probe or two): ``timed_chat`` of each."""
+    results = []
+    for _ in range(3):
+        results += await asyncio.gather(*(timed_chat(s, base, i % 2 == 0) for i in range(40)))
+        await asyncio.sleep(0.3)
+    return results
+
+
 async def start_blackholed(start_gateway: Any, mock_upstream: Upstream, url: str, policy: str,
                            prefix: str) -> tuple[Any, str]:
     started = time.monotonic()
@@ -71,24 +94,13 @@ async def test_a_blackholed_redis_with_fail_open_keeps_serving_and_the_loop_neve
         stop = asyncio.Event()
         polling = asyncio.ensure_future(healthz_latencies(base, stop))
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
-            async def call(stream: bool) -> tuple[int, float, bytes]:
-                started = time.monotonic()
-                async with s.post(f"{base}/v1/chat/completions", headers=AUTH, json={
-                        "model": "grok-4", "stream": stream,
-                        "messages": [{"role": "user", "content": "hi"}]}) as r:
-                    body = await r.read()
-                    return r.status, time.monotonic() - started, body
-
-            results = []
-            for _ in range(3):  # waves of concurrent requests, across a breaker probe or two
-                results += await asyncio.gather(*(call(i % 2 == 0) for i in range(40)))
-                await asyncio.sleep(0.3)
+            results = await waves(s, base)
         stop.set()
         latencies = await polling
-    assert {status for status, _, _ in results} == {200}
-    assert all(body.endswith(b"data: [DONE]\n\n") for _, _, body in results[::2])
+    assert {status for status, _, _, _ in results} == {200}
+    assert all(body.endswith(b"data: [DONE]\n\n") for _, _, body, _ in results[::2])
     # No request waited on Redis: the breaker was open from start-up on.
-    assert max(took for _, took, _ in results) < TIMEOUT
+    assert max(took for _, _, _, took in results) < TIMEOUT
     assert len(latencies) >= 20 and max(latencies) < TIMEOUT / 2
     assert app[LIMITER].fallback_decisions >= len(results)
 
@@ -101,17 +113,7 @@ async def test_a_blackholed_redis_with_fail_closed_answers_503_and_the_loop_neve
         stop = asyncio.Event()
         polling = asyncio.ensure_future(healthz_latencies(base, stop))
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
-            async def call(stream: bool) -> tuple[int, dict[str, str], bytes, float]:
-                started = time.monotonic()
-                async with s.post(f"{base}/v1/chat/completions", headers=AUTH, json={
-                        "model": "grok-4", "stream": stream,
-                        "messages": [{"role": "user", "content": "hi"}]}) as r:
-                    return r.status, dict(r.headers), await r.read(), time.monotonic() - started
-
-            results = []
-            for _ in range(3):
-                results += await asyncio.gather(*(call(i % 2 == 0) for i in range(40)))
-                await asyncio.sleep(0.3)
+            results = await waves(s, base)
             async with s.get(f"{base}/readyz") as r:
                 ready = r.status, await r.json()
         stop.set()
@@ -136,9 +138,8 @@ async def test_a_redis_that_goes_silent_costs_the_requests_in_flight_a_bounded_w
     """helper-1's silent-proxy test, for fail_closed as well, and with many requests waiting
     on Redis when it goes silent: they are answered per the policy after at most two timeouts
     (the pipeline in flight, then their own: ``RedisBatcher``), later ones at once. Reuses its
-    proxy (``Blackhole``), which keeps connections open and drops bytes."""
-    from test_ratelimit_redis import Blackhole
-
+    proxy (``Blackhole``, in ``tests/servers.py``), which keeps connections open and drops
+    bytes."""
     proxy = Blackhole(redis_url)
     proxy_url = await proxy.start()
     try:
@@ -146,20 +147,14 @@ async def test_a_redis_that_goes_silent_costs_the_requests_in_flight_a_bounded_w
             "url": proxy_url, "key_prefix": redis_prefix, "failure_policy": policy,
             "timeout_seconds": TIMEOUT}))
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
-            async def call() -> tuple[int, float]:
-                started = time.monotonic()
-                async with s.post(f"{base}/v1/chat/completions", headers=AUTH, json={
-                        "model": "grok-4", "messages": [{"role": "user", "content": "hi"}]}) as r:
-                    await r.read()
-                    return r.status, time.monotonic() - started
-
-            assert (await call())[0] == 200 and app[LIMITER].backend_state == "redis"
+            assert (await timed_chat(s, base, None))[0] == 200 \
+                and app[LIMITER].backend_state == "redis"
             proxy.silent = True
-            in_flight = await asyncio.gather(*(call() for _ in range(20)))
-            after = [await call() for _ in range(20)]
+            in_flight = await asyncio.gather(*(timed_chat(s, base, None) for _ in range(20)))
+            after = [await timed_chat(s, base, None) for _ in range(20)]
         expected = 200 if policy == "fail_open" else 503
-        assert {status for status, _ in in_flight + after} == {expected}
-        assert max(took for _, took in in_flight) < 2 * TIMEOUT + 1  # not twenty timeouts
-        assert max(took for _, took in after) < TIMEOUT / 2
+        assert {status for status, _, _, _ in in_flight + after} == {expected}
+        assert max(took for _, _, _, took in in_flight) < 2 * TIMEOUT + 1  # not twenty timeouts
+        assert max(took for _, _, _, took in after) < TIMEOUT / 2
     finally:
         await proxy.close()

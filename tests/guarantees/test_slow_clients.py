@@ -12,17 +12,12 @@ from typing import Any
 
 import aiohttp
 
+from clients import AUTH, USER, chat_body
 from conftest import KEY, Upstream
 from servers import GatewayProcess, gateway_processes
 
-AUTH = {"Authorization": f"Bearer {KEY}"}
-MESSAGES = [{"role": "user", "content": "What is the meaning of life?"}]
 CHUNK_BYTES, CHUNKS = 64 * 1024, 1024  # a 64 MiB stream
 MiB = 1024 * 1024
-
-
-def chat(**mock: Any) -> dict[str, Any]:
-    return {"model": "grok-4", "messages": MESSAGES, "stream": True, "mock": mock}
 
 
 async def test_a_slow_client_slows_the_upstream_instead_of_filling_memory(
@@ -30,7 +25,8 @@ async def test_a_slow_client_slows_the_upstream_instead_of_filling_memory(
     _, base = gateway
     async with aiohttp.ClientSession() as s:
         async with s.post(f"{base}/api/v1/chat/completions", headers=AUTH,
-                          json=chat(chunks=CHUNKS, chunk_bytes=CHUNK_BYTES)) as r:
+                          json=chat_body(stream=True, messages=USER, chunks=CHUNKS,
+                                         chunk_bytes=CHUNK_BYTES)) as r:
             assert r.status == 200
             await asyncio.sleep(1.5)  # the client reads nothing
             # Buffered without bound, the mock would have finished long ago.
@@ -46,7 +42,7 @@ async def test_a_slow_client_slows_the_upstream_instead_of_filling_memory(
 def memory(gw: GatewayProcess) -> tuple[int, int]:
     """The process's resident set now and its peak so far (``VmHWM``), in bytes."""
     fields = dict(line.split(":", 1) for line in
-                  Path(f"/proc/{gw.proc.pid}/status").read_text().splitlines())
+                  Path(f"/proc/{gw.pid}/status").read_text().splitlines())
     return (int(fields["VmRSS"].split()[0]) * 1024, int(fields["VmHWM"].split()[0]) * 1024)
 
 
@@ -60,15 +56,16 @@ async def test_the_gateway_process_memory_stays_flat_under_a_stalled_64_mib_stre
               "keys": [{"name": "alice", "key": KEY}]}
     async with gateway_processes(config, 1, tmp_path) as [gw], \
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
-        url = f"{gw.base}/api/v1/chat/completions"
+        url = f"{gw.url}/api/v1/chat/completions"
         # Warm up: the allocator's and aiohttp's buffers at their working size.
         for _ in range(3):
-            async with s.post(url, headers=AUTH, json=chat(chunks=64,
-                                                           chunk_bytes=CHUNK_BYTES)) as r:
+            async with s.post(url, headers=AUTH, json=chat_body(
+                    stream=True, messages=USER, chunks=64, chunk_bytes=CHUNK_BYTES)) as r:
                 assert len(await r.read()) > 64 * CHUNK_BYTES
         before, _ = memory(gw)
         async with s.post(url, headers=AUTH,
-                          json=chat(chunks=CHUNKS, chunk_bytes=CHUNK_BYTES)) as r:
+                          json=chat_body(stream=True, messages=USER, chunks=CHUNKS,
+                                         chunk_bytes=CHUNK_BYTES)) as r:
             assert r.status == 200
             for _ in range(10):  # the client stalls for a second
                 await asyncio.sleep(0.1)

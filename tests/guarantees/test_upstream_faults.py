@@ -24,22 +24,15 @@ import openai
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
-from conftest import KEY, Upstream, free_port, settings_for
-from gateway.mock_upstream import chat_chunks
-from observe import Baseline, access_lines, assert_released, error_of, scrape, sse_events
+from clients import AUTH, HI, chat_body, mock_events, scrape, sse_events
+from conftest import KEY, Upstream, settings_for
+from observe import Baseline, access_lines, assert_released, error_of
+from servers import free_port
 
-AUTH = {"Authorization": f"Bearer {KEY}"}
 ROUTE = "/api/v1/chat/completions"
-MESSAGES = [{"role": "user", "content": "hi"}]
-TEXT = "one two three four five six seven eight"
-WORDS = [w + " " for w in TEXT.split(" ")[:-1]] + [TEXT.split(" ")[-1]]
-CLEAN = chat_chunks("grok-4", WORDS, False) + [b"data: [DONE]\n\n"]
+TEXT = "one two three four five six seven eight"  # the mock's reply (``text=TEXT``) here
+CLEAN = mock_events(TEXT)
 """The stream the mock sends for ``TEXT`` when nothing goes wrong."""
-
-
-def chat(stream: bool = True, **mock: Any) -> dict[str, Any]:
-    return {"model": "grok-4", "messages": MESSAGES, "stream": stream,
-            "mock": {"text": TEXT, **mock}}
 
 
 async def post(base: str, body: dict[str, Any], headers: dict[str, str] | None = None
@@ -103,7 +96,7 @@ async def test_a_mid_stream_fault_ends_with_one_error_frame_released_logged_and_
     caplog.set_level(logging.INFO, logger="gateway.access")
     app, base = await start_gateway(settings_for(mock_upstream.url, stream=fault.stream))
     baseline = await Baseline.after_one_request(base, KEY)
-    status, headers, raw = await post(base, chat(**fault.mock))
+    status, headers, raw = await post(base, chat_body(stream=True, text=TEXT, **fault.mock))
 
     assert status == 200 and headers["Content-Type"] == "text/event-stream"
     events = sse_events(raw)
@@ -163,7 +156,7 @@ async def test_a_fault_before_streaming_gets_its_true_status_released_logged_and
     app, base = await start_gateway(settings_for(mock_upstream.url, stream={
         "first_byte_timeout_seconds": 0.4, "keepalive_seconds": 5}))
     baseline = await Baseline.after_one_request(base, KEY)
-    status, headers, raw = await post(base, chat(stream, **mock),
+    status, headers, raw = await post(base, chat_body(stream=stream, text=TEXT, **mock),
                                       {"Accept": "application/json"})
     assert status == expected and headers["Content-Type"].startswith("application/json")
     assert error_of(raw)["code"] == code
@@ -183,8 +176,8 @@ async def test_a_fault_before_streaming_gets_its_true_status_released_logged_and
 async def test_upstream_error_statuses_map_to_the_error_shape(
         gateway: Any, upstream_status: int, status: int, code: str) -> None:
     _, base = gateway
-    got, _, raw = await post(base, chat(False, status=upstream_status,
-                                        message="boom xai-operator-secret-key"))
+    got, _, raw = await post(base, chat_body(stream=False, text=TEXT, status=upstream_status,
+                                             message="boom xai-operator-secret-key"))
     assert got == status
     assert error_of(raw)["code"] == code
     assert b"xai-operator-secret-key" not in raw
@@ -200,7 +193,8 @@ async def test_an_answer_that_is_not_http_is_502_bad_stream_never_500(
     async with upstream.serving() as url:
         app, base = await start_gateway(settings_for(url, upstream={"max_retries": 2}))
         baseline = Baseline(len(asyncio.all_tasks()))
-        status, _, raw = await post(base, chat(), {"Accept": "application/json"})
+        status, _, raw = await post(base, chat_body(stream=True, text=TEXT),
+                                    {"Accept": "application/json"})
         assert status == 502
         err = error_of(raw)
         assert err["code"] == "upstream_bad_stream" and "not valid HTTP" in err["message"]
@@ -219,7 +213,8 @@ async def test_an_unreachable_upstream_is_502_after_bounded_retries(
     _, base = await start_gateway(settings_for(f"http://127.0.0.1:{free_port()}/v1",
                                                upstream={"max_retries": 2,
                                                          "retry_backoff_seconds": 0.01}))
-    status, _, raw = await post(base, chat(), {"Accept": "application/json"})
+    status, _, raw = await post(base, chat_body(stream=True, text=TEXT),
+                                {"Accept": "application/json"})
     assert status == 502 and error_of(raw)["code"] == "upstream_unreachable"
     [line] = access_lines(caplog, ROUTE)
     assert (line["outcome"], line["error"]) == ("upstream_error", "upstream_unreachable")
@@ -239,7 +234,8 @@ async def test_retries_before_streaming_are_bounded_by_max_retries(
         mock_upstream: Upstream, start_gateway: Any, max_retries: int) -> None:
     _, base = await start_gateway(settings_for(mock_upstream.url, upstream={
         "max_retries": max_retries, "retry_backoff_seconds": 0.01}))
-    status, _, _ = await post(base, chat(status=503, tag="always"))
+    status, _, _ = await post(base, chat_body(stream=True, text=TEXT, status=503,
+                                              tag="always"))
     assert status == 503
     assert tagged(mock_upstream, "always") == 1 + max_retries
 
@@ -249,12 +245,14 @@ async def test_a_retried_request_succeeds_and_costs_the_client_one_token(
     _, base = await start_gateway(settings_for(
         mock_upstream.url, upstream={"max_retries": 2, "retry_backoff_seconds": 0.01},
         keys=[{"name": "alice", "key": KEY, "burst": 5, "requests_per_minute": 1}]))
-    status, headers, raw = await post(base, chat(fail_first=2, tag="flaky"))
+    status, headers, raw = await post(base, chat_body(stream=True, text=TEXT, fail_first=2,
+                                                      tag="flaky"))
     assert status == 200 and raw == b"".join(CLEAN)  # the third try, relayed whole
     assert tagged(mock_upstream, "flaky") == 3
     assert headers["x-ratelimit-remaining-requests"] == "4"  # one token for three tries
     # Retries that all fail cost one token too; the refusal passes with its true status.
-    status, headers, _ = await post(base, chat(fail_first=5, tag="down"))
+    status, headers, _ = await post(base, chat_body(stream=True, text=TEXT, fail_first=5,
+                                                    tag="down"))
     assert status == 503 and tagged(mock_upstream, "down") == 3
     assert headers["x-ratelimit-remaining-requests"] == "3"
 
@@ -263,7 +261,8 @@ async def test_nothing_is_retried_once_an_event_reached_the_client(
         mock_upstream: Upstream, start_gateway: Any) -> None:
     _, base = await start_gateway(settings_for(mock_upstream.url, upstream={
         "max_retries": 3, "retry_backoff_seconds": 0.01}))
-    status, _, raw = await post(base, chat(disconnect_after=3, chunk_delay=0.05, tag="reset"))
+    status, _, raw = await post(base, chat_body(stream=True, text=TEXT, disconnect_after=3,
+                                                chunk_delay=0.05, tag="reset"))
     assert status == 200 and b"[DONE]" not in raw
     assert error_of(sse_events(raw)[-1])["code"] == "upstream_bad_stream"
     await asyncio.sleep(0.2)  # a retry, were there one, would have started by now
@@ -277,7 +276,8 @@ async def test_a_retry_after_keepalive_comments_still_sends_the_stream_once(
     _, base = await start_gateway(settings_for(
         mock_upstream.url, stream={"keepalive_seconds": 0.1},
         upstream={"max_retries": 1, "retry_backoff_seconds": 0.01}))
-    status, _, raw = await post(base, chat(headers_delay=0.3, fail_first=1, tag="slow"))
+    status, _, raw = await post(base, chat_body(stream=True, text=TEXT, headers_delay=0.3,
+                                                fail_first=1, tag="slow"))
     assert status == 200 and tagged(mock_upstream, "slow") == 2
     assert raw.startswith(b": keep-alive\n")
     assert sse_events(raw) == CLEAN
@@ -295,7 +295,7 @@ async def test_the_sdk_raises_api_error_with_the_gateways_message_mid_stream(
     _, base = await start_gateway(settings_for(mock_upstream.url))
     aclient = AsyncOpenAI(base_url=f"{base}/api/v1", api_key=KEY, max_retries=0)
     received = []
-    messages: Any = MESSAGES
+    messages: Any = HI
     with pytest.raises(openai.APIError, match=fault.message):
         stream = await aclient.chat.completions.create(
             model="grok-4", messages=messages, stream=True, extra_body={"mock": fault.mock})
