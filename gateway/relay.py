@@ -1,10 +1,14 @@
 """The byte path: upstream response in, client response out.
 
-``relay_stream`` forwards Server-Sent Events as they arrive. Events already in the one-line form
-pass as the very bytes the upstream sent, one write per upstream chunk; only events that must
+``relay_stream`` forwards Server-Sent Events as they arrive, one write per upstream read. Events
+already in the one-line form pass as the very bytes the upstream sent; only events that must
 change (multi-line JSON, CR line endings, upstream error objects, model aliases) are re-encoded.
-It never buffers more than one incomplete event, and ``response.write`` waits for the client
-to drain, so a slow client slows the upstream read (aiohttp pauses the socket).
+Every event's JSON is validated, so a malformed event ends the stream with an error frame
+instead of reaching the client. The common case, a read that completes a run of one-line
+``data:`` events, is forwarded whole after one simdjson pass (``_render_simple``); anything else
+goes event by event (``_render``). The relay never holds more than one incomplete event, and
+``response.write`` waits for the client to drain, so a slow client slows the upstream read
+(aiohttp pauses the socket).
 
 Response headers wait for the upstream's, so an upstream error keeps its true status. Only if
 the upstream is silent for one keep-alive interval does the gateway commit ``200`` and start
