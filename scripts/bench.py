@@ -2,7 +2,8 @@
 """Benchmark the gateway against the upstream directly and nginx as a plain proxy, in one run.
 
 Starts the mock upstream, nginx (``proxy_buffering off``, one worker, no auth, no limits, no
-framing) and the gateway (auth, a Redis rate-limit check when Redis answers, SSE framing), each
+framing), a naive aiohttp pass-through (scripts/naive_relay.py: the floor for any aiohttp relay)
+and the gateway (auth, a Redis rate-limit check when Redis answers, SSE framing), each
 as its own process on loopback, and runs the same load against all three, interleaved round by
 round so machine noise hits each alike. Prints a table with ratios and writes a JSON summary.
 
@@ -253,7 +254,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="gwbench-") as tmpdir, contextlib.ExitStack() as st:
         tmp = Path(tmpdir)
-        up_port, ngx_port, gw_port = free_port(), free_port(), free_port()
+        up_port, ngx_port, gw_port, naive_port = (free_port() for _ in range(4))
         py = sys.executable
         mock = st.enter_context(started(
             [py, "-m", "gateway", "mock-upstream", "--port", str(up_port)], up_port))
@@ -268,9 +269,13 @@ def main() -> int:
             [py, "-m", "gateway", "serve", "--config",
              str(gateway_config(tmp, up_port, redis_url, gw_port))], gw_port,
             log=tmp / "gateway.log"))
+        naive = st.enter_context(started(
+            [py, str(ROOT / "scripts" / "naive_relay.py"), str(naive_port),
+             f"http://127.0.0.1:{up_port}/v1"], naive_port))
         direct = Target("direct", mock, f"http://127.0.0.1:{up_port}/v1")
+        gateway = Target("gateway", gw, f"http://127.0.0.1:{gw_port}/api/v1")
         targets = [Target("nginx", ngx, f"http://127.0.0.1:{ngx_port}/v1"),
-                   Target("gateway", gw, f"http://127.0.0.1:{gw_port}/api/v1")]
+                   Target("naive", naive, f"http://127.0.0.1:{naive_port}/v1"), gateway]
         # Warm up connection pools and caches.
         for t in [direct, *targets]:
             load(t.base, concurrency=10, requests=50, mock={"chunks": 5})
@@ -289,8 +294,9 @@ def main() -> int:
                                   "rounds": [round(x, 3) for x in v],
                                   "peak_rss_mb": round(rss[n] / 2**20, 1)}
                               for n, v in per.items()}
-            summary["cpu"]["ratio_gateway_to_nginx"] = round(
-                median(per["gateway"]) / median(per["nginx"]), 2)
+            for n in ("naive", "gateway"):
+                summary["cpu"][f"ratio_{n}_to_nginx"] = round(
+                    median(per[n]) / median(per["nginx"]), 2)
 
         if "ttfb" in only:
             res: dict[str, dict[str, list[float]]] = {}
@@ -301,7 +307,7 @@ def main() -> int:
                         res.setdefault(t.name, {}).setdefault(q, []).append(r["ttfb_ms"][q])
             summary["ttfb_ms"] = {n: {q: round(median(v), 3) for q, v in d.items()}
                                   for n, d in res.items()}
-            for n in ("nginx", "gateway"):
+            for n in ("nginx", "naive", "gateway"):
                 summary["ttfb_ms"][f"added_{n}"] = {
                     q: round(summary["ttfb_ms"][n][q] - summary["ttfb_ms"]["direct"][q], 3)
                     for q in ("p50", "p99")}
@@ -313,8 +319,9 @@ def main() -> int:
                     cps.setdefault(t.name, []).append(burst_rate(t.base, tmp, 20))
             summary["burst_client"] = "wrk" if shutil.which("wrk") else "loadtest.py"
             summary["burst_chunks_per_s"] = {n: round(median(v)) for n, v in cps.items()}
-            summary["burst_chunks_per_s"]["ratio_gateway_to_nginx"] = round(
-                median(cps["gateway"]) / median(cps["nginx"]), 2)
+            for n in ("naive", "gateway"):
+                summary["burst_chunks_per_s"][f"ratio_{n}_to_nginx"] = round(
+                    median(cps[n]) / median(cps["nginx"]), 2)
 
         if "many" in only:
             base_rss = rss_bytes(gw.pid)
@@ -328,7 +335,7 @@ def main() -> int:
             async def run_many() -> dict[str, Any]:
                 sampler = asyncio.create_task(sample())
                 a = loadtest.parse_args([
-                    "--url", targets[1].base, "--key", KEY, "--concurrency", str(args.many),
+                    "--url", gateway.base, "--key", KEY, "--concurrency", str(args.many),
                     "--requests", str(args.many), "--quiet", "--timeout", "600", "--checksum",
                     "--mock", json.dumps({"chunks": 20, "chunk_delay": 0.5})])
                 try:
