@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .errors import GatewayError
 
 
 @dataclass(slots=True)
@@ -46,6 +49,13 @@ class RequestInfo:
     error: str | None = None  # the error code the client was sent (status or frame), if any
     upstream_error: str | None = None  # UpstreamFailure.kind when the upstream caused it
     limit_headers: dict[str, str] = field(default_factory=dict)
+
+    def note_error(self, err: GatewayError) -> None:
+        """What the client was told and why. An outcome already decided (a shutdown, a
+        disconnect) stands."""
+        self.error = err.code
+        self.upstream_error = err.kind
+        self.outcome = self.outcome or err.outcome
 
     @property
     def ttfb_seconds(self) -> float | None:

@@ -47,6 +47,10 @@ class GatewayError(Exception):
     status = 500
     type = "server_error"
     code = "internal_error"
+    outcome = "error"
+    """How the request ended, for the access log and metrics."""
+    kind: str | None = None
+    """For upstream failures: a short label for logs and metrics."""
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
                  headers: Mapping[str, str] | None = None) -> None:
@@ -135,6 +139,7 @@ class UnsupportedMediaType(GatewayError):
 
 
 class RateLimited(GatewayError):
+    outcome = "refused"
     status = 429
     type = "rate_limit_error"
     code = "rate_limit_exceeded"
@@ -147,6 +152,7 @@ class ServiceUnavailable(GatewayError):
 
 
 class ShuttingDown(ServiceUnavailable):
+    outcome = "shutdown"
     code = "gateway_restarting"
 
 
@@ -154,8 +160,8 @@ class UpstreamFailure(GatewayError):
     status = 502
     type = "upstream_error"
     code = "upstream_error"
+    outcome = "upstream_error"
     kind = "error"
-    """Short label for logs and metrics."""
 
 
 class UpstreamStatus(UpstreamFailure):
@@ -176,6 +182,7 @@ class UpstreamUnreachable(UpstreamFailure):
 
 
 class UpstreamTimeout(UpstreamFailure):
+    outcome = "timeout"
     status = 504
     code = "upstream_timeout"
     kind = "timeout"

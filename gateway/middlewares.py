@@ -33,8 +33,6 @@ from .errors import (
     PayloadTooLarge,
     PermissionDenied,
     RateLimited,
-    UpstreamFailure,
-    UpstreamTimeout,
     redact,
 )
 
@@ -149,15 +147,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             log.exception("request %s failed", info.request_id)
             raise GatewayError("The gateway failed to handle this request") from None
     except GatewayError as err:
-        info.error = err.code
-        if isinstance(err, RateLimited):
-            info.outcome = "refused"
-        elif isinstance(err, UpstreamFailure):
-            info.upstream_error = err.kind
-            info.outcome = info.outcome or (
-                "timeout" if isinstance(err, UpstreamTimeout) else "upstream_error")
-        else:
-            info.outcome = info.outcome or "error"
+        info.note_error(err)
         err.headers = {"X-Request-ID": info.request_id, **info.limit_headers, **err.headers}
         response = err.to_response(event_stream=await _wants_event_stream(request, info))
     finally:

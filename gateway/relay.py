@@ -138,7 +138,6 @@ async def _read_answer(request: web.Request, upstream_call: Awaitable[aiohttp.Cl
             if not plain.shutdown:
                 raise
             _uncancel()
-            request[REQUEST_INFO].outcome = "shutdown"
             raise ShuttingDown("The gateway is restarting; retry the request") from None
 
 
@@ -246,15 +245,12 @@ class _StreamRelay:
                 await self._start()
             clean = await self._pump(upstream)
         except GatewayError as err:
-            info.outcome = "timeout" if isinstance(err, UpstreamTimeout) else (
-                "upstream_error" if isinstance(err, UpstreamFailure) else "error")
             if isinstance(err, UpstreamFailure):
                 log.warning("request %s: upstream %s: %s", info.request_id, err.kind, err.message)
             if self.response is None:
                 raise  # nothing sent yet: the error middleware answers with the true status
             await self._end_with(err)
         except SSEProtocolError as e:
-            info.outcome = "upstream_error"
             log.warning("request %s: upstream bad_stream: %s", info.request_id, e)
             await self._end_with(UpstreamProtocolError(f"The upstream stream was malformed: {e}"))
         except ConnectionResetError:
@@ -264,7 +260,6 @@ class _StreamRelay:
                 info.outcome = info.outcome or "client_disconnect"
                 raise
             # Graceful shutdown ran out of drain time: tell the client why the stream ends.
-            info.outcome = "shutdown"
             _uncancel()
             restarting = ShuttingDown("The gateway is restarting; retry the request")
             if self.response is None:
@@ -276,7 +271,6 @@ class _StreamRelay:
             # A bug, after headers: no second response can follow the first (the client would
             # wait on a broken stream), so this one ends with the generic error frame.
             log.exception("request %s: the relay failed", info.request_id)
-            info.outcome = "error"
             await self._end_with(GatewayError("The gateway failed to handle this request"))
         finally:
             _dispose(task, upstream, clean)
@@ -314,9 +308,7 @@ class _StreamRelay:
 
     async def _end_with(self, err: GatewayError) -> None:
         """After headers: the error becomes the stream's last event."""
-        self.info.error = err.code
-        if isinstance(err, UpstreamFailure):
-            self.info.upstream_error = err.kind
+        self.info.note_error(err)
         try:
             await self._write(self.dialect.error_frame(err, self.seq))
             assert self.response is not None
