@@ -7,21 +7,21 @@ import asyncio
 from collections.abc import Awaitable
 from typing import Any
 
-import aiohttp
 import orjson
 from aiohttp import web
 
 from .appkeys import REQUEST_INFO, UPSTREAM
 from .errors import SSE_HEADERS
+from .http1 import UpstreamResponse
 from .relay import response_headers
 
 
 def upstream_post(request: web.Request, path: str, body: dict[str, Any] | None = None
-                  ) -> Awaitable[aiohttp.ClientResponse]:
+                  ) -> Awaitable[UpstreamResponse]:
     """POST to the upstream: the client's own bytes when ``body`` is None, else ``body``."""
     info = request[REQUEST_INFO]
 
-    async def call() -> aiohttp.ClientResponse:
+    async def call() -> UpstreamResponse:
         payload = await request.read() if body is None else orjson.dumps(body)
         return await request.app[UPSTREAM].request(
             "POST", path, body=payload,
@@ -30,7 +30,7 @@ def upstream_post(request: web.Request, path: str, body: dict[str, Any] | None =
     return call()
 
 
-def upstream_get(request: web.Request, path: str) -> Awaitable[aiohttp.ClientResponse]:
+def upstream_get(request: web.Request, path: str) -> Awaitable[UpstreamResponse]:
     info = request[REQUEST_INFO]
     return request.app[UPSTREAM].request("GET", path, headers={"X-Request-ID": info.request_id})
 

@@ -6,9 +6,14 @@ change (multi-line JSON, CR line endings, upstream error objects, model aliases)
 Every event's JSON is validated, so a malformed event ends the stream with an error frame
 instead of reaching the client. The common case, a read that completes a run of one-line
 ``data:`` events, is forwarded whole after one simdjson pass (``_render_simple``); anything else
-goes event by event (``_render``). The relay never holds more than one incomplete event, and
-``response.write`` waits for the client to drain, so a slow client slows the upstream read
-(aiohttp pauses the socket).
+goes event by event (``_render``).
+
+All of that runs inside the upstream socket's read callback (``http1.UpstreamResponse.stream``),
+which writes straight to the client's transport, in HTTP/1.1 chunks framed here: no task switch
+and no coroutine per chunk, the cost that dominated a relay built on aiohttp's client and
+``StreamResponse.write``. The handler's task only waits for the stream's end. The relay never
+holds more than one incomplete event; when the client's send buffer passes ``_HIGH_WATER``, the
+upstream socket stops being read until it drains, so a slow client slows the upstream.
 
 Response headers wait for the upstream's, so an upstream error keeps its true status. Only if
 the upstream is silent for one keep-alive interval does the gateway commit ``200`` and start
@@ -18,15 +23,13 @@ writing ``: keep-alive`` comments; from then on errors can only be SSE frames.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import aiohttp
 import orjson
 import simdjson
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
 from .appkeys import METRICS, REQUEST_INFO, SETTINGS, STREAMS, UPSTREAM
 from .context import RequestInfo
@@ -40,6 +43,7 @@ from .errors import (
     from_upstream,
     redact,
 )
+from .http1 import InvalidHTTP, UpstreamResponse
 from .sse import (
     DONE,
     KEEPALIVE,
@@ -61,13 +65,18 @@ _MAX_USAGE_PARSE = 1024 * 1024
 _RESPONSES_TERMINAL = (b"response.completed", b"response.failed", b"response.incomplete",
                        b"error")
 _RESPONSES_FAILED = (b"response.failed", b"error")
+_HIGH_WATER = 64 * 1024  # bytes unsent to a client before the upstream is paused
+_LOW_WATER = 16 * 1024  # ... and resumed
+_DRAIN_POLL = 0.005  # seconds between looks at a paused stream's send buffer
+
+UpstreamCall = Awaitable[UpstreamResponse]
 
 
 def response_headers(info: RequestInfo) -> dict[str, str]:
     return {"X-Request-ID": info.request_id, **info.limit_headers}
 
 
-async def relay_json(request: web.Request, upstream_call: Awaitable[aiohttp.ClientResponse],
+async def relay_json(request: web.Request, upstream_call: UpstreamCall,
                      rewrite: Rewrite | None = None,
                      extra_headers: dict[str, str] | None = None) -> web.Response:
     """Forward a plain (non-streamed) request; the upstream's status and JSON come back."""
@@ -87,7 +96,7 @@ async def relay_json(request: web.Request, upstream_call: Awaitable[aiohttp.Clie
 
 
 async def fetch_json(request: web.Request,
-                     upstream_call: Awaitable[aiohttp.ClientResponse]) -> Any:
+                     upstream_call: UpstreamCall) -> Any:
     """The upstream's complete JSON answer, parsed, for answers the gateway reshapes (the vision
     stream fallback) or keeps (the model list). Upstream errors raise as in ``relay_json``."""
     _, body = await _read_answer(request, upstream_call)
@@ -123,8 +132,8 @@ class _PlainRequest:
         self.shutdown = False  # set by StreamRegistry before it cancels us
 
 
-async def _read_answer(request: web.Request, upstream_call: Awaitable[aiohttp.ClientResponse]
-                       ) -> tuple[aiohttp.ClientResponse, bytes]:
+async def _read_answer(request: web.Request, upstream_call: UpstreamCall
+                       ) -> tuple[UpstreamResponse, bytes]:
     """Await the upstream's whole answer; an error status raises as the gateway's error.
 
     Tracked like a stream: at shutdown, past the drain time, the client gets 503
@@ -148,15 +157,15 @@ def _uncancel() -> None:
         current.uncancel()
 
 
-async def _await_answer(request: web.Request, upstream_call: Awaitable[aiohttp.ClientResponse]
-                        ) -> tuple[aiohttp.ClientResponse, bytes]:
+async def _await_answer(request: web.Request, upstream_call: UpstreamCall
+                        ) -> tuple[UpstreamResponse, bytes]:
     settings = request.app[SETTINGS].stream
     try:
         async with asyncio.timeout(settings.first_byte_timeout_seconds):
             upstream = await upstream_call
             try:
                 body = await upstream.read()
-            except aiohttp.ClientError as e:
+            except (OSError, InvalidHTTP) as e:
                 raise UpstreamProtocolError(
                     f"The upstream connection broke while reading its answer "
                     f"({type(e).__name__})") from e
@@ -201,7 +210,7 @@ RESPONSES = ResponsesDialect()
 
 
 async def relay_stream(request: web.Request,
-                       upstream_call: Awaitable[aiohttp.ClientResponse], *,
+                       upstream_call: UpstreamCall, *,
                        rewrite: Rewrite | None = None,
                        dialect: StreamDialect = CHAT) -> web.StreamResponse:
     """Relay an upstream event stream to the client; see the module docstring."""
@@ -217,7 +226,8 @@ async def relay_stream(request: web.Request,
 
 class _StreamRelay:
     __slots__ = ("request", "info", "settings", "rewrite", "dialect", "response", "seq",
-                 "shutdown")
+                 "shutdown", "loop", "transport", "chunked", "upstream", "framer", "simple",
+                 "finished", "upstream_end", "watchdog", "paused")
 
     def __init__(self, request: web.Request, rewrite: Rewrite | None,
                  dialect: StreamDialect) -> None:
@@ -229,16 +239,29 @@ class _StreamRelay:
         self.response: web.StreamResponse | None = None
         self.seq = 0
         self.shutdown = False  # set by StreamRegistry before it cancels us
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.chunked = False
+        self.upstream: UpstreamResponse | None = None
+        self.framer = SSEFramer(self.settings.max_event_bytes)
+        self.simple = rewrite is None and not dialect.responses_api
+        self.finished: asyncio.Future[None] = self.loop.create_future()
+        self.upstream_end: asyncio.Future[BaseException | None] = self.loop.create_future()
+        self.watchdog: _Watchdog | None = None
+        self.paused = False  # the client's send buffer is full: the upstream is not read
 
-    async def run(self, upstream_call: Awaitable[aiohttp.ClientResponse]) -> web.StreamResponse:
+    async def run(self, upstream_call: UpstreamCall) -> web.StreamResponse:
         info = self.info
-        task: asyncio.Future[aiohttp.ClientResponse] = asyncio.ensure_future(upstream_call)
-        upstream: aiohttp.ClientResponse | None = None
+        task: asyncio.Future[UpstreamResponse] = asyncio.ensure_future(upstream_call)
+        upstream: UpstreamResponse | None = None
         clean = False
         try:
             upstream = await self._await_headers(task)
             if upstream.status >= 400:
-                body = await upstream.content.read(_MAX_ERROR_BODY)
+                try:
+                    body = await upstream.read(_MAX_ERROR_BODY)
+                except (OSError, InvalidHTTP):
+                    body = b""
                 raise from_upstream(upstream.status, body, upstream.headers,
                                     self.request.app[UPSTREAM].secrets)
             if self.response is None:
@@ -273,12 +296,14 @@ class _StreamRelay:
             log.exception("request %s: the relay failed", info.request_id)
             await self._end_with(GatewayError("The gateway failed to handle this request"))
         finally:
+            if self.watchdog is not None:
+                self.watchdog.cancel()
             _dispose(task, upstream, clean)
         assert self.response is not None
         return self.response
 
-    async def _await_headers(self, task: asyncio.Future[aiohttp.ClientResponse]
-                             ) -> aiohttp.ClientResponse:
+    async def _await_headers(self, task: asyncio.Future[UpstreamResponse]
+                             ) -> UpstreamResponse:
         """Wait for the upstream's headers; past one keep-alive interval, commit and ping."""
         keepalive = self.settings.keepalive_seconds
         limit = self.settings.first_byte_timeout_seconds
@@ -293,85 +318,147 @@ class _StreamRelay:
                 raise UpstreamTimeout(f"The upstream did not answer within {limit:g} seconds")
             if self.response is None:
                 await self._start()
-            await self._write(KEEPALIVE)
+            self._send(KEEPALIVE)
 
     async def _start(self) -> None:
         response = web.StreamResponse(status=200, headers={**SSE_HEADERS,
                                                            **response_headers(self.info)})
+        # HTTP/1.1 chunks are framed by _send; an HTTP/1.0 client reads to the connection's end.
+        self.chunked = self.request.version >= HttpVersion11
+        if self.chunked:
+            response.enable_chunked_encoding()
         await response.prepare(self.request)
         self.response = response
+        self.transport = self.request.transport
         self.info.status = 200
 
-    async def _write(self, data: bytes) -> None:
-        assert self.response is not None
-        await self.response.write(data)
+    def _send(self, data: bytes) -> None:
+        """Write to the client now; ConnectionResetError when it is gone."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client closed the connection")
+        transport.write(b"%x\r\n%b\r\n" % (len(data), data) if self.chunked else data)
 
     async def _end_with(self, err: GatewayError) -> None:
         """After headers: the error becomes the stream's last event."""
         self.info.note_error(err)
         try:
-            await self._write(self.dialect.error_frame(err, self.seq))
+            self._send(self.dialect.error_frame(err, self.seq))
             assert self.response is not None
             await self.response.write_eof()
         except ConnectionResetError:
             pass
 
-    async def _pump(self, upstream: aiohttp.ClientResponse) -> bool:
-        """Relay events until the terminal one; True when the upstream ended cleanly."""
-        info = self.info
-        framer = SSEFramer(self.settings.max_event_bytes)
-        content = upstream.content
-        read = content.readany
-        take = framer.take
-        loop = asyncio.get_running_loop()
-        watchdog = _Watchdog(self, content, loop)
-        simple = self.rewrite is None and not self.dialect.responses_api
+    async def _pump(self, upstream: UpstreamResponse) -> bool:
+        """Relay events until the terminal one; True when the upstream ended cleanly.
+
+        The work happens in ``_on_data`` and ``_on_end``, called from the upstream's read
+        callback; this task waits for ``finished``, which holds the stream's failure if any.
+        """
+        self.upstream = upstream
+        self.watchdog = _Watchdog(self)
+        upstream.stream(self._on_data, self._on_end)
+        await self.finished
+        self.watchdog.cancel()
+        assert self.response is not None
+        await self.response.write_eof()
+        self.info.outcome = "completed"  # whatever happens while draining the rest
         try:
-            while True:
-                try:
-                    chunk = await read()
-                except aiohttp.ClientError as e:
-                    raise UpstreamProtocolError(
-                        f"The upstream connection broke mid-stream ({type(e).__name__})") from e
-                watchdog.last = loop.time()
-                if chunk:
-                    region = take(chunk)
-                    held = framer.held_events()
-                    fast = None
-                    if region and simple and framer.clean and not held \
-                            and len(region) <= framer.max_event_bytes \
-                            and (n := count_one_line_data_events(region)):
-                        fast = self._render_simple(region, n)
-                    if fast is not None:
-                        out, done, failure = fast
-                    else:
-                        events = framer.split(region) + held if region else held
-                        if not events:
-                            continue
-                        out, done, failure = self._render(
-                            events, region if framer.clean and not held else None)
-                else:
-                    events = framer.close()
-                    out, done, failure = self._render(events, None)
-                if out:
-                    if info.first_byte is None:
-                        info.first_byte = watchdog.last
-                    watchdog.writing = True
-                    await self._write(out)
-                    watchdog.writing = False
-                if failure is not None:
-                    raise failure
-                if done:
-                    watchdog.cancel()
-                    assert self.response is not None
-                    await self.response.write_eof()
-                    info.outcome = "completed"  # whatever happens while draining the rest
-                    return await _drain_to_eof(content, self.settings.keepalive_seconds)
-                if not chunk:
-                    raise UpstreamProtocolError(
-                        "The upstream stream ended before it was complete")
-        finally:
-            watchdog.cancel()
+            async with asyncio.timeout(self.settings.keepalive_seconds):
+                return await self.upstream_end is None
+        except TimeoutError:
+            return False
+
+    def _finish(self, failure: BaseException | None = None) -> None:
+        """The stream is over: the terminal event went out, or ``failure`` ends it."""
+        if self.finished.done():
+            return
+        if failure is None:
+            self.finished.set_result(None)
+        else:
+            self.finished.set_exception(failure)
+        if self.paused and self.upstream is not None:
+            self.paused = False
+            self.upstream.resume_reading()  # what follows is drained, unread
+
+    def _on_data(self, chunk: bytes) -> None:
+        if self.finished.done():
+            return  # after the terminal event: drained so the connection can be reused
+        assert self.watchdog is not None
+        self.watchdog.last = self.loop.time()
+        try:
+            self._relay(chunk)
+        except BaseException as e:  # noqa: BLE001 (handed to the task, which decides)
+            self._finish(e)
+
+    def _on_end(self, error: BaseException | None) -> None:
+        if not self.upstream_end.done():
+            self.upstream_end.set_result(error)
+        if self.finished.done():
+            return
+        if error is not None:
+            self._finish(UpstreamProtocolError(
+                f"The upstream connection broke mid-stream ({type(error).__name__})"))
+            return
+        try:
+            self._relay(b"")
+        except BaseException as e:  # noqa: BLE001
+            self._finish(e)
+
+    def _relay(self, chunk: bytes) -> None:
+        """Frame, check and send one upstream read (``b""``: the upstream's end)."""
+        framer = self.framer
+        if chunk:
+            region = framer.take(chunk)
+            held = framer.held_events()
+            fast = None
+            if region and self.simple and framer.clean and not held \
+                    and len(region) <= framer.max_event_bytes \
+                    and (n := count_one_line_data_events(region)):
+                fast = self._render_simple(region, n)
+            if fast is not None:
+                out, done, failure = fast
+            else:
+                events = framer.split(region) + held if region else held
+                if not events:
+                    return
+                out, done, failure = self._render(
+                    events, region if framer.clean and not held else None)
+        else:
+            out, done, failure = self._render(framer.close(), None)
+        if out:
+            if self.info.first_byte is None:
+                self.info.first_byte = self.loop.time()
+            self._send(out)
+            if not self.paused and self.transport is not None \
+                    and self.transport.get_write_buffer_size() > _HIGH_WATER:
+                self._pause()
+        if failure is not None:
+            raise failure
+        if done:
+            self._finish()
+        elif not chunk:
+            raise UpstreamProtocolError("The upstream stream ended before it was complete")
+
+    def _pause(self) -> None:
+        """A slow client: stop reading the upstream until the send buffer drains."""
+        assert self.upstream is not None
+        self.paused = True
+        self.upstream.pause_reading()
+        self.loop.call_later(_DRAIN_POLL, self._check_drained)
+
+    def _check_drained(self) -> None:
+        if not self.paused:
+            return
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            self._finish(ConnectionResetError("the client closed the connection"))
+        elif transport.get_write_buffer_size() <= _LOW_WATER:
+            self.paused = False
+            assert self.upstream is not None
+            self.upstream.resume_reading()
+        else:
+            self.loop.call_later(_DRAIN_POLL, self._check_drained)
 
     def _render_simple(self, region: bytes, n: int
                        ) -> tuple[bytes, bool, GatewayError | None] | None:
@@ -540,26 +627,22 @@ def _upstream_stream_error(err: Any, secrets: tuple[str, ...]) -> UpstreamFailur
 class _Watchdog:
     """One timer per stream for upstream silence, instead of a timeout around every read.
 
-    The read loop only stamps ``last``. When the upstream has been silent for a keep-alive
+    The read callback only stamps ``last``. When the upstream has been silent for a keep-alive
     interval, the timer writes a ``: keep-alive`` comment (each relay write is one whole batch
     of events, so a comment can only land between events); when the silence reaches the
-    first-byte or idle limit, it fails the pending read with ``UpstreamTimeout``.
+    first-byte or idle limit, it ends the stream with ``UpstreamTimeout``. A stream paused for
+    a slow client is not silent.
     """
 
-    __slots__ = ("relay", "content", "loop", "last", "writing", "handle", "pinging",
-                 "interval")
+    __slots__ = ("relay", "loop", "last", "handle", "interval")
 
-    def __init__(self, relay: _StreamRelay, content: aiohttp.StreamReader,
-                 loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, relay: _StreamRelay) -> None:
         self.relay = relay
-        self.content = content
-        self.loop = loop
+        self.loop = relay.loop
         self.interval = relay.settings.keepalive_seconds
-        self.last = loop.time()
-        self.writing = False  # a write is waiting for a slow client: not upstream silence
-        self.pinging: asyncio.Task[None] | None = None
-        self.handle: asyncio.TimerHandle | None = loop.call_at(self.last + self.interval,
-                                                               self._tick)
+        self.last = self.loop.time()
+        self.handle: asyncio.TimerHandle | None = self.loop.call_at(self.last + self.interval,
+                                                                    self._tick)
 
     def cancel(self) -> None:
         if self.handle is not None:
@@ -567,41 +650,30 @@ class _Watchdog:
             self.handle = None
 
     def _tick(self) -> None:
+        relay = self.relay
         now = self.loop.time()
         silent = now - self.last
-        if self.writing or silent < self.interval:
+        if relay.paused or silent < self.interval:
             self.handle = self.loop.call_at(max(now, self.last) + self.interval, self._tick)
             return
-        settings = self.relay.settings
-        limit = (settings.idle_timeout_seconds if self.relay.info.first_byte is not None
+        settings = relay.settings
+        limit = (settings.idle_timeout_seconds if relay.info.first_byte is not None
                  else settings.first_byte_timeout_seconds)
         if silent >= limit:
             self.handle = None
-            self.content.set_exception(
-                UpstreamTimeout(f"The upstream sent nothing for {silent:.3g} seconds"))
+            relay._finish(UpstreamTimeout(f"The upstream sent nothing for {silent:.3g} seconds"))
             return
-        if self.pinging is None or self.pinging.done():
-            self.pinging = self.loop.create_task(self._ping())
+        try:
+            relay._send(KEEPALIVE)
+        except ConnectionResetError as e:
+            self.handle = None
+            relay._finish(e)
+            return
         self.handle = self.loop.call_at(now + min(self.interval, limit - silent), self._tick)
 
-    async def _ping(self) -> None:
-        with contextlib.suppress(ConnectionResetError):
-            await self.relay._write(KEEPALIVE)
 
-
-async def _drain_to_eof(content: aiohttp.StreamReader, timeout: float) -> bool:
-    """Read what follows the terminal event so the connection can go back to the pool."""
-    try:
-        async with asyncio.timeout(timeout):
-            while await content.readany():
-                pass
-    except (TimeoutError, aiohttp.ClientError):
-        return False
-    return True
-
-
-def _dispose(task: asyncio.Future[aiohttp.ClientResponse],
-             upstream: aiohttp.ClientResponse | None, clean: bool) -> None:
+def _dispose(task: asyncio.Future[UpstreamResponse],
+             upstream: UpstreamResponse | None, clean: bool) -> None:
     """Release the upstream connection; close it (so the upstream sees the end) unless clean."""
     if not task.done():
         task.add_done_callback(_close_late_response)
@@ -613,6 +685,6 @@ def _dispose(task: asyncio.Future[aiohttp.ClientResponse],
             upstream.close()
 
 
-def _close_late_response(task: asyncio.Future[aiohttp.ClientResponse]) -> None:
+def _close_late_response(task: asyncio.Future[UpstreamResponse]) -> None:
     if not task.cancelled() and task.exception() is None:
         task.result().close()

@@ -1,8 +1,8 @@
 """The one pooled HTTP client to the upstream provider, with its credentials and retries.
 
-One ``ClientSession`` per upstream for the app's whole life: keep-alive connections are reused
-across requests. Only a short list of client headers is forwarded; the client's own credentials
-never are, the operator's key replaces them.
+One ``ConnectionPool`` (``http1.py``) per upstream for the app's whole life: keep-alive
+connections are reused across requests. Only a short list of client headers is forwarded; the
+client's own credentials never are, the operator's key replaces them.
 """
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
-
-import aiohttp
+from urllib.parse import urlsplit
 
 from .errors import UpstreamProtocolError, UpstreamTimeout, UpstreamUnreachable
+from .http1 import ConnectionPool, InvalidHTTP, UpstreamResponse
 from .settings import Settings
 
 log = logging.getLogger("gateway.upstream")
@@ -29,7 +29,15 @@ class UpstreamClient:
         self._stream = settings.stream
         self._retries = settings.upstream.max_retries
         self._backoff = settings.upstream.retry_backoff_seconds
-        self._session: aiohttp.ClientSession | None = None
+        url = urlsplit(self._base)
+        self._path = url.path
+        # What every request carries, encoded once: the Host and the operator's key.
+        host = url.netloc.rsplit("@", 1)[-1]
+        fixed = f"Host: {host}\r\n"
+        if api_key:
+            fixed += f"Authorization: Bearer {api_key}\r\n"
+        self._fixed_headers = fixed.encode("latin-1")
+        self.pool: ConnectionPool | None = None
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -41,23 +49,30 @@ class UpstreamClient:
         return self._base
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=300)
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(total=None,
-                                          sock_connect=self._stream.connect_timeout_seconds,
-                                          connect=self._stream.connect_timeout_seconds),
-            auto_decompress=True,
-            skip_auto_headers=("User-Agent",),
-        )
+        self.pool = ConnectionPool(self._base, self._stream.connect_timeout_seconds)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+
+    def _encode(self, method: str, path: str, body: bytes | None,
+                headers: Mapping[str, str] | None) -> bytes:
+        lines = [f"{method} {self._path}{path} HTTP/1.1\r\n".encode("latin-1"),
+                 self._fixed_headers]
+        for name in _FORWARDED:
+            value = (headers or {}).get(name)
+            if value and "\r" not in value and "\n" not in value:
+                lines.append(f"{name}: {value}\r\n".encode("utf-8"))
+        if body is not None:
+            lines.append(b"Content-Length: %d\r\n\r\n" % len(body))
+            lines.append(body)
+        else:
+            lines.append(b"\r\n")
+        return b"".join(lines)
 
     async def request(self, method: str, path: str, *, body: bytes | None = None,
-                      headers: Mapping[str, str] | None = None) -> aiohttp.ClientResponse:
+                      headers: Mapping[str, str] | None = None) -> UpstreamResponse:
         """Send a request and return once the upstream's response headers have arrived.
 
         Connection failures and 502/503/504 are retried up to ``max_retries`` times: nothing
@@ -65,24 +80,20 @@ class UpstreamClient:
         An answer that is not HTTP is not retried (``UpstreamProtocolError``, 502).
         The caller owns the response and must release or close it.
         """
-        assert self._session is not None, "UpstreamClient.start() was not awaited"
-        out = {k: v for k in _FORWARDED if (v := (headers or {}).get(k))}
-        if self._api_key:
-            out["Authorization"] = f"Bearer {self._api_key}"
-        url = self._base + path
+        assert self.pool is not None, "UpstreamClient.start() was not awaited"
+        request = self._encode(method, path, body, headers)
         attempt = 0
         while True:
             try:
-                resp = await self._session.request(method, url, data=body, headers=out)
-            except aiohttp.ClientResponseError as e:
+                resp = await self.pool.send(request)
+            except InvalidHTTP as e:
                 # Not an HTTP answer at all (garbage, a header line too long). Nothing of it
                 # reaches the client: it may hold anything, the upstream's internals included.
-                log.warning("upstream %s %s: the answer is not valid HTTP: %s", method, path,
-                            e.message.splitlines()[0] if e.message else type(e).__name__)
+                log.warning("upstream %s %s: the answer is not valid HTTP: %s", method, path, e)
                 raise UpstreamProtocolError("The upstream's answer is not valid HTTP") from e
-            except (aiohttp.ClientConnectionError, OSError) as e:
-                if attempt >= self._retries or isinstance(e, aiohttp.ServerTimeoutError):
-                    if isinstance(e, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
+            except (OSError, TimeoutError) as e:  # ConnectionLost is an OSError too
+                if attempt >= self._retries or isinstance(e, TimeoutError):
+                    if isinstance(e, TimeoutError):
                         raise UpstreamTimeout("Timed out connecting to the upstream") from e
                     raise UpstreamUnreachable(
                         f"The upstream is unreachable ({type(e).__name__})") from e
@@ -91,7 +102,7 @@ class UpstreamClient:
             else:
                 if resp.status not in _RETRY_STATUSES or attempt >= self._retries:
                     return resp
-                resp.release()
+                resp.close()
                 log.warning("upstream %s %s answered %d, retrying", method, path, resp.status)
             attempt += 1
             await asyncio.sleep(self._backoff * attempt)

@@ -152,7 +152,7 @@ async def test_shutdown_releases_leases_in_redis_and_closes_the_upstream_session
         stopped = True
         assert b'"code":"gateway_restarting"' in raw
         assert await client.zcard(streams_key) == 0  # released, not left to expire
-        assert upstream._session is None  # the pooled upstream session was closed
+        assert upstream.pool is None  # the upstream connections were closed
         assert mock_upstream.state.open_streams == 0
     finally:
         if not stopped:

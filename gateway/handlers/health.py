@@ -16,11 +16,11 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from ..appkeys import LIMITER, METRICS, SETTINGS, UPSTREAM, UPSTREAM_PROBE
 from ..errors import GatewayError
+from ..http1 import InvalidHTTP
 from ..metrics import CONTENT_TYPE
 from ..upstream import UpstreamClient
 
@@ -127,7 +127,7 @@ class UpstreamProbe:
             problem = f"no answer within {self._timeout:g}s"
         except GatewayError as e:
             problem = e.code
-        except (aiohttp.ClientError, OSError) as e:
+        except (OSError, InvalidHTTP) as e:
             problem = f"unreachable ({type(e).__name__})"
         self._answer = (self._clock(), problem)
         self._running = None
