@@ -47,7 +47,7 @@ class UpstreamResponse:
     """
 
     __slots__ = ("status", "headers", "_conn", "_chunks", "_size", "_limit", "_waiter",
-                 "_on_data", "_on_end", "complete", "error")
+                 "_on_end", "complete", "error")
 
     def __init__(self, conn: _Connection) -> None:
         self.status = 0
@@ -57,7 +57,6 @@ class UpstreamResponse:
         self._size = 0
         self._limit: int | None = None
         self._waiter: asyncio.Future[None] | None = None
-        self._on_data: DataSink | None = None
         self._on_end: EndSink | None = None
         self.complete = False
         self.error: BaseException | None = None
@@ -90,7 +89,9 @@ class UpstreamResponse:
         if self.complete or self.error is not None:
             on_end(self.error)
             return
-        self._on_data, self._on_end = on_data, on_end
+        self._on_end = on_end
+        if self._conn is not None:
+            self._conn.sink = on_data  # straight from the parser's callback, the hot path
 
     def pause_reading(self) -> None:
         """Stop reading the socket (a slow client): the upstream's sends then block in turn."""
@@ -103,24 +104,22 @@ class UpstreamResponse:
 
     def release(self) -> None:
         """Give the connection back for reuse if the answer was read to its end, else close it."""
-        conn, self._conn = self._conn, None
-        self._on_data = self._on_end = None
-        if conn is not None:
-            conn.done(reusable=self.complete and self.error is None)
+        self._let_go(reusable=self.complete and self.error is None)
 
     def close(self) -> None:
         """Close the connection, so the upstream sees the request end."""
+        self._let_go(reusable=False)
+
+    def _let_go(self, reusable: bool) -> None:
         conn, self._conn = self._conn, None
-        self._on_data = self._on_end = None
+        self._on_end = None
         if conn is not None:
-            conn.done(reusable=False)
+            conn.sink = None
+            conn.done(reusable)
 
     # Called by the connection.
 
     def _feed(self, data: bytes) -> None:
-        if self._on_data is not None:
-            self._on_data(data)
-            return
         self._chunks.append(data)
         self._size += len(data)
         if self._limit is not None and self._size >= self._limit:
@@ -133,9 +132,11 @@ class UpstreamResponse:
             self.complete = True
         else:
             self.error = error
+        if self._conn is not None:
+            self._conn.sink = None
         self._wake()
         if self._on_end is not None:
-            on_end, self._on_data, self._on_end = self._on_end, None, None
+            on_end, self._on_end = self._on_end, None
             on_end(error)
 
     def _wake(self) -> None:
@@ -151,6 +152,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.response: UpstreamResponse | None = None
+        self.sink: DataSink | None = None  # where the body goes, once it is streamed
         self.head: asyncio.Future[UpstreamResponse] | None = None
         self.header_list: list[tuple[str, str]] = []
         self.head_bytes = 0  # read while the headers are incomplete
@@ -240,7 +242,9 @@ class _Connection(asyncio.Protocol):
             head.set_result(response)
 
     def on_body(self, body: bytes) -> None:
-        if self.response is not None and self.response.error is None:
+        if self.sink is not None:
+            self.sink(body)
+        elif self.response is not None and self.response.error is None:
             self.response._feed(body)
 
     def on_message_complete(self) -> None:

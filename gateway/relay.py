@@ -50,8 +50,8 @@ from .sse import (
     Event,
     SSEFramer,
     SSEProtocolError,
-    count_one_line_data_events,
     encode_event,
+    one_line_data_payloads,
 )
 
 log = logging.getLogger("gateway.relay")
@@ -363,11 +363,13 @@ class _StreamRelay:
         assert self.response is not None
         await self.response.write_eof()
         self.info.outcome = "completed"  # whatever happens while draining the rest
-        try:
-            async with asyncio.timeout(self.settings.keepalive_seconds):
-                return await self.upstream_end is None
-        except TimeoutError:
-            return False
+        if not self.upstream_end.done():  # usually the answer's end came with the last event
+            try:
+                async with asyncio.timeout(self.settings.keepalive_seconds):
+                    await self.upstream_end
+            except TimeoutError:
+                return False
+        return self.upstream_end.result() is None
 
     def _finish(self, failure: BaseException | None = None) -> None:
         """The stream is over: the terminal event went out, or ``failure`` ends it."""
@@ -408,14 +410,18 @@ class _StreamRelay:
     def _relay(self, chunk: bytes) -> None:
         """Frame, check and send one upstream read (``b""``: the upstream's end)."""
         framer = self.framer
-        if chunk:
+        if self.simple and chunk[-2:] == b"\n\n" and chunk.find(b"\n") == len(chunk) - 2 \
+                and chunk[:6] == b"data: " and b"\r" not in chunk and framer.idle \
+                and (fast := self._render_one(chunk)) is not None:
+            out, done, failure = fast  # the common read: one one-line event, nothing held
+        elif chunk:
             region = framer.take(chunk)
             held = framer.held_events()
             fast = None
             if region and self.simple and framer.clean and not held \
                     and len(region) <= framer.max_event_bytes \
-                    and (n := count_one_line_data_events(region)):
-                fast = self._render_simple(region, n)
+                    and (payloads := one_line_data_payloads(region)):
+                fast = self._render_simple(region, *payloads)
             if fast is not None:
                 out, done, failure = fast
             else:
@@ -460,30 +466,45 @@ class _StreamRelay:
         else:
             self.loop.call_later(_DRAIN_POLL, self._check_drained)
 
-    def _render_simple(self, region: bytes, n: int
+    def _render_one(self, event: bytes) -> tuple[bytes, bool, GatewayError | None] | None:
+        """``_render_simple`` for a read that is exactly one one-line ``data:`` event."""
+        data = event[6:-2]
+        info = self.info
+        if data != DONE:
+            if b'"error"' in data or not _is_json(data):
+                return None
+            if b'"usage"' in data:
+                usage = orjson.loads(data).get("usage")
+                if isinstance(usage, dict):
+                    info.usage = usage
+            self.seq += 1
+        info.chunks += 1
+        info.bytes_out += len(event)
+        return event, data == DONE, None
+
+    def _render_simple(self, region: bytes, joined: bytes, n: int
                        ) -> tuple[bytes, bool, GatewayError | None] | None:
-        """The fast path for a region of ``n`` one-line ``data:`` events (no alias, chat): it
-        goes out as it is. All its events' JSON is validated in one simdjson pass over
-        ``[A,B,...]``, made from ``data: A\n\ndata: B\n\n`` by one ``replace``; the element
-        count must match the event count. None when anything is unusual (a bad event, an
-        ``"error"`` key, ``[DONE]`` not last): the exact per-event path then decides.
+        """The fast path for a region of ``n`` one-line ``data:`` events (no alias, chat),
+        whose payloads ``joined`` holds comma-separated: the region goes out as it is. All its
+        events' JSON is validated in one simdjson pass over ``[A,B,...]``; the element count
+        must match the event count, so an event holding ``{},{}`` cannot slip through. None
+        when anything is unusual (a bad event, an ``"error"`` key, ``[DONE]`` anywhere but
+        last: it is not JSON): the exact per-event path then decides.
         """
         done = region.endswith(_DONE_EVENT)
-        if region.find(_DONE_EVENT) != (len(region) - len(_DONE_EVENT) if done else -1):
-            return None
         k = n - 1 if done else n  # events before [DONE]
         if k:
-            inner = region[6:len(region) - (len(_DONE_EVENT) + 2 if done else 2)]
-            if b'"error"' in inner:
+            if done:
+                joined = joined[:-len(DONE) - 1]
+            if b'"error"' in joined:
                 return None
-            if _count_json_values(b"[" + inner.replace(b"\n\ndata: ", b",") + b"]") != k:
+            if _count_json_values(b"[" + joined + b"]") != k:
                 return None
-            usage_at = inner.rfind(b'"usage"')
+            usage_at = region.rfind(b'"usage"')
             if usage_at != -1:
-                start = inner.rfind(b"\n\ndata: ", 0, usage_at)
-                end = inner.find(b"\n\n", usage_at)
-                obj = orjson.loads(inner[start + 8 if start != -1 else 0:
-                                         end if end != -1 else len(inner)])
+                start = region.rfind(b"\n\ndata: ", 0, usage_at)
+                end = region.find(b"\n\n", usage_at)
+                obj = orjson.loads(region[start + 8 if start != -1 else 6:end])
                 usage = obj.get("usage") if isinstance(obj, dict) else None
                 if isinstance(usage, dict):
                     self.info.usage = usage
@@ -587,6 +608,15 @@ class _StreamRelay:
 
 
 _VALIDATOR = simdjson.Parser()
+
+
+def _is_json(data: bytes) -> bool:
+    """Whether ``data`` is one valid JSON value (UTF-8 included), checked by simdjson."""
+    try:
+        _VALIDATOR.parse(data)  # its document proxy is dropped at once: the parser is reused
+    except ValueError:
+        return False
+    return True
 
 
 def _count_json_values(array: bytes) -> int | None:

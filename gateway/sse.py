@@ -139,19 +139,22 @@ def _is_verbatim(block: bytes) -> bool:
     return True
 
 
-def count_one_line_data_events(chunk: bytes) -> int:
-    """How many events ``chunk`` holds if it is nothing but complete ``data: <one line>\n\n``
-    events (the shape of nearly every chunk an OpenAI-compatible upstream sends), else 0.
+def one_line_data_payloads(region: bytes) -> tuple[bytes, int] | None:
+    """If ``region`` is nothing but complete ``data: <one line>\n\n`` events (the shape of
+    nearly every chunk an OpenAI-compatible upstream sends): their payloads joined by commas
+    and how many there are; else None.
 
-    Byte counts only, at C speed: a relay can forward such a chunk with no per-event work.
+    Two passes at C speed: one ``replace`` turns ``data: A\n\ndata: B\n\n`` into ``A,B``;
+    if a line break is left, some event was not one line (or not ``data:``). The length lost
+    counts the events. The joined payloads, in brackets, are a JSON array to validate at once.
     """
-    if chunk[:6] != b"data: " or chunk[-2:] != b"\n\n" or b"\r" in chunk:
-        return 0
-    n = chunk.count(b"\n\n")
-    # Every LF is in a blank-line pair, and every pair but the last is followed by `data: `.
-    if chunk.count(b"\n") != 2 * n or chunk.count(b"\n\ndata: ") != n - 1:
-        return 0
-    return n
+    if region[:6] != b"data: " or region[-2:] != b"\n\n":
+        return None
+    inner = region[6:-2]
+    joined = inner.replace(b"\n\ndata: ", b",")
+    if b"\n" in joined or b"\r" in joined:
+        return None
+    return joined, (len(inner) - len(joined)) // 7 + 1
 
 
 class SSEFramer:
@@ -223,6 +226,11 @@ class SSEFramer:
     def split(self, region: bytes) -> list[Event]:
         """The events of a region that ``take`` returned."""
         return self._split(region, len(region))
+
+    @property
+    def idle(self) -> bool:
+        """Nothing is held: a chunk of whole events may skip ``take``."""
+        return not self._buf and not self._skip_lf
 
     def held_events(self) -> list[Event]:
         """Events that the held bytes prove complete without a blank line (xAI's documented

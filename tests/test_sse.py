@@ -6,9 +6,10 @@ The properties over any split and any byte soup (hypothesis) are guarantees, in
 
 from __future__ import annotations
 
+import orjson
 import pytest
 
-from gateway.sse import SSEFramer, SSEProtocolError, count_one_line_data_events, encode_event
+from gateway.sse import SSEFramer, SSEProtocolError, encode_event, one_line_data_payloads
 
 CHUNK = (b'data: {"id":"c1","choices":[{"delta":{"content":'
          b'"\xc3\xa9t\xc3\xa9 \xf0\x9f\x9a\x80"}}]}\n\n')
@@ -117,6 +118,10 @@ def test_take_cuts_the_completed_region_and_holds_the_rest() -> None:
     (b'data: {"a":1}\n\n\n\ndata: {"b":2}\n\n', 0),  # an extra blank line
     (b': ping\n\n', 0),
     (b'data: {"a":1}\n\n: ping\n\n', 0),
+    (b'data: {"a":1}\n\ndata:{"b":2}\n\n', 0),  # no space after the colon
 ])
 def test_one_line_data_chunks_are_recognised_by_byte_counts(chunk: bytes, n: int) -> None:
-    assert count_one_line_data_events(chunk) == n
+    payloads = one_line_data_payloads(chunk)
+    assert (payloads[1] if payloads else 0) == n
+    if payloads:  # the payloads, comma-joined: a JSON array in brackets
+        assert orjson.loads(b"[" + payloads[0].replace(b"[DONE]", b'"D"') + b"]")[0] == {"a": 1}
