@@ -59,11 +59,11 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def mock_upstream(args: argparse.Namespace) -> int:
-    from .mock_upstream import create_mock_app
+    from .mock_upstream import BACKLOG, create_mock_app
 
     _use_uvloop()
     web.run_app(create_mock_app(), host=args.host, port=args.port, handler_cancellation=True,
-                access_log=None, print=lambda msg: log.info(
+                backlog=BACKLOG, access_log=None, print=lambda msg: log.info(
                     "mock upstream on http://%s:%d/v1", args.host, args.port))
     return 0
 

@@ -385,6 +385,12 @@ def create_mock_app() -> web.Application:
     return app
 
 
+BACKLOG = 4096
+"""Connections waiting to be accepted. aiohttp's default, 128, makes a gateway that opens
+thousands of upstream connections at once wait for TCP's SYN retransmits (seconds each): the
+mock, not the gateway, would be what a load test measures."""
+
+
 @contextlib.asynccontextmanager
 async def run_mock_upstream(host: str = "127.0.0.1", port: int = 0
                             ) -> AsyncIterator[tuple[web.Application, str]]:
@@ -392,7 +398,7 @@ async def run_mock_upstream(host: str = "127.0.0.1", port: int = 0
     app = create_mock_app()
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, backlog=BACKLOG)
     await site.start()
     bound = runner.addresses[0][1]
     try:
