@@ -26,6 +26,7 @@ import contextlib
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import socket
@@ -83,6 +84,12 @@ def cpu_seconds(pid: int) -> float:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
             total += int(fields[11]) + int(fields[12])
     return total / TICK
+
+
+def child_cpu() -> float:
+    """CPU seconds of the finished child processes (the wrk runs)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def rss_bytes(pid: int, field: str = "VmRSS") -> int:
@@ -352,21 +359,32 @@ def main() -> int:
                 "kb_per_open_stream": round((peak[0] - base_rss) / 1024 / max(1, args.many), 1)}
 
         if "workers" in only:
+            # Who had the CPU: the gateway's workers share the machine with the mock and wrk,
+            # so the cores each used (CPU seconds per second) show what limited the run.
             rates: dict[int, list[float]] = {}
+            cores: dict[int, dict[str, float]] = {}
             for workers in (1, 2):
                 port = free_port()
                 with started([py, "-m", "gateway", "serve", "--config",
                               str(gateway_config(tmp, up_port, redis_url, port, workers))],
-                             port):
+                             port) as served:
                     time.sleep(1.0)  # the port answers once the first worker listens
-                    t = Target(f"w{workers}", gw, f"http://127.0.0.1:{port}/api/v1")
+                    t = Target(f"w{workers}", served, f"http://127.0.0.1:{port}/api/v1")
                     load(t.base, concurrency=10, requests=50, mock={"chunks": 5})
+                    gw0, up0, wrk0 = cpu_seconds(served.pid), cpu_seconds(mock.pid), child_cpu()
+                    t0 = time.monotonic()
                     for _ in range(args.rounds):
                         rates.setdefault(workers, []).append(burst_rate(t.base, tmp, 40))
+                    wall = time.monotonic() - t0
+                    cores[workers] = {
+                        "gateway": round((cpu_seconds(served.pid) - gw0) / wall, 2),
+                        "mock": round((cpu_seconds(mock.pid) - up0) / wall, 2),
+                        "client": round((child_cpu() - wrk0) / wall, 2)}
             summary["workers_chunks_per_s"] = {f"{w} worker(s)": round(median(v))
                                                for w, v in rates.items()}
             summary["workers_chunks_per_s"]["ratio_2_to_1"] = round(
                 median(rates[2]) / median(rates[1]), 2)
+            summary["workers_cores_used"] = {f"{w} worker(s)": c for w, c in cores.items()}
 
     print(json.dumps(summary, indent=2))
     if args.json:
