@@ -390,7 +390,7 @@ class _StreamRelay:
         self.watchdog.last = self.loop.time()
         try:
             self._relay(chunk)
-        except BaseException as e:  # noqa: BLE001 (handed to the task, which decides)
+        except Exception as e:  # noqa: BLE001 (handed to the task, which decides)
             self._finish(e)
 
     def _on_end(self, error: BaseException | None) -> None:
@@ -404,7 +404,7 @@ class _StreamRelay:
             return
         try:
             self._relay(b"")
-        except BaseException as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001
             self._finish(e)
 
     def _relay(self, chunk: bytes) -> None:
@@ -412,6 +412,7 @@ class _StreamRelay:
         framer = self.framer
         if self.simple and chunk[-2:] == b"\n\n" and chunk.find(b"\n") == len(chunk) - 2 \
                 and chunk[:6] == b"data: " and b"\r" not in chunk and framer.idle \
+                and len(chunk) <= framer.max_event_bytes \
                 and (fast := self._render_one(chunk)) is not None:
             out, done, failure = fast  # the common read: one one-line event, nothing held
         elif chunk:

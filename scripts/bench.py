@@ -2,7 +2,7 @@
 """Benchmark the gateway against the upstream directly and nginx as a plain proxy, in one run.
 
 Starts the mock upstream, nginx (``proxy_buffering off``, one worker, no auth, no limits, no
-framing), a naive aiohttp pass-through (scripts/naive_relay.py: the floor for any aiohttp relay)
+framing), a naive aiohttp pass-through (scripts/naive_relay.py: the usual relay on aiohttp)
 and the gateway (auth, a Redis rate-limit check when Redis answers, SSE framing), each
 as its own process on loopback, and runs the same load against all three, interleaved round by
 round so machine noise hits each alike. Prints a table with ratios and writes a JSON summary.
@@ -12,7 +12,8 @@ Scenarios (``--only`` picks some):
   ttfb     one stream at a time: added time to first byte over calling the upstream directly
   burst    chunks with no pause: chunks per second through each proxy
   many     M concurrent slow streams through one gateway process: every byte checked, RSS
-  workers  burst throughput of `gateway serve --workers 2` over one worker
+  workers  burst throughput of `gateway serve --workers 2` over one worker, and the cores the
+           gateway, the mock and the client each used (what limited the run)
 
 burst and workers use wrk as the client when it is installed (a Python client would be what
 limits them); the other scenarios use scripts/loadtest.py, which verifies every stream.

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""The floor for any relay written on aiohttp: a naive pass-through with no auth, no limits, no
+"""The usual relay written on aiohttp: a naive pass-through with no auth, no limits, no
 SSE framing and no error handling (what the performance issue calls "a naive 50-line aiohttp
-pass-through"). scripts/bench.py runs it beside nginx and the gateway so that each run shows how
-much of the gateway's cost is its own and how much is aiohttp's.
+pass-through"): ``ClientSession`` in, ``StreamResponse.write`` out, a task switch per chunk.
+scripts/bench.py runs it beside nginx and the gateway, whose relay avoids exactly that cost.
 
     python scripts/naive_relay.py PORT UPSTREAM_BASE_URL
 """

@@ -36,6 +36,36 @@ async def test_stream_is_relayed_byte_for_byte(gateway: Any, mock_upstream: Upst
     assert b'"usage"' in blocks(relayed)[-2]  # the usage chunk reached the client
 
 
+async def test_stream_on_the_wire_http11_in_chunks_http10_until_close(
+        gateway: Any, mock_upstream: Upstream) -> None:
+    """The relay frames HTTP/1.1 chunks itself; an HTTP/1.0 client gets the bare events and
+    the connection's end (chunked encoding does not exist in HTTP/1.0)."""
+    _, base = gateway
+    body = orjson.dumps(chat_body(stream=True, messages=USER, chunks=5))
+    _, expected = await post(f"{mock_upstream.url}/chat/completions", orjson.loads(body))
+    port = int(base.rsplit(":", 1)[1])
+    for version in (b"1.1", b"1.0"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /v1/chat/completions HTTP/%b\r\nHost: x\r\nAuthorization: "
+                     b"Bearer %b\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                     b"Content-Length: %d\r\n\r\n%b" % (version, KEY.encode(), len(body), body))
+        raw = await asyncio.wait_for(reader.read(), 10)  # to the connection's end
+        writer.close()
+        head, _, wire = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/%b 200" % version)
+        if version == b"1.1":
+            assert b"Transfer-Encoding: chunked" in head
+            assert wire.endswith(b"\r\n0\r\n\r\n")
+            decoded, rest = b"", wire
+            while (size := int(rest[:rest.index(b"\r\n")], 16)):
+                start = rest.index(b"\r\n") + 2
+                decoded, rest = decoded + rest[start:start + size], rest[start + size + 2:]
+            wire = decoded
+        else:
+            assert b"Transfer-Encoding" not in head
+        assert wire == expected
+
+
 async def test_stream_headers_and_request_id(gateway: Any, mock_upstream: Upstream) -> None:
     _, base = gateway
     r, _ = await post(f"{base}/v1/chat/completions", chat_body(stream=True, messages=USER),

@@ -77,6 +77,11 @@ MID_STREAM = {
     "oversized_line": Fault({"inject_after": 1, "inject_hex": (
         b"data: " + b"x" * 300_000).hex()}, "upstream_bad_stream", "exceeds 65536 bytes",
         "bad_stream", stream={"max_event_bytes": 65536}),
+    # Valid JSON on one line, arriving whole in one read: still over the limit.
+    "oversized_event": Fault({"inject_after": 1, "chunk_delay": 0.05, "inject_hex": (
+        b'data: {"choices":[{"index":0,"delta":{"content":"' + b"x" * 30_000
+        + b'"}}]}\n\n').hex()}, "upstream_bad_stream", "exceeds 16384 bytes", "bad_stream",
+        stream={"max_event_bytes": 16384}),
     "invalid_utf8": Fault({"inject_after": 2, "inject_hex": (
         b'data: {"choices":[{"index":0,"delta":{"content":"\xff\xfe"}}]}\n\n').hex()},
         "upstream_bad_stream", "not valid JSON", "bad_stream"),
