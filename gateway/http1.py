@@ -147,29 +147,29 @@ class UpstreamResponse:
 class _Connection(asyncio.Protocol):
     """One keep-alive connection; it carries one request at a time."""
 
+    # The request in flight (set by ``send``).
+    parser: httptools.HttpResponseParser
+    header_list: list[tuple[str, str]]
+    head_bytes: int  # read while the headers are incomplete
+    header_bytes: int  # in the headers themselves
+    until_close: bool  # a body without length or chunking: it ends with the socket
+
     def __init__(self, pool: ConnectionPool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
         self.response: UpstreamResponse | None = None
+        self.head: asyncio.Future[UpstreamResponse] | None = None  # until the headers are in
         self.sink: DataSink | None = None  # where the body goes, once it is streamed
-        self.head: asyncio.Future[UpstreamResponse] | None = None
-        self.header_list: list[tuple[str, str]] = []
-        self.head_bytes = 0  # read while the headers are incomplete
-        self.header_bytes = 0  # in the headers themselves
-        self.until_close = False  # a body without length or chunking: it ends with the socket
         self.idle_since = 0.0
 
     def send(self, request: bytes) -> asyncio.Future[UpstreamResponse]:
         assert self.transport is not None
-        loop = asyncio.get_running_loop()
         self.parser = httptools.HttpResponseParser(self)
-        self.response = UpstreamResponse(self)
-        self.head = loop.create_future()
         self.header_list = []
-        self.head_bytes = 0  # read while the headers are incomplete
-        self.header_bytes = 0  # in the headers themselves
+        self.head_bytes = self.header_bytes = 0
         self.until_close = False
+        self.response = UpstreamResponse(self)
+        self.head = asyncio.get_running_loop().create_future()
         self.transport.write(request)
         return self.head
 
@@ -228,7 +228,9 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         response, head = self.response, self.head
-        assert response is not None and head is not None
+        if response is None or head is None:  # a second answer after the first one
+            self._fail(InvalidHTTP("an answer nobody asked for"))
+            return
         if self.header_bytes > _MAX_HEAD_BYTES:
             self._fail(InvalidHTTP(f"headers over {_MAX_HEAD_BYTES} bytes"))
             return

@@ -23,6 +23,7 @@ writing ``: keep-alive`` comments; from then on errors can only be SSE frames.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -565,7 +566,15 @@ class _StreamRelay:
 
     def _terminal_bytes(self, ev: Event, data: bytes | None) -> bytes:
         """The last event as it goes out: as it came, unless a model alias must be rewritten
-        (the Responses API's ``response.completed`` names the model too)."""
+        (the Responses API's ``response.completed`` names the model too). A Responses stream
+        reports its usage only there, inside ``response``: noted for the log and metrics."""
+        if self.dialect.responses_api and data is not None and b'"usage"' in data:
+            with contextlib.suppress(orjson.JSONDecodeError):
+                event = orjson.loads(data)
+                answer = event.get("response") if isinstance(event, dict) else None
+                usage = answer.get("usage") if isinstance(answer, dict) else None
+                if isinstance(usage, dict):
+                    self.info.usage = usage
         if self.rewrite is not None and data is not None and data != DONE:
             obj = _json(data)
             self.rewrite(obj)

@@ -136,6 +136,24 @@ async def test_metrics_and_access_log_record_every_kind_of_request(
         assert secret not in text  # key names only, never keys
 
 
+async def test_a_responses_stream_logs_and_counts_the_usage_of_its_completed_event(
+        mock_upstream: Upstream, start_gateway: Any, access_log: io.StringIO) -> None:
+    _, base = await start_gateway(settings_for(mock_upstream.url))
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{base}/v1/responses", headers=auth(), json={
+                "model": "grok-4", "input": "hi", "stream": True,
+                "mock": {"text": "one two three four"}}) as r:
+            raw = await r.read()
+    assert r.status == 200 and b"response.completed" in raw
+    [line] = [line for line in lines(access_log) if line["route"] == "/v1/responses"]
+    assert line["outcome"] == "completed" and line["usage"]["output_tokens"] == 4
+    samples = await scrape(base)
+    assert value(samples, "gateway_tokens_total", key="alice", model="grok-4",
+                 type="completion") == 4
+    assert value(samples, "gateway_tokens_total", key="alice", model="grok-4",
+                 type="prompt") == line["usage"]["input_tokens"] > 0
+
+
 async def test_access_log_off(mock_upstream: Upstream, start_gateway: Any,
                               access_log: io.StringIO) -> None:
     _, base = await start_gateway(settings_for(mock_upstream.url,
