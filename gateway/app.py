@@ -51,7 +51,7 @@ def create_app(settings: Settings, environ: Mapping[str, str] | None = None) -> 
     for prefix in API_PREFIXES:
         app.router.add_post(f"{prefix}/chat/completions", chat.chat_completions)
         app.router.add_get(f"{prefix}/models", models.list_models)
-        app.router.add_get(f"{prefix}/models/{{model}}", models.get_model)
+        app.router.add_get(f"{prefix}/models/{{model:.+}}", models.get_model)  # ids may hold "/"
         app.router.add_post(f"{prefix}/responses", responses.create_response)
         app.router.add_post(f"{prefix}/images/generate", images.generate_images)
         app.router.add_post(f"{prefix}/images/generations", images.generate_images)

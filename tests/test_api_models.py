@@ -62,6 +62,20 @@ async def test_list_is_filtered_to_the_keys_allow_list(mock_upstream: Upstream,
     await client.close()
 
 
+async def test_a_model_id_with_a_slash_is_found(mock_upstream: Upstream,
+                                               start_gateway: Any) -> None:
+    """Routers name models ``vendor/model``: the id arrives escaped (the SDK) or as it is."""
+    _, base = await start_gateway(settings_for(mock_upstream.url, models={
+        "aliases": {"x-ai/grok-4": "grok-4"}}))
+    raw = await get(f"{base}/v1/models/x-ai/grok-4")
+    assert raw.status == 200 and raw.json()["id"] == "x-ai/grok-4"
+    client = async_sdk(base)
+    assert (await client.models.retrieve("x-ai/grok-4")).id == "x-ai/grok-4"
+    with pytest.raises(openai.NotFoundError):
+        await client.models.retrieve("x-ai/no-such-model")
+    await client.close()
+
+
 async def test_raw_list_shape_and_headers(gateway: Any) -> None:
     _, base = gateway
     raw = await get(f"{base}/v1/models")
