@@ -12,8 +12,9 @@ All of that runs inside the upstream socket's read callback (``http1.UpstreamRes
 which writes straight to the client's transport, in HTTP/1.1 chunks framed here: no task switch
 and no coroutine per chunk, the cost that dominated a relay built on aiohttp's client and
 ``StreamResponse.write``. The handler's task only waits for the stream's end. The relay never
-holds more than one incomplete event; when the client's send buffer passes ``_HIGH_WATER``, the
-upstream socket stops being read until it drains, so a slow client slows the upstream.
+holds more than one incomplete event; when the client's transport pauses writing (its buffer is
+past the high-water mark, 64 KB), the upstream socket stops being read until it drains, so a
+slow client slows the upstream.
 
 Response headers wait for the upstream's, so an upstream error keeps its true status. Only if
 the upstream is silent for one keep-alive interval does the gateway commit ``200`` and start
@@ -66,9 +67,6 @@ _MAX_USAGE_PARSE = 1024 * 1024
 _RESPONSES_TERMINAL = (b"response.completed", b"response.failed", b"response.incomplete",
                        b"error")
 _RESPONSES_FAILED = (b"response.failed", b"error")
-_HIGH_WATER = 64 * 1024  # bytes unsent to a client before the upstream is paused
-_LOW_WATER = 16 * 1024  # ... and resumed
-_DRAIN_POLL = 0.005  # seconds between looks at a paused stream's send buffer
 
 UpstreamCall = Awaitable[UpstreamResponse]
 
@@ -228,7 +226,7 @@ async def relay_stream(request: web.Request,
 class _StreamRelay:
     __slots__ = ("request", "info", "settings", "rewrite", "dialect", "response", "seq",
                  "shutdown", "loop", "transport", "chunked", "upstream", "framer", "simple",
-                 "finished", "upstream_end", "watchdog", "paused")
+                 "finished", "upstream_end", "watchdog", "paused", "drainer")
 
     def __init__(self, request: web.Request, rewrite: Rewrite | None,
                  dialect: StreamDialect) -> None:
@@ -250,6 +248,7 @@ class _StreamRelay:
         self.upstream_end: asyncio.Future[BaseException | None] = self.loop.create_future()
         self.watchdog: _Watchdog | None = None
         self.paused = False  # the client's send buffer is full: the upstream is not read
+        self.drainer: asyncio.Task[None] | None = None  # waits for it to drain
 
     async def run(self, upstream_call: UpstreamCall) -> web.StreamResponse:
         info = self.info
@@ -299,6 +298,8 @@ class _StreamRelay:
         finally:
             if self.watchdog is not None:
                 self.watchdog.cancel()
+            if self.drainer is not None:
+                self.drainer.cancel()
             _dispose(task, upstream, clean)
         assert self.response is not None
         return self.response
@@ -438,8 +439,7 @@ class _StreamRelay:
             if self.info.first_byte is None:
                 self.info.first_byte = self.loop.time()
             self._send(out)
-            if not self.paused and self.transport is not None \
-                    and self.transport.get_write_buffer_size() > _HIGH_WATER:
+            if not self.paused and self.request.protocol.writing_paused:
                 self._pause()
         if failure is not None:
             raise failure
@@ -449,24 +449,21 @@ class _StreamRelay:
             raise UpstreamProtocolError("The upstream stream ended before it was complete")
 
     def _pause(self) -> None:
-        """A slow client: stop reading the upstream until the send buffer drains."""
+        """A slow client: stop reading the upstream until the client's buffer drains."""
         assert self.upstream is not None
         self.paused = True
         self.upstream.pause_reading()
-        self.loop.call_later(_DRAIN_POLL, self._check_drained)
+        self.drainer = self.loop.create_task(self._resume_when_drained())
 
-    def _check_drained(self) -> None:
-        if not self.paused:
+    async def _resume_when_drained(self) -> None:
+        try:
+            await self.request.writer.drain()
+        except ConnectionResetError as e:
+            self._finish(e)
             return
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            self._finish(ConnectionResetError("the client closed the connection"))
-        elif transport.get_write_buffer_size() <= _LOW_WATER:
+        if self.paused and self.upstream is not None:
             self.paused = False
-            assert self.upstream is not None
             self.upstream.resume_reading()
-        else:
-            self.loop.call_later(_DRAIN_POLL, self._check_drained)
 
     def _render_one(self, event: bytes) -> tuple[bytes, bool, GatewayError | None] | None:
         """``_render_simple`` for a read that is exactly one one-line ``data:`` event."""
