@@ -63,6 +63,7 @@ Rewrite = Callable[[Any], Any]
 
 _MAX_ERROR_BODY = 64 * 1024
 _DONE_EVENT = b"data: " + DONE + b"\n\n"
+_AFTER_DONE = b"\n\n" + _DONE_EVENT
 _MAX_USAGE_PARSE = 1024 * 1024
 _RESPONSES_TERMINAL = (b"response.completed", b"response.failed", b"response.incomplete",
                        b"error")
@@ -258,9 +259,10 @@ class _StreamRelay:
         try:
             upstream = await self._await_headers(task)
             if upstream.status >= 400:
-                try:
-                    body = await upstream.read(_MAX_ERROR_BODY)
-                except (OSError, InvalidHTTP):
+                try:  # an error's body follows its headers at once, or is not waited for
+                    async with asyncio.timeout(self.settings.keepalive_seconds):
+                        body = await upstream.read(_MAX_ERROR_BODY)
+                except (OSError, InvalidHTTP):  # TimeoutError is an OSError
                     body = b""
                 raise from_upstream(upstream.status, body, upstream.headers,
                                     self.request.app[UPSTREAM].secrets)
@@ -360,8 +362,10 @@ class _StreamRelay:
         self.upstream = upstream
         self.watchdog = _Watchdog(self)
         upstream.stream(self._on_data, self._on_end)
-        await self.finished
-        self.watchdog.cancel()
+        try:
+            await self.finished
+        finally:
+            self.watchdog.cancel()  # no keep-alive may follow the last event or error frame
         assert self.response is not None
         await self.response.write_eof()
         self.info.outcome = "completed"  # whatever happens while draining the rest
@@ -458,8 +462,8 @@ class _StreamRelay:
     async def _resume_when_drained(self) -> None:
         try:
             await self.request.writer.drain()
-        except ConnectionResetError as e:
-            self._finish(e)
+        except ConnectionError:
+            self._finish(ConnectionResetError("the client closed the connection"))
             return
         if self.paused and self.upstream is not None:
             self.paused = False
@@ -490,7 +494,7 @@ class _StreamRelay:
         when anything is unusual (a bad event, an ``"error"`` key, ``[DONE]`` anywhere but
         last: it is not JSON): the exact per-event path then decides.
         """
-        done = region.endswith(_DONE_EVENT)
+        done = region == _DONE_EVENT or region.endswith(_AFTER_DONE)  # an event of its own
         k = n - 1 if done else n  # events before [DONE]
         if k:
             if done:
@@ -715,6 +719,8 @@ def _dispose(task: asyncio.Future[UpstreamResponse],
     if not task.done():
         task.add_done_callback(_close_late_response)
         task.cancel()
+    elif upstream is None:
+        _close_late_response(task)  # it answered just as the relay gave up waiting
     if upstream is not None:
         if clean:
             upstream.release()

@@ -33,7 +33,7 @@ class UpstreamClient:
         self._path = url.path
         # What every request carries, encoded once: the Host and the operator's key.
         host = url.netloc.rsplit("@", 1)[-1]
-        fixed = f"Host: {host}\r\n"
+        fixed = f"Host: {host}\r\nAccept-Encoding: identity\r\n"
         if api_key:
             fixed += f"Authorization: Bearer {api_key}\r\n"
         self._fixed_headers = fixed.encode("latin-1")

@@ -16,11 +16,12 @@ import openai
 import pytest
 from aiohttp import web
 
-from gateway.http1 import ConnectionLost, ConnectionPool
+from gateway.http1 import ConnectionLost, ConnectionPool, InvalidHTTP
 from gateway.mock_upstream import create_mock_app
+from gateway.upstream import UpstreamClient
 
 from clients import async_sdk
-from conftest import settings_for
+from conftest import Upstream, settings_for
 
 PeerLog = list[tuple[str, int]]
 
@@ -145,6 +146,31 @@ async def test_a_streamed_body_arrives_piece_by_piece_then_ends() -> None:
         assert await asyncio.wait_for(ended, 5) is None
         assert b"".join(pieces) == b"one two three"
         answer.release()
+
+
+async def test_an_early_hints_answer_is_skipped_for_the_real_one() -> None:
+    async with raw_server(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+                          b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok") as url:
+        pool = ConnectionPool(url, connect_timeout=5)
+        answer = await pool.send(request(b"{}"))
+        assert (answer.status, "Link" in answer.headers, await answer.read()) == (200, False, b"ok")
+        answer.release()
+
+
+async def test_the_upstream_is_asked_for_identity_and_a_compressed_answer_is_refused(
+        mock_upstream: Upstream) -> None:
+    client = UpstreamClient(settings_for(mock_upstream.url), mock_upstream.url, "k")
+    await client.start()
+    try:
+        answer = await client.request("GET", "models")
+        answer.release()
+        assert mock_upstream.state.requests[-1]["headers"]["Accept-Encoding"] == "identity"
+    finally:
+        await client.close()
+    async with raw_server(b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\n"
+                          b"Content-Length: 3\r\n\r\n\x1f\x8b\x08") as url:
+        with pytest.raises(InvalidHTTP, match="gzip"):
+            await ConnectionPool(url, connect_timeout=5).send(request(b"{}"))
 
 
 @pytest.fixture(scope="module")

@@ -1,19 +1,22 @@
 """A client that reads slowly, or not at all, slows the upstream read instead of filling the
-gateway's memory: the relay writes, waits for the client to drain, and only then reads on, so
-aiohttp pauses the upstream socket. Memory per stream is bounded by the socket buffers and one
-chunk, whatever the stream's size.
+gateway's memory: once the client's transport pauses writing, the relay stops reading the
+upstream socket until it drains. Memory per stream is bounded by the socket buffers and one
+chunk, whatever the stream's size. A slow client's stream still ends cleanly: nothing follows
+its last frame.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 
 from clients import AUTH, USER, chat_body
-from conftest import KEY, Upstream
+from conftest import KEY, Upstream, settings_for
 from servers import GatewayProcess, gateway_processes
 
 CHUNK_BYTES, CHUNKS = 64 * 1024, 1024  # a 64 MiB stream
@@ -77,3 +80,36 @@ async def test_the_gateway_process_memory_stays_flat_under_a_stalled_64_mib_stre
         _, peak = memory(gw)
     assert size > CHUNKS * CHUNK_BYTES
     assert peak - before < 16 * MiB, f"peak RSS grew by {(peak - before) / MiB:.1f} MiB"
+
+
+async def test_a_slow_clients_stream_that_fails_ends_with_its_error_frame_and_nothing_after(
+        mock_upstream: Upstream, start_gateway: Any) -> None:
+    """The error frame and the chunked terminator wait for a slow client to drain; no
+    keep-alive comment may be written meanwhile (it would land after the response's end)."""
+    _, base = await start_gateway(settings_for(mock_upstream.url,
+                                               stream={"keepalive_seconds": 0.05}))
+    body = orjson.dumps(chat_body(stream=True, messages=USER, chunks=16, chunk_bytes=64 * 1024,
+                                  error_after=14))
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)  # small: the gateway must wait
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1",
+                                                         int(base.rsplit(":", 1)[1])))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=8192)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %b"
+                 b"\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                 b"Content-Length: %d\r\n\r\n%b" % (KEY.encode(), len(body), body))
+    raw = bytearray()
+    while piece := await asyncio.wait_for(reader.read(8192), 10):
+        raw += piece
+        await asyncio.sleep(0.01)  # under 1 MB/s: each drain outlasts a keep-alive interval
+    writer.close()
+    wire = bytes(raw).partition(b"\r\n\r\n")[2]
+    decoded = bytearray()
+    while size := int(wire[:wire.index(b"\r\n")], 16):
+        start = wire.index(b"\r\n") + 2
+        decoded += wire[start:start + size]
+        wire = wire[start + size + 2:]
+    assert wire == b"0\r\n\r\n"  # the terminator, and not one byte after it
+    assert decoded.endswith(b"\n\n") and b"mock_failure" in decoded[-300:]
+    assert decoded.count(b"data: ") == 15  # 14 events, then the error frame

@@ -82,6 +82,10 @@ MID_STREAM = {
         b'data: {"choices":[{"index":0,"delta":{"content":"' + b"x" * 30_000
         + b'"}}]}\n\n').hex()}, "upstream_bad_stream", "exceeds 16384 bytes", "bad_stream",
         stream={"max_event_bytes": 16384}),
+    # One event whose line ends in "data: [DONE]": not the end, a malformed event.
+    "done_inside_a_bad_event": Fault({"inject_after": 2, "chunk_delay": 0.05, "inject_hex": (
+        b'data: {"a": data: [DONE]\n\n').hex()}, "upstream_bad_stream", "not valid JSON",
+        "bad_stream"),
     "invalid_utf8": Fault({"inject_after": 2, "inject_hex": (
         b'data: {"choices":[{"index":0,"delta":{"content":"\xff\xfe"}}]}\n\n').hex()},
         "upstream_bad_stream", "not valid JSON", "bad_stream"),
@@ -170,6 +174,35 @@ async def test_a_fault_before_streaming_gets_its_true_status_released_logged_and
     [line] = access_lines(caplog, ROUTE)
     assert (line["status"], line["outcome"], line["error"]) == (expected, outcome, code)
     assert upstream_errors(await scrape(base)) == {kind: 1}
+
+
+async def test_an_error_answer_whose_body_never_ends_is_answered_after_one_keepalive(
+        start_gateway: Any) -> None:
+    """The error's status is known from its headers; its body gets one keep-alive interval."""
+    done = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 500 Internal Server Error\r\nTransfer-Encoding: chunked\r\n"
+                     b"Content-Type: application/json\r\n\r\nf\r\n{\"error\": {\"mes\r\n")
+        await writer.drain()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done.wait(), 10)  # and nothing more
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
+        _, base = await start_gateway(settings_for(url, stream={"keepalive_seconds": 0.3}))
+        started = asyncio.get_running_loop().time()
+        status, _, raw = await post(base, chat_body(stream=True, text=TEXT),
+                                    {"Accept": "application/json"})
+        assert asyncio.get_running_loop().time() - started < 5  # not the upstream's 10 s
+        assert status == 500 and error_of(raw)["code"] == "upstream_http_500"
+    finally:
+        done.set()
+        server.close()
+        await server.wait_closed()
 
 
 @pytest.mark.parametrize("upstream_status, status, code", [
