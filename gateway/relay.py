@@ -226,8 +226,8 @@ async def relay_stream(request: web.Request,
 
 class _StreamRelay:
     __slots__ = ("request", "info", "settings", "rewrite", "dialect", "response", "seq",
-                 "shutdown", "loop", "transport", "chunked", "upstream", "framer", "simple",
-                 "finished", "upstream_end", "watchdog", "paused", "drainer")
+                 "shutdown", "loop", "transport", "protocol", "chunked", "upstream", "framer",
+                 "simple", "finished", "upstream_end", "watchdog", "paused", "drainer")
 
     def __init__(self, request: web.Request, rewrite: Rewrite | None,
                  dialect: StreamDialect) -> None:
@@ -241,6 +241,7 @@ class _StreamRelay:
         self.shutdown = False  # set by StreamRegistry before it cancels us
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
+        self.protocol: web.RequestHandler | None = None  # its writing_paused
         self.chunked = False
         self.upstream: UpstreamResponse | None = None
         self.framer = SSEFramer(self.settings.max_event_bytes)
@@ -334,6 +335,7 @@ class _StreamRelay:
         await response.prepare(self.request)
         self.response = response
         self.transport = self.request.transport
+        self.protocol = self.request.protocol  # a property call: looked up once, not per chunk
         self.info.status = 200
 
     def _send(self, data: bytes) -> None:
@@ -443,7 +445,7 @@ class _StreamRelay:
             if self.info.first_byte is None:
                 self.info.first_byte = self.loop.time()
             self._send(out)
-            if not self.paused and self.request.protocol.writing_paused:
+            if not self.paused and self.protocol is not None and self.protocol.writing_paused:
                 self._pause()
         if failure is not None:
             raise failure
