@@ -38,7 +38,7 @@ from typing import TextIO
 
 import orjson
 
-from .context import RequestInfo
+from .request_info import RequestInfo
 
 log = logging.getLogger("gateway.access")
 _pid = os.getpid()  # cached: a syscall per request otherwise

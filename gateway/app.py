@@ -9,10 +9,11 @@ from collections.abc import AsyncIterator, Mapping
 
 from aiohttp import web
 
-from .appkeys import KEYSTORE, LIMITER, METRICS, MODEL_CATALOG, SETTINGS, STREAMS, UPSTREAM
+from .appkeys import IN_FLIGHT, KEYSTORE, LIMITER, METRICS, MODEL_CATALOG, SETTINGS, UPSTREAM
 from .auth import ConfigKeyStore
 from .catalog import ModelCatalog
 from .handlers import chat, health, images, models, responses, vision
+from .inflight import InFlight
 from .keystore import RedisKeyStore
 from .metrics import Metrics
 from .middlewares import HTTP_SERVER_LOG, auth_middleware, errors_middleware, ratelimit_middleware
@@ -21,7 +22,6 @@ from .ratelimit.memory import MemoryLimiter
 from .ratelimit.redis import RedisLimiter
 from .redisclient import open_redis
 from .settings import Settings
-from .streams import StreamRegistry
 from .upstream import UpstreamClient
 
 log = logging.getLogger("gateway")
@@ -38,7 +38,7 @@ def create_app(settings: Settings, environ: Mapping[str, str] | None = None) -> 
         handler_args={"logger": HTTP_SERVER_LOG},  # aiohttp's own errors, without credentials
     )
     app[SETTINGS] = settings
-    app[STREAMS] = StreamRegistry()
+    app[IN_FLIGHT] = InFlight()
     app[KEYSTORE] = ConfigKeyStore(settings)
     app[MODEL_CATALOG] = ModelCatalog(settings.models)
     app[METRICS] = Metrics()
@@ -110,4 +110,4 @@ async def _limiter_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _drain_streams(app: web.Application) -> None:
-    await app[STREAMS].drain(app[SETTINGS].server.drain_seconds)
+    await app[IN_FLIGHT].drain(app[SETTINGS].server.drain_seconds)

@@ -6,16 +6,16 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from .context import RequestInfo
+from .request_info import RequestInfo
 from .settings import Settings
 
 if TYPE_CHECKING:
     from .auth import KeyStore
     from .catalog import ModelCatalog
     from .handlers.health import UpstreamProbe
+    from .inflight import InFlight
     from .metrics import Metrics
     from .ratelimit import Limiter
-    from .streams import StreamRegistry
     from .upstream import UpstreamClient
 
 # Typed by annotation: the classes are imported for type checkers only, so that this module
@@ -24,7 +24,7 @@ SETTINGS = web.AppKey("settings", Settings)
 UPSTREAM: web.AppKey[UpstreamClient] = web.AppKey("upstream")
 KEYSTORE: web.AppKey[KeyStore] = web.AppKey("keystore")
 LIMITER: web.AppKey[Limiter] = web.AppKey("limiter")
-STREAMS: web.AppKey[StreamRegistry] = web.AppKey("streams")
+IN_FLIGHT: web.AppKey[InFlight] = web.AppKey("in_flight")
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 UPSTREAM_PROBE: web.AppKey[UpstreamProbe] = web.AppKey("upstream_probe")
 MODEL_CATALOG: web.AppKey[ModelCatalog] = web.AppKey("model_catalog")

@@ -10,7 +10,7 @@ import hashlib
 import logging
 from typing import Protocol
 
-from .context import ClientKey
+from .request_info import ClientKey
 from .settings import DEMO_KEY, KeySettings, Settings
 
 log = logging.getLogger("gateway.auth")

@@ -14,8 +14,8 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from .context import ClientKey
 from .errors import UpstreamProtocolError
+from .request_info import ClientKey
 from .settings import ModelSettings
 
 Entry = dict[str, Any]

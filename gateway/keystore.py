@@ -30,9 +30,9 @@ import redis.asyncio as aioredis
 from redis.exceptions import WatchError
 
 from .auth import KeyStore, digest
-from .context import ClientKey
 from .errors import ServiceUnavailable
 from .redisclient import REDIS_ERRORS, RedisBatcher, RedisBreaker
+from .request_info import ClientKey
 from .settings import Limits, RedisSettings
 
 KEY_PREFIX = "sk-gw-"

@@ -37,7 +37,7 @@ from prometheus_client import (
     values,
 )
 
-from .context import RequestInfo
+from .request_info import RequestInfo
 
 TTFB_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 """Time to first byte: milliseconds for a fast model, minutes for a reasoning one."""

@@ -23,8 +23,6 @@ from aiohttp.typedefs import Handler
 from .accesslog import log_request
 from .appkeys import KEYSTORE, LIMITER, METRICS, REQUEST_INFO, SETTINGS
 from .auth import bearer_token
-from .body import json_body
-from .context import RequestInfo
 from .errors import (
     AuthenticationFailed,
     GatewayError,
@@ -35,6 +33,8 @@ from .errors import (
     RateLimited,
     redact,
 )
+from .request_body import json_body
+from .request_info import RequestInfo
 
 log = logging.getLogger("gateway")
 

@@ -33,8 +33,7 @@ import orjson
 import simdjson
 from aiohttp import HttpVersion11, web
 
-from .appkeys import METRICS, REQUEST_INFO, SETTINGS, STREAMS, UPSTREAM
-from .context import RequestInfo
+from .appkeys import IN_FLIGHT, METRICS, REQUEST_INFO, SETTINGS, UPSTREAM
 from .errors import (
     SSE_HEADERS,
     GatewayError,
@@ -46,6 +45,7 @@ from .errors import (
     redact,
 )
 from .http1 import InvalidHTTP, UpstreamResponse
+from .request_info import RequestInfo
 from .sse import (
     DONE,
     KEEPALIVE,
@@ -129,7 +129,7 @@ class _PlainRequest:
     __slots__ = ("shutdown",)
 
     def __init__(self) -> None:
-        self.shutdown = False  # set by StreamRegistry before it cancels us
+        self.shutdown = False  # set by InFlight before it cancels us
 
 
 async def _read_answer(request: web.Request, upstream_call: UpstreamCall
@@ -140,7 +140,7 @@ async def _read_answer(request: web.Request, upstream_call: UpstreamCall
     ``gateway_restarting`` (nothing was sent yet, so the status can still say so).
     """
     plain = _PlainRequest()
-    with request.app[STREAMS].track(plain):
+    with request.app[IN_FLIGHT].track(plain):
         try:
             return await _await_answer(request, upstream_call)
         except asyncio.CancelledError:
@@ -218,7 +218,7 @@ async def relay_stream(request: web.Request,
     open_streams = request.app[METRICS].open_streams
     open_streams.inc()
     try:
-        with request.app[STREAMS].track(relay):
+        with request.app[IN_FLIGHT].track(relay):
             return await relay.run(upstream_call)
     finally:
         open_streams.dec()
@@ -238,7 +238,7 @@ class _StreamRelay:
         self.dialect = dialect
         self.response: web.StreamResponse | None = None
         self.seq = 0
-        self.shutdown = False  # set by StreamRegistry before it cancels us
+        self.shutdown = False  # set by InFlight before it cancels us
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.protocol: web.RequestHandler | None = None  # its writing_paused

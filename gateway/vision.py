@@ -13,8 +13,8 @@ from __future__ import annotations
 import fnmatch
 from typing import Any
 
-from .body import kind_of
 from .errors import InvalidRequest
+from .request_body import kind_of
 from .settings import VisionSettings
 
 DETAILS = ("auto", "low", "high")

@@ -22,7 +22,7 @@ Stopping one process (SIGTERM or SIGINT) follows aiohttp's ``AppRunner.cleanup``
 
 1. the listening socket closes: no new connections;
 2. idle keep-alive connections close, busy ones close after their response;
-3. ``on_shutdown``: the app's ``StreamRegistry`` gives requests in flight up to
+3. ``on_shutdown``: the app's ``InFlight`` gives requests in flight up to
    ``[server] drain_seconds``, then ends the rest: a stream with a ``gateway_restarting`` error
    frame, a request still waiting for the upstream with a 503 of that code. Rate-limit leases
    come back in the rate-limit middleware's shielded ``finally``;
@@ -107,9 +107,9 @@ class GatewayServer:
 
     def stop_waiting(self) -> None:
         """End a drain in progress now."""
-        from .appkeys import STREAMS
+        from .appkeys import IN_FLIGHT
 
-        self.app[STREAMS].stop_waiting()
+        self.app[IN_FLIGHT].stop_waiting()
 
     async def stop(self) -> None:
         await self._runner.cleanup()

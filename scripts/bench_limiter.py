@@ -37,10 +37,10 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from gateway.app import create_app
-from gateway.context import ClientKey
 from gateway.ratelimit.memory import MemoryLimiter
 from gateway.ratelimit.redis import RedisLimiter
 from gateway.redisclient import connect
+from gateway.request_info import ClientKey
 from gateway.settings import RedisSettings, Settings
 
 KEY = "sk-bench-000000000000000001"

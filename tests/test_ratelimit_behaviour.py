@@ -19,11 +19,11 @@ import orjson
 import pytest
 
 from gateway.appkeys import LIMITER
-from gateway.context import ClientKey
 from gateway.ratelimit import Limiter
 from gateway.ratelimit.memory import MemoryLimiter
 from gateway.ratelimit.redis import RedisLimiter
 from gateway.redisclient import connect
+from gateway.request_info import ClientKey
 from gateway.settings import RedisSettings
 
 from clients import AUTH, chat_body

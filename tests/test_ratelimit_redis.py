@@ -22,9 +22,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway.appkeys import LIMITER
-from gateway.context import ClientKey
 from gateway.ratelimit.redis import RedisLimiter, key_names
 from gateway.redisclient import connect
+from gateway.request_info import ClientKey
 from gateway.settings import RedisSettings
 
 from clients import chat_body

@@ -6,7 +6,7 @@ from aiohttp import web
 
 from .. import stream_fallback
 from ..appkeys import SETTINGS
-from ..body import json_body, require
+from ..request_body import json_body, require
 from ..vision import chat_images
 from .model_request import forward
 

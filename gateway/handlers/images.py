@@ -7,10 +7,10 @@ from aiohttp import web
 
 from ..aliases import aliased
 from ..appkeys import REQUEST_INFO, SETTINGS
-from ..body import json_body, require
 from ..errors import StreamNotSupported
 from ..forward import upstream_post
 from ..relay import relay_json
+from ..request_body import json_body, require
 
 
 async def generate_images(request: web.Request) -> web.Response:

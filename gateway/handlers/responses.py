@@ -6,8 +6,8 @@ from aiohttp import web
 
 from .. import stream_fallback
 from ..appkeys import SETTINGS
-from ..body import json_body, require
 from ..relay import RESPONSES
+from ..request_body import json_body, require
 from ..vision import responses_images
 from .model_request import forward
 

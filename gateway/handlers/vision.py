@@ -13,10 +13,10 @@ from aiohttp import web
 from .. import stream_fallback
 from ..aliases import model_rewriter, upstream_model
 from ..appkeys import REQUEST_INFO, SETTINGS
-from ..body import json_body, require
 from ..errors import InvalidRequest
 from ..forward import upstream_post
 from ..relay import relay_json, relay_stream
+from ..request_body import json_body, require
 from ..vision import analyze_to_chat, check_detail, check_image_url, require_vision_model
 
 

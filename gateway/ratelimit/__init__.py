@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..context import ClientKey
+from ..request_info import ClientKey
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,7 @@ import itertools
 import time
 from collections.abc import Callable
 
-from ..context import ClientKey
+from ..request_info import ClientKey
 from . import Decision
 
 _SWEEP_EVERY = 4096

@@ -31,9 +31,9 @@ from typing import Any, cast
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
-from ..context import ClientKey
 from ..errors import ServiceUnavailable
 from ..redisclient import REDIS_ERRORS, RedisBatcher, RedisBreaker
+from ..request_info import ClientKey
 from ..settings import RedisSettings
 from . import Decision
 from .memory import MemoryLimiter

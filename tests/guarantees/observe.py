@@ -21,7 +21,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from gateway.appkeys import STREAMS
+from gateway.appkeys import IN_FLIGHT
 from gateway.mock_upstream import MockState
 
 
@@ -64,7 +64,7 @@ class Baseline:
 
 async def assert_released(app: web.Application, state: MockState | None, baseline: Baseline,
                           timeout: float = 2.0) -> None:
-    await wait_until(lambda: len(app[STREAMS]) == 0, timeout, "the gateway's streams ended")
+    await wait_until(lambda: len(app[IN_FLIGHT]) == 0, timeout, "the gateway's streams ended")
     if state is not None:
         await wait_until(lambda: state.open_streams == 0, timeout,
                          "the upstream's stream was closed")

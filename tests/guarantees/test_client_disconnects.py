@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway.appkeys import STREAMS
+from gateway.appkeys import IN_FLIGHT
 
 from clients import AUTH, chat_body, scrape, value
 from conftest import KEY, Upstream, settings_for
@@ -44,7 +44,7 @@ async def test_a_client_disconnect_cancels_the_upstream_within_a_second_and_free
     for _ in range(read_events):
         line = await response.content.readuntil(b"\n\n")
         assert line.startswith(b"data: ") or line.startswith(b": keep-alive")
-    await wait_until(lambda: len(app[STREAMS]) == 1, 2, "the stream is relayed")
+    await wait_until(lambda: len(app[IN_FLIGHT]) == 1, 2, "the stream is relayed")
     left = time.monotonic()
     response.close()  # the client goes away
     await session.close()

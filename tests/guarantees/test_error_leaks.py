@@ -21,9 +21,9 @@ import pytest
 from aiohttp import web
 
 from gateway.app import create_app
-from gateway.body import json_body
 from gateway.forward import upstream_post
 from gateway.relay import relay_stream
+from gateway.request_body import json_body
 
 from clients import AUTH, sse_events
 from conftest import Upstream, settings_for

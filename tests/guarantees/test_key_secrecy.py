@@ -22,8 +22,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway.appkeys import KEYSTORE, SETTINGS
-from gateway.context import ClientKey
 from gateway.keystore import add_key, store_keys
+from gateway.request_info import ClientKey
 from gateway.settings import Limits
 
 from conftest import KEY, Upstream, settings_for

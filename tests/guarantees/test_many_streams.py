@@ -23,11 +23,11 @@ from conftest import KEY, Upstream
 from observe import wait_until
 from servers import gateway_processes
 
-STREAMS = 1000
+IN_FLIGHT = 1000
 
 
 def text_of(index: int) -> str:
-    return f"stream {index} of {STREAMS}: every byte of this sentence must arrive intact"
+    return f"stream {index} of {IN_FLIGHT}: every byte of this sentence must arrive intact"
 
 
 def expected_digest(index: int) -> str:
@@ -44,11 +44,11 @@ def allow_open_files(count: int) -> None:
 
 async def test_a_thousand_concurrent_streams_through_one_process_arrive_byte_for_byte(
         mock_upstream: Upstream, tmp_path: Path) -> None:
-    allow_open_files(4 * STREAMS + 256)
+    allow_open_files(4 * IN_FLIGHT + 256)
     config = {"server": {"drain_seconds": 0.5, "access_log": False},
               "upstream": {"url": mock_upstream.url, "api_key": "xai-operator-secret-key"},
-              "limits": {"requests_per_minute": 600_000, "burst": 2 * STREAMS,
-                         "max_concurrent_streams": 2 * STREAMS},
+              "limits": {"requests_per_minute": 600_000, "burst": 2 * IN_FLIGHT,
+                         "max_concurrent_streams": 2 * IN_FLIGHT},
               "keys": [{"name": "alice", "key": KEY}]}
     async with gateway_processes(config, 1, tmp_path) as [gw], aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0),
@@ -59,7 +59,7 @@ async def test_a_thousand_concurrent_streams_through_one_process_arrive_byte_for
                 "model": "grok-4", "stream": True,
                 "messages": [{"role": "user", "content": f"stream {index}"}],
                 "mock": {"text": text_of(index), "pause_after": 1,
-                         "hold_until_open": STREAMS, "pause": 15}}
+                         "hold_until_open": IN_FLIGHT, "pause": 15}}
             async with http.post(f"{gw.url}/v1/chat/completions", json=body,
                                  headers=AUTH) as resp:
                 digest = hashlib.sha256()
@@ -67,14 +67,14 @@ async def test_a_thousand_concurrent_streams_through_one_process_arrive_byte_for
                     digest.update(piece)
                 return resp.status, digest.hexdigest()
 
-        results = await asyncio.gather(*(stream(i) for i in range(STREAMS)))
+        results = await asyncio.gather(*(stream(i) for i in range(IN_FLIGHT)))
 
         state = mock_upstream.state
-        assert state.peak_open_streams == STREAMS  # all of them open at the same time
-        assert [status for status, _ in results] == [200] * STREAMS
+        assert state.peak_open_streams == IN_FLIGHT  # all of them open at the same time
+        assert [status for status, _ in results] == [200] * IN_FLIGHT
         intact = [digest == expected_digest(i) for i, (_, digest) in enumerate(results)]
         assert intact.count(False) == 0, f"streams with wrong bytes: {intact.count(False)}"
-        assert state.completed_streams == STREAMS and state.disconnects == 0
+        assert state.completed_streams == IN_FLIGHT and state.disconnects == 0
         await wait_until(lambda: state.open_streams == 0, 2, "every upstream stream closed")
         async with http.get(f"{gw.url}/metrics") as resp:
             metrics = await resp.text()

@@ -43,11 +43,11 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from gateway.context import ClientKey
 from gateway.ratelimit import Decision
 from gateway.ratelimit.memory import MemoryLimiter
 from gateway.ratelimit.redis import RedisLimiter, key_names
 from gateway.redisclient import connect
+from gateway.request_info import ClientKey
 from gateway.settings import RedisSettings
 
 

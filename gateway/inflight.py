@@ -16,14 +16,14 @@ import logging
 from collections.abc import Iterator
 from typing import Protocol
 
-log = logging.getLogger("gateway.streams")
+log = logging.getLogger("gateway.inflight")
 
 
 class Stoppable(Protocol):
     shutdown: bool
 
 
-class StreamRegistry:
+class InFlight:
     """Every relayed request's task, so shutdown can wait for them and then stop the rest."""
 
     def __init__(self) -> None:
