@@ -13,7 +13,9 @@ it). Fields:
 ``key``             the client key's name, never the key; null before auth
 ``route``           the route pattern, e.g. ``/v1/chat/completions``; ``unmatched``
 ``client_ip``       the client (``X-Forwarded-For`` believed only from trusted proxies)
-``model``           as the client asked for it
+``model``           as the client asked for it (cut at 256 characters, as any string
+                    that reaches the line from a client or the upstream; longer model
+                    names are refused with 400 anyway)
 ``status``          HTTP status sent (a stream's stays 200 whatever happens after it began;
                     499: the client left before any response)
 ``stream``          whether the client asked for an event stream
@@ -41,6 +43,8 @@ import orjson
 from .request_info import RequestInfo
 
 log = logging.getLogger("gateway.access")
+MAX_FIELD_CHARS = 256
+"""The longest string field a line carries: a client's string must not size the log."""
 _pid = os.getpid()  # cached: a syscall per request otherwise
 
 
@@ -65,6 +69,12 @@ def _utc(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
 
 
+def _bounded(text: str | None) -> str | None:
+    if text is None or len(text) <= MAX_FIELD_CHARS:
+        return text
+    return text[:MAX_FIELD_CHARS] + "..."
+
+
 def log_request(info: RequestInfo) -> None:
     if not log.isEnabledFor(logging.INFO):
         return
@@ -76,7 +86,7 @@ def log_request(info: RequestInfo) -> None:
         "key": info.key.name if info.key else None,
         "route": info.route,
         "client_ip": info.client_ip,
-        "model": info.model,
+        "model": _bounded(info.model),
         "status": info.status,
         "stream": info.stream,
         "ttfb_ms": None if ttfb is None else round(ttfb * 1000, 2),
@@ -85,5 +95,5 @@ def log_request(info: RequestInfo) -> None:
         "bytes": info.bytes_out,
         "usage": info.usage,
         "outcome": info.outcome,
-        "error": info.error,
+        "error": _bounded(info.error),
     }).decode())

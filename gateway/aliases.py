@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .relay import Rewrite
+from .render import Rewrite
 
 
 def upstream_model(aliases: Mapping[str, str], model: str) -> str:
@@ -31,13 +31,3 @@ def model_rewriter(client_model: str) -> Rewrite:
             inner["model"] = client_model
 
     return rewrite
-
-
-def aliased(aliases: Mapping[str, str], body: dict[str, Any]
-            ) -> tuple[dict[str, Any] | None, Rewrite | None]:
-    """The body to send up (None: send the client's bytes unchanged) and the rewrite for the
-    answer (None: relay it untouched)."""
-    model = body.get("model")
-    if not isinstance(model, str) or model not in aliases:
-        return None, None
-    return {**body, "model": aliases[model]}, model_rewriter(model)

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Mapping
 
 from aiohttp import web
 
-from .appkeys import IN_FLIGHT, KEYSTORE, LIMITER, METRICS, MODEL_CATALOG, SETTINGS, UPSTREAM
+from .appkeys import IN_FLIGHT, KEYSTORE, LIMITER, METRICS, MODEL_CATALOG, PROXY, SETTINGS, UPSTREAM
 from .auth import ConfigKeyStore
 from .catalog import ModelCatalog
 from .handlers import chat, health, images, models, responses, vision
@@ -17,7 +17,7 @@ from .inflight import InFlight
 from .keystore import RedisKeyStore
 from .metrics import Metrics
 from .middlewares import HTTP_SERVER_LOG, auth_middleware, errors_middleware, ratelimit_middleware
-from .mock_upstream import run_mock_upstream
+from .proxy import Proxy
 from .ratelimit.memory import MemoryLimiter
 from .ratelimit.redis import RedisLimiter
 from .redisclient import open_redis
@@ -66,6 +66,9 @@ async def _upstream_ctx(app: web.Application, environ: Mapping[str, str]
                         ) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     if settings.upstream.is_mock:
+        # Imported here: a gateway with a real upstream never loads the mock.
+        from .mock_upstream import run_mock_upstream
+
         async with run_mock_upstream() as (_, url):
             log.warning("upstream: the built-in mock at %s (set [upstream] url for a real one)",
                         url)
@@ -82,6 +85,7 @@ async def _client(app: web.Application, url: str, key: str) -> AsyncIterator[Non
     client = UpstreamClient(app[SETTINGS], url, key)
     await client.start()
     app[UPSTREAM] = client
+    app[PROXY] = Proxy(client, app[SETTINGS], app[IN_FLIGHT], app[METRICS])
     try:
         yield
     finally:

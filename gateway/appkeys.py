@@ -12,10 +12,11 @@ from .settings import Settings
 if TYPE_CHECKING:
     from .auth import KeyStore
     from .catalog import ModelCatalog
-    from .handlers.health import UpstreamProbe
     from .inflight import InFlight
     from .metrics import Metrics
+    from .proxy import Proxy
     from .ratelimit import Limiter
+    from .readiness import UpstreamProbe
     from .upstream import UpstreamClient
 
 # Typed by annotation: the classes are imported for type checkers only, so that this module
@@ -28,5 +29,6 @@ IN_FLIGHT: web.AppKey[InFlight] = web.AppKey("in_flight")
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 UPSTREAM_PROBE: web.AppKey[UpstreamProbe] = web.AppKey("upstream_probe")
 MODEL_CATALOG: web.AppKey[ModelCatalog] = web.AppKey("model_catalog")
+PROXY: web.AppKey[Proxy] = web.AppKey("proxy")
 
 REQUEST_INFO = web.RequestKey("request_info", RequestInfo)

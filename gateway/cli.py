@@ -9,12 +9,13 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import os
 import sys
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from .settings import ConfigError, Limits, Settings, load_settings
+from .settings import ConfigError, Limits, Settings, check_upstream_key, load_settings
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -54,6 +55,7 @@ def serve(args: argparse.Namespace) -> int:
     settings = _settings_from_args(args)
     if settings.server.workers < 1:
         raise ConfigError("--workers", "must be at least 1")
+    check_upstream_key(settings, os.environ)  # before the port is taken: exit 2, naming it
     setup_access_log()  # one bare JSON line per request on stdout; diagnostics stay on stderr
     return run(settings)
 

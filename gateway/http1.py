@@ -41,18 +41,27 @@ class ConnectionLost(ConnectionError):
     """The connection ended before the answer was complete."""
 
 
+class AnswerTooLarge(Exception):
+    """The answer's body is longer than the reader allowed (``UpstreamResponse.read_all``)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(f"the answer is longer than {max_bytes} bytes")
+        self.max_bytes = max_bytes
+
+
 DataSink = Callable[[bytes], None]
 EndSink = Callable[[BaseException | None], None]
 
 
 class UpstreamResponse:
-    """One answer. Its body is either read whole (``read``) or streamed (``stream``).
+    """One answer. Its body is either read whole (``read``; ``read_all`` up to a cap) or
+    streamed (``stream``).
 
     The caller owns it and ends it with ``release`` (the connection goes back to the pool when
     the answer was read to its end) or ``close``.
     """
 
-    __slots__ = ("status", "headers", "_conn", "_chunks", "_size", "_limit", "_waiter",
+    __slots__ = ("status", "headers", "_conn", "_chunks", "_size", "_limit", "_max", "_waiter",
                  "_on_end", "complete", "error")
 
     def __init__(self, conn: _Connection) -> None:
@@ -62,6 +71,7 @@ class UpstreamResponse:
         self._chunks: list[bytes] = []
         self._size = 0
         self._limit: int | None = None
+        self._max: int | None = None  # read_all's cap: past it, nothing more is kept
         self._waiter: asyncio.Future[None] | None = None
         self._on_end: EndSink | None = None
         self.complete = False
@@ -84,6 +94,23 @@ class UpstreamResponse:
             raise self.error
         body = b"".join(self._chunks)
         return body if limit is None else body[:limit]
+
+    async def read_all(self, max_bytes: int) -> bytes:
+        """The whole body, if it is at most ``max_bytes`` long; else ``AnswerTooLarge``.
+
+        Refused as soon as it is known: at once when ``Content-Length`` says so, otherwise the
+        moment the bytes received pass the cap. The connection is closed then, so the upstream
+        stops sending and nothing past the cap is ever buffered; memory stays bounded by the
+        cap, however long the answer would have been.
+        """
+        length = self.headers.get("Content-Length", "")
+        if (length.isdigit() and (len(length) > 18 or int(length) > max_bytes)) \
+                or self._size > max_bytes:
+            self._chunks.clear()
+            self.close()
+            raise AnswerTooLarge(max_bytes)
+        self._max = max_bytes
+        return await self.read()
 
     def stream(self, on_data: DataSink, on_end: EndSink) -> None:
         """Hand each piece of the body to ``on_data`` as it arrives (what already arrived goes
@@ -128,8 +155,18 @@ class UpstreamResponse:
     def _feed(self, data: bytes) -> None:
         self._chunks.append(data)
         self._size += len(data)
-        if self._limit is not None and self._size >= self._limit:
+        if self._max is not None and self._size > self._max:
+            self._overflow(self._max)
+        elif self._limit is not None and self._size >= self._limit:
             self._wake()
+
+    def _overflow(self, max_bytes: int) -> None:
+        """Past ``read_all``'s cap: drop what was kept, fail the read, close the connection
+        (from inside the parser's callback too: what the parser still holds goes nowhere, as
+        the connection no longer has a response to hand it to)."""
+        self._chunks.clear()
+        self._end(AnswerTooLarge(max_bytes))
+        self.close()
 
     def _end(self, error: BaseException | None) -> None:
         if self.complete or self.error is not None:

@@ -1,11 +1,12 @@
 """Requests being relayed, tracked so that a graceful shutdown can let them finish or end them
 cleanly.
 
-Streams and plain requests alike register while the relay works on them. On shutdown ``drain``
-waits for them up to the drain time, then marks each one ``shutdown`` and cancels it: a stream
-then ends with a ``gateway_restarting`` error frame, a plain request with a 503 of that code
-(see ``gateway.relay``). A request that reaches the relay after that is ended the same way at
-once.
+Streams and plain requests alike register while they wait on the upstream. On shutdown
+``drain`` waits for them up to the drain time, then tells each one to ``stop``: a stream then
+ends with a ``gateway_restarting`` error frame, a plain request with a 503 of that code (see
+``gateway.relay`` and ``gateway.answers``). A request that registers after that is stopped at
+once. Stopping is a message to the request, never a cancellation of its task: a cancelled
+handler means its client left.
 """
 
 from __future__ import annotations
@@ -20,14 +21,15 @@ log = logging.getLogger("gateway.inflight")
 
 
 class Stoppable(Protocol):
-    shutdown: bool
+    def stop(self) -> None:
+        """End now, telling the client the gateway is restarting."""
 
 
 class InFlight:
-    """Every relayed request's task, so shutdown can wait for them and then stop the rest."""
+    """Every relayed request, so shutdown can wait for them and then stop the rest."""
 
     def __init__(self) -> None:
-        self._open: dict[asyncio.Task[object], Stoppable] = {}
+        self._open: set[Stoppable] = set()
         self._idle = asyncio.Event()
         self._idle.set()
         self._hurry = asyncio.Event()
@@ -37,19 +39,15 @@ class InFlight:
         return len(self._open)
 
     @contextlib.contextmanager
-    def track(self, stream: Stoppable) -> Iterator[None]:
-        task = asyncio.current_task()
-        assert task is not None
-        if self._closed:
-            # The drain time is over; this request was still in the middlewares then.
-            stream.shutdown = True
-            task.cancel()
-        self._open[task] = stream
+    def track(self, request: Stoppable) -> Iterator[None]:
+        self._open.add(request)
         self._idle.clear()
+        if self._closed:
+            request.stop()  # the drain time is over; this request was still on its way in
         try:
             yield
         finally:
-            self._open.pop(task, None)
+            self._open.discard(request)
             if not self._open:
                 self._idle.set()
 
@@ -70,10 +68,9 @@ class InFlight:
                 idle.cancel()
                 hurry.cancel()
         self._closed = True
-        remaining = list(self._open.items())
-        for task, stream in remaining:
-            stream.shutdown = True
-            task.cancel()
+        remaining = list(self._open)
+        for request in remaining:
+            request.stop()
         if remaining:
             log.warning("ended %d requests still open after the drain time", len(remaining))
             with contextlib.suppress(TimeoutError):

@@ -14,6 +14,11 @@ found or not, for ``key_cache_seconds``: a lookup costs one ``HGET`` per key and
 a revoked key stops working on every instance within that period. While Redis is down, answers
 already cached are kept (revoking needs Redis too, so they cannot have changed since); a key seen
 by no one yet gets 503, since it can be neither accepted nor refused.
+
+Known keys and unknown digests are remembered apart, each with its own bound: anyone can make up
+unknown keys by the thousand, and they must never push a known key out of the cache (it would
+then fail for a whole Redis outage). A client throttled for its failures (``auth.py``) gets
+answers from the cache only: its guesses never reach Redis.
 """
 
 from __future__ import annotations
@@ -37,7 +42,10 @@ from .settings import Limits, RedisSettings
 
 KEY_PREFIX = "sk-gw-"
 MAX_CACHED = 10_000
-"""Digests remembered at most; beyond it the oldest answer is forgotten first."""
+"""Known keys remembered at most; beyond it the one confirmed longest ago is forgotten first
+(only ever for another known key)."""
+MAX_CACHED_UNKNOWN = 1_000
+"""Unknown digests remembered at most, apart from the known keys; the oldest goes first."""
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]{0,63}")
 
@@ -161,29 +169,43 @@ class RedisKeyStore:
         self._records = store_keys(settings.key_prefix)[0]
         self._ttl = settings.key_cache_seconds
         self._breaker = breaker
-        # digest -> (trusted until (monotonic), the key or None for unknown)
-        self._cache: dict[str, tuple[float, ClientKey | None]] = {}
+        self.failures = first.failures
+        # digest -> (trusted until (monotonic), the key); a stale entry still serves in an outage
+        self._known: dict[str, tuple[float, ClientKey]] = {}
+        # digest -> refused until (monotonic)
+        self._unknown: dict[str, float] = {}
 
-    async def lookup(self, key: str) -> ClientKey | None:
-        found = await self._first.lookup(key)
+    async def lookup(self, key: str, *, cached_only: bool = False) -> ClientKey | None:
+        found = await self._first.lookup(key, cached_only=cached_only)
         if found is not None:
             return found
         sha = digest(key)
         now = time.monotonic()
-        cached = self._cache.get(sha)
-        if cached is not None and cached[0] > now:
-            return cached[1]
+        known = self._known.get(sha)
+        if known is not None and known[0] > now:
+            return known[1]
+        refused_until = self._unknown.get(sha)
+        if refused_until is not None and refused_until > now:
+            return None
+        if known is None and cached_only:
+            return None  # a throttled client's guess: not worth a round trip
         if self._breaker.up:
             try:
                 raw = await self._batch.execute("HGET", self._records, sha)
             except REDIS_ERRORS as exc:
                 self._breaker.failed(exc)
             else:
-                found = StoredKey.from_record(sha, raw).client_key() if raw else None
-                self._remember(sha, now + self._ttl, found)
-                return found
-        if cached is not None:
-            return cached[1]
+                if raw:
+                    found = StoredKey.from_record(sha, raw).client_key()
+                    _remember(self._known, sha, (now + self._ttl, found), MAX_CACHED)
+                    return found
+                self._known.pop(sha, None)  # revoked
+                _remember(self._unknown, sha, now + self._ttl, MAX_CACHED_UNKNOWN)
+                return None
+        if known is not None:
+            return known[1]
+        if refused_until is not None:
+            return None
         raise ServiceUnavailable("The gateway cannot check this API key now because its key "
                                  "store (Redis) is unreachable; retry shortly",
                                  headers={"Retry-After": "1"})
@@ -191,8 +213,11 @@ class RedisKeyStore:
     async def close(self) -> None:
         await self._batch.close()
 
-    def _remember(self, sha: str, until: float, found: ClientKey | None) -> None:
-        self._cache.pop(sha, None)
-        if len(self._cache) >= MAX_CACHED:
-            del self._cache[next(iter(self._cache))]
-        self._cache[sha] = (until, found)
+
+def _remember(cache: dict[str, Any], sha: str, entry: Any, most: int) -> None:
+    """Put ``entry`` last in ``cache`` (insertion order: oldest first), dropping the oldest if
+    ``cache`` holds ``most`` already."""
+    cache.pop(sha, None)
+    if len(cache) >= most:
+        del cache[next(iter(cache))]
+    cache[sha] = entry

@@ -15,14 +15,18 @@ files of all of them; the supervisor marks a dead worker's gauges dead
 environment, when it is first imported; ``Metrics`` asks the library which mode it is in rather
 than guessing. https://prometheus.github.io/client_python/multiprocess/
 
-Labels stay bounded: ``route`` is the route's pattern (``/v1/chat/completions``, ``unmatched``),
-``key`` a configured key's name (never the key), ``model`` appears only on token counts, which
-exist only for models the upstream accepted.
+Labels stay bounded, in number and in length, whatever clients send: ``route`` is the route's
+pattern (``/v1/chat/completions``, ``unmatched``), ``key`` a configured key's name (never the
+key), ``kind`` an error class's own label, ``limit`` one of a fixed set. ``model`` is the
+client's string, so it appears only on token counts (models the upstream accepted), only when it
+looks like a model name (``_MODEL_LABEL``), and only for the first ``_MAX_TOKEN_SERIES`` label
+sets; past any of those it is ``other``.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import time
 from typing import Any
 
@@ -47,9 +51,13 @@ LIMITER_STATES = ("memory", "redis", "fallback", "unavailable")
 """``Limiter.backend_state`` values (see ``gateway.ratelimit``)."""
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
-_REFUSAL_LIMITS = {"rate_limit_exceeded": "requests", "concurrency_limit_exceeded": "concurrency"}
+_REFUSAL_LIMITS = {"rate_limit_exceeded": "requests", "concurrency_limit_exceeded": "concurrency",
+                   "too_many_auth_failures": "auth_failures"}
 _MAX_TOKEN_SERIES = 2000
 """Past this many (key, model, type) label sets, further models are counted as ``other``."""
+_MODEL_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/\-]{0,63}")
+"""What a model name looks like (``grok-4-fast-reasoning``, ``ft:gpt-4o:org::id``): anything
+else, a 300 KB string for one, is counted as ``other``."""
 
 
 class _RouteSeries:
@@ -102,7 +110,8 @@ class Metrics:
             ("route",), registry=r)
         self.refusals = Counter(
             "gateway_ratelimit_refusals", "Requests refused with 429, by key name and by the "
-            "limit that refused them (requests or concurrency).", ("key", "limit"), registry=r)
+            "limit that refused them (requests, concurrency, or auth_failures: a client address "
+            "that presented too many unknown keys, key -).", ("key", "limit"), registry=r)
         self.tokens = Counter(
             "gateway_tokens", "Tokens reported by the upstream's usage, by key name, model and "
             "type (prompt, completion, reasoning).", ("key", "model", "type"), registry=r)
@@ -150,7 +159,7 @@ class Metrics:
             self._count_tokens(key, info.model or "-", info.usage)
 
     def _refused(self, key: str, code: str) -> None:
-        limit = _REFUSAL_LIMITS.get(code, code or "requests")
+        limit = _REFUSAL_LIMITS.get(code, "other")
         child = self._refusals.get((key, limit))
         if child is None:
             child = self._refusals[(key, limit)] = self.refusals.labels(key, limit)
@@ -174,7 +183,8 @@ class Metrics:
                 continue
             child = self._tokens.get((key, model, kind))
             if child is None:
-                if len(self._tokens) >= _MAX_TOKEN_SERIES:
+                if len(self._tokens) >= _MAX_TOKEN_SERIES or not (
+                        model == "-" or _MODEL_LABEL.fullmatch(model)):
                     model = "other"
                 child = self._tokens.get((key, model, kind))
                 if child is None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import math
 import random
 import re
 
@@ -24,8 +25,10 @@ from .accesslog import log_request
 from .appkeys import KEYSTORE, LIMITER, METRICS, REQUEST_INFO, SETTINGS
 from .auth import bearer_token
 from .errors import (
+    SSE_HEADERS,
     AuthenticationFailed,
     GatewayError,
+    InvalidRequest,
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
@@ -39,6 +42,8 @@ from .request_info import RequestInfo
 log = logging.getLogger("gateway")
 
 PUBLIC_PATHS = frozenset(("/healthz", "/readyz", "/metrics"))
+AUTH_FAILURES_CODE = "too_many_auth_failures"
+"""The 429 ``code`` of a client throttled for presenting unknown keys (``auth.py``)."""
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _CREDENTIAL_HEADER = re.compile(r"(?i)\b(authorization|x-api-key)(\s*:\s*)[^\n'\"\\]*")
 
@@ -64,8 +69,25 @@ def _scrub(text: str) -> str:
     return redact(_CREDENTIAL_HEADER.sub(r"\1\2[redacted]", text))
 
 
+class DropUnreadableBodyRepeats(logging.Filter):
+    """Drops aiohttp's ``Unhandled exception`` record for a body it could not read (a bad
+    ``Content-Encoding``, a body cut short).
+
+    The request has its answer already: a 400 from ``json_body``, which logged one line, or
+    one given without reading the body (a 401). aiohttp meets the error again when it drains
+    the rest of the body after the answer, logs it with a traceback of some 40 lines, and
+    closes the connection (right: its framing is lost). A traceback per bad request would let
+    anyone fill the log.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, web.RequestPayloadError)
+
+
 HTTP_SERVER_LOG = logging.getLogger("gateway.http")
 """aiohttp's own server errors (requests it could not parse), credentials taken out."""
+HTTP_SERVER_LOG.addFilter(DropUnreadableBodyRepeats())  # first: it reads exc_info
 HTTP_SERVER_LOG.addFilter(RedactCredentials())
 
 
@@ -81,24 +103,35 @@ def _client_ip(request: web.Request, trusted: tuple[str, ...]) -> str:
     return peer
 
 
-async def _wants_event_stream(request: web.Request, info: RequestInfo) -> bool:
-    """Should an error be an SSE frame? Yes when the client reads an event stream.
+def _error_response(err: GatewayError, *, event_stream: bool) -> web.Response:
+    if event_stream:
+        return web.Response(status=err.status, body=err.sse_frame(),
+                            headers={**SSE_HEADERS, **err.headers})
+    return web.Response(status=err.status, body=err.json_bytes(),
+                        content_type="application/json", headers=err.headers)
 
-    ``Accept: text/event-stream`` says so; an ``Accept`` naming JSON and not the event stream
-    (the OpenAI SDK's) says no, so the SDK raises its own exception class. Otherwise it is the
-    body's ``"stream": true`` (read here if no one has yet: an auth failure comes before it).
+
+def _wants_event_stream(request: web.Request) -> bool:
+    """Should an error be an SSE frame? Only when ``Accept`` names ``text/event-stream``.
+
+    Never the body's ``"stream": true``: reading it would mean reading (up to
+    ``max_body_bytes``) and parsing a body before authentication, for anyone. And clients that
+    send no ``Accept`` or ``*/*`` (the AI SDK providers, LiteLLM, curl) parse an error as JSON,
+    as the upstreams answer it; the status is the true one either way.
     """
-    accept = request.headers.get("Accept", "")
-    if "text/event-stream" in accept:
-        return True
-    if "json" in accept and "*/*" not in accept:
-        return False
-    if info.body is None and request.method == "POST" and request.can_read_body:
-        try:
-            await json_body(request)
-        except GatewayError:
-            return False
-    return info.stream
+    for part in request.headers.get("Accept", "").split(","):
+        media, *params = part.split(";")
+        if media.strip().lower() == "text/event-stream":
+            return not any(_zero_quality(p) for p in params)
+    return False
+
+
+def _zero_quality(param: str) -> bool:
+    """``q=0`` (or ``0.0``...): the type is named only to refuse it (RFC 9110, 12.4.2)."""
+    name, _, value = param.strip().partition("=")
+    value = value.strip()
+    return (name.strip().lower() == "q" and bool(value)
+            and value.rstrip("0").rstrip(".") in ("0", ""))
 
 
 def _from_http_exception(exc: web.HTTPException) -> GatewayError:
@@ -149,7 +182,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except GatewayError as err:
         info.note_error(err)
         err.headers = {"X-Request-ID": info.request_id, **info.limit_headers, **err.headers}
-        response = err.to_response(event_stream=await _wants_event_stream(request, info))
+        response = _error_response(err, event_stream=_wants_event_stream(request))
     finally:
         if info.status == 0:
             # 499: the client closed the connection before any response (nginx's convention).
@@ -170,11 +203,26 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if token is None:
         raise AuthenticationFailed("Missing or malformed API key; send 'Authorization: Bearer "
                                    "<key>'")
-    key = await request.app[KEYSTORE].lookup(token)
+    info = request[REQUEST_INFO]
+    store = request.app[KEYSTORE]
+    # A client throttled for its failures is answered from the cache: the keys this process
+    # knows still pass, and its guesses cost no lookup.
+    wait = store.failures.wait(info.client_ip)
+    key = await store.lookup(token, cached_only=wait > 0)
     if key is None:
+        if wait > 0:
+            raise _too_many_failures(wait)
+        store.failures.failed(info.client_ip)
         raise AuthenticationFailed("Invalid authentication token")
-    request[REQUEST_INFO].key = key
+    info.key = key
     return await handler(request)
+
+
+def _too_many_failures(wait: float) -> RateLimited:
+    return RateLimited(f"Too many requests with invalid API keys from this address; retry in "
+                       f"{math.ceil(wait)}s", code=AUTH_FAILURES_CODE,
+                       headers={"Retry-After": str(math.ceil(wait)),
+                                "retry-after-ms": str(math.ceil(wait * 1000))})
 
 
 @web.middleware
@@ -185,6 +233,11 @@ async def ratelimit_middleware(request: web.Request, handler: Handler) -> web.St
         return await handler(request)
     if request.method == "POST":
         await json_body(request)  # bad requests are refused before they cost a token
+        if info.model is None and key.models is not None:
+            # Without a model the upstream picks its default, which the allow-list never saw.
+            raise InvalidRequest("Missing required parameter: 'model' (this API key may use "
+                                 "only some models, so every request must name one)",
+                                 param="model", code="missing_required_parameter")
     if info.model is not None and not key.may_use(info.model):
         raise PermissionDenied(f"This API key may not use model '{info.model}'", param="model")
     limiter = request.app[LIMITER]

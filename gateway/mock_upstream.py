@@ -34,6 +34,20 @@ they are; with the OpenAI SDK pass ``extra_body={"mock": {...}}``):
                      from the ``json_schema``)
 ``reasoning``        stream this ``reasoning_content`` first (default for grok-3-mini)
 ``reasoning_silence`` seconds of silence between the reasoning and the answer
+``echo_auth``        a list of places to write the request's key into (its ``Authorization``,
+                     ``Bearer`` taken off), as an upstream that echoes it would: ``message``,
+                     ``type``, ``code``, ``param`` (of ``status``'s error body, or of the
+                     ``error_after`` event), or a header name of ``status``'s answer
+                     (``Retry-After``, ``retry-after-ms``, ``Location``)
+``error_shape``      with ``status``: ``xai`` for xAI's own ``{"error": "<message>", "code"}``
+``error_code``       with ``status`` or ``error_after``: the error's ``code``
+``error_headers``    with ``status``: more headers for that answer (``{"Retry-After": "7"}``)
+``error_text_bytes`` with ``status``: a plain-text body of this many bytes instead of JSON,
+                     with the request's key inserted at byte ``key_at`` (default: none)
+``location``         with ``status``: a ``Location`` header (a 3xx redirect)
+``answer_bytes``     a plain chat answer (JSON) of this many bytes, written 64 KiB at a time;
+                     ``answer_chunked``: without ``Content-Length``. ``MockState`` counts the
+                     bytes that left (``answer_bytes_sent``); a cut answer is a disconnect
 ===================  ======================================================================
 
 Routes (under ``/v1`` and the root): ``chat/completions`` (streamed or not; tool calls,
@@ -89,6 +103,7 @@ class MockState:
     last_disconnect: float = 0.0  # time.monotonic() of the last one
     max_records: int = 1000
     tags: dict[str, int] = field(default_factory=dict)  # requests seen per ``tag`` option
+    answer_bytes_sent: int = 0  # of ``answer_bytes`` answers, what the socket took
     _open_waiters: list[tuple[int, asyncio.Future[None]]] = field(default_factory=list,
                                                                   repr=False)
 
@@ -114,10 +129,10 @@ class MockState:
         self.disconnects += 1
         self.last_disconnect = time.monotonic()
 
-    def record(self, request: web.Request, body: Any) -> None:
+    def record(self, request: web.Request, body: Any, raw: bytes = b"") -> None:
         if len(self.requests) < self.max_records:
             self.requests.append({"path": request.path, "method": request.method,
-                                  "headers": dict(request.headers), "body": body})
+                                  "headers": dict(request.headers), "body": body, "raw": raw})
 
 
 MOCK_STATE = web.AppKey("mock_state", MockState)
@@ -188,7 +203,7 @@ async def _preamble(request: web.Request) -> tuple[dict[str, Any], dict[str, Any
     POST route shares. Returns the body, the mock options and, when set, the answer to give."""
     state = request.app[MOCK_STATE]
     body = await _body(request)
-    state.record(request, body)
+    state.record(request, body, await request.read())  # read once: aiohttp keeps the bytes
     opts = body.get("mock") or {}
     if opts.get("headers_delay"):
         try:
@@ -202,11 +217,40 @@ async def _preamble(request: web.Request) -> tuple[dict[str, Any], dict[str, Any
         seen = state.tags[tag] = state.tags.get(tag, 0) + 1
         status = (status or 503) if seen <= opts["fail_first"] else None
     if status:
-        status = int(status)
-        return body, opts, _error(status, opts.get("message", f"mock upstream error {status}"),
-                                  "rate_limit_error" if status == 429 else
-                                  "server_error" if status >= 500 else "invalid_request_error")
+        return body, opts, _refusal(request, int(status), opts)
     return body, opts, None
+
+
+def _echoed_key(request: web.Request) -> str:
+    return request.headers.get("Authorization", "").removeprefix("Bearer ")
+
+
+def _refusal(request: web.Request, status: int, opts: dict[str, Any]) -> web.Response:
+    """The answer to ``status``, shaped and leaking as the options ask."""
+    echo = opts.get("echo_auth") or []
+    key = _echoed_key(request)
+    headers = {str(k): str(v) for k, v in (opts.get("error_headers") or {}).items()}
+    if opts.get("location"):
+        headers["Location"] = str(opts["location"])
+    headers.update({name: key for name in echo
+                    if name not in ("message", "type", "code", "param")})
+    size = opts.get("error_text_bytes")
+    if isinstance(size, int):
+        text = b"x" * size
+        if isinstance(opts.get("key_at"), int):
+            text = text[:opts["key_at"]] + key.encode() + text[opts["key_at"]:]
+        return web.Response(status=status, body=text, content_type="text/html",
+                            headers=headers)
+    err: dict[str, Any] = {
+        "message": opts.get("message", f"mock upstream error {status}"),
+        "type": "rate_limit_error" if status == 429 else
+                "server_error" if status >= 500 else "invalid_request_error",
+        "param": None, "code": opts.get("error_code")}
+    err.update({name: key for name in echo if name in err})
+    body: dict[str, Any] = {"error": err}
+    if opts.get("error_shape") == "xai":
+        body = {"error": err["message"], "code": err["code"]}
+    return web.json_response(body, status=status, headers=headers)
 
 
 def _no_vision(model: str) -> web.Response:
@@ -223,6 +267,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return _error(400, "model is required")
     if count_chat_images(body.get("messages")) and not sees_images(model):
         return _no_vision(model)
+    if isinstance(opts.get("answer_bytes"), int) and not body.get("stream"):
+        return await _long_answer(request, opts["answer_bytes"], bool(opts.get("answer_chunked")))
     reply = chat_reply(body, opts, _words(opts))
     if not body.get("stream"):
         return web.json_response(chat_completion(model, reply, f"chatcmpl-{next(_ids)}"))
@@ -231,6 +277,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     events = [_encode(c, fmt) for c in reply_chunks(model, reply, include_usage)]
     if opts.get("reasoning_silence") and reply.reasoning and "pause_after" not in opts:
         opts = {**opts, "pause_after": len(reply.reasoning), "pause": opts["reasoning_silence"]}
+    if opts.get("echo_auth") or opts.get("error_code"):
+        return await stream_events(request, events, opts, error_event=functools.partial(
+            _chat_leaky_error_event, _leaky_error(request, opts)))
     return await stream_events(request, events, opts)
 
 
@@ -254,8 +303,10 @@ async def responses(request: web.Request) -> web.StreamResponse:
     if opts.get("format") in ("crlf", "cr"):
         ending = b"\r\n" if opts["format"] == "crlf" else b"\r"
         events = [e.replace(b"\n", ending) for e in events]
-    return await stream_events(request, events, opts, done=None,
-                               error_event=responses_error_event)
+    error_event = responses_error_event
+    if opts.get("echo_auth") or opts.get("error_code"):
+        error_event = functools.partial(_responses_leaky_error_event, _leaky_error(request, opts))
+    return await stream_events(request, events, opts, done=None, error_event=error_event)
 
 
 async def images_generations(request: web.Request) -> web.Response:
@@ -276,6 +327,54 @@ async def images_generations(request: web.Request) -> web.Response:
 def _chat_error_event(sequence_number: int) -> bytes:
     return (b'data: {"error": {"message": "mock mid-stream failure",'
             b' "type": "server_error", "code": "mock_failure"}}\n\n')
+
+
+def _leaky_error(request: web.Request, opts: dict[str, Any]) -> dict[str, Any]:
+    """The ``error_after`` error object with ``error_code`` and ``echo_auth`` applied."""
+    err: dict[str, Any] = {"message": "mock mid-stream failure", "type": "server_error",
+                           "param": None, "code": opts.get("error_code", "mock_failure")}
+    err.update({name: _echoed_key(request) for name in opts.get("echo_auth") or []
+                if name in err})
+    return err
+
+
+def _chat_leaky_error_event(err: dict[str, Any], sequence_number: int) -> bytes:
+    return b"data: " + orjson.dumps({"error": err}) + b"\n\n"
+
+
+def _responses_leaky_error_event(err: dict[str, Any], sequence_number: int) -> bytes:
+    return b"event: error\ndata: " + orjson.dumps({
+        "type": "error", "code": err["code"], "message": err["message"], "param": err["param"],
+        "error": err, "sequence_number": sequence_number}) + b"\n\n"
+
+
+async def _long_answer(request: web.Request, size: int, chunked: bool) -> web.StreamResponse:
+    """A plain answer of ``size`` bytes (valid JSON, if read whole), never held in memory."""
+    state = request.app[MOCK_STATE]
+    head, tail = b'{"id": "chatcmpl-long", "object": "chat.completion", "padding": "', b'"}'
+    response = web.StreamResponse(headers={"Content-Type": "application/json"})
+    if chunked:
+        response.enable_chunked_encoding()
+    else:
+        response.content_length = max(size, len(head) + len(tail))
+    await response.prepare(request)
+    piece = b"x" * 65536
+    finished = False
+    try:
+        await response.write(head)
+        left = size - len(head) - len(tail)
+        while left > 0:
+            n = min(left, len(piece))
+            await response.write(piece[:n])
+            state.answer_bytes_sent += n
+            left -= n
+        await response.write(tail)
+        await response.write_eof()
+        finished = True
+        return response
+    finally:
+        if not finished:
+            state.note_disconnect()
 
 
 _PACING = ("pause_after", "disconnect_after", "hang_after")

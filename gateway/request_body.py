@@ -1,16 +1,27 @@
-"""Reading and checking a request's JSON body, once, with errors that name what is wrong."""
+"""Reading and checking a request's JSON body, once, with errors that name what is wrong.
+
+Called after authentication only: no one reads or parses a body for an unknown client.
+"""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import ContentEncodingError
 
 from .appkeys import REQUEST_INFO, SETTINGS
 from .errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 
+log = logging.getLogger("gateway")
+
 _JSON_TYPES = ("application/json", "text/plain", "application/x-www-form-urlencoded", "")
+MAX_MODEL_CHARS = 256
+"""Longer ``model`` names get 400: no provider's names come near it (xAI's, OpenAI's fine-tuned
+``ft:...`` ones stay under 100), and the name goes into log lines and error messages."""
+_ENCODINGS = frozenset(("gzip", "x-gzip", "deflate", "br", "zstd", "identity"))
 
 
 async def json_body(request: web.Request) -> dict[str, Any]:
@@ -28,9 +39,9 @@ async def json_body(request: web.Request) -> dict[str, Any]:
         raise UnsupportedMediaType(f"Content-Type {ctype!r} is not supported; "
                                    "send application/json")
     try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes") from None
+        raw = await _read(request, limit)
+    except web.RequestPayloadError as exc:
+        raise _unreadable(request, exc) from None
     if not raw:
         raise InvalidRequest("Request body is empty; send a JSON object")
     try:
@@ -45,9 +56,52 @@ async def json_body(request: web.Request) -> dict[str, Any]:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise InvalidRequest(f"'model' must be a string, not {kind_of(model)}", param="model")
+    if model is not None and len(model) > MAX_MODEL_CHARS:
+        raise InvalidRequest(f"'model' is {len(model)} characters long; model names have at "
+                             f"most {MAX_MODEL_CHARS}", param="model")
     info.body = body
     info.stream = stream
     info.model = model
+    return body
+
+
+async def _read(request: web.Request, limit: int) -> bytes:
+    """The body's bytes, at most ``limit`` of them. Not ``request.read()``: aiohttp keeps what
+    that returns for the request's life, the whole stream's for a streamed answer."""
+    body = bytearray()
+    while chunk := await request.content.readany():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes")
+    return bytes(body)
+
+
+def _unreadable(request: web.Request, exc: web.RequestPayloadError) -> InvalidRequest:
+    """A body aiohttp could not read: not what its ``Content-Encoding`` says, or cut short.
+
+    aiohttp puts its parser's error in ``__cause__``. The client gets a 400 in the error shape;
+    the log gets one line, since a traceback per bad request would let anyone fill the log.
+    """
+    said = request.headers.get("Content-Encoding", "").strip().lower()
+    # The header is the client's string: named in the log and the answer only when known.
+    encoding = said if said in _ENCODINGS else "other" if said else "none"
+    cause = exc.__cause__ or exc
+    log.info("request %s: unreadable body (Content-Encoding: %s): %s",
+             request[REQUEST_INFO].request_id, encoding, type(cause).__name__)
+    # The connection's framing is lost, so aiohttp closes it after the answer; the header tells
+    # the client first, so that it does not send its next request into a closing socket.
+    close = {"Connection": "close"}
+    if isinstance(cause, ContentEncodingError) or encoding not in ("none", "identity"):
+        return InvalidRequest("Request body could not be decoded as its Content-Encoding "
+                              f"({encoding}) says", headers=close)
+    return InvalidRequest("Request body is malformed or incomplete", headers=close)
+
+
+async def take_body(request: web.Request) -> dict[str, Any]:
+    """The body for the handler, which becomes its only owner: the request forgets it, so it is
+    not kept (base64 images included) while the answer streams."""
+    body = await json_body(request)
+    request[REQUEST_INFO].body = None
     return body
 
 

@@ -45,18 +45,34 @@ class ServerSettings:
     trusted_proxies: tuple[str, ...] = ("127.0.0.1", "::1")
     # One JSON line per request on stdout (gateway/accesslog.py).
     access_log: bool = True
+    # Client connections, guarded here as nothing may stand in front (gateway/server_limits.py):
+    # a request's line and headers must arrive within header_timeout_seconds of their first byte,
+    # its body within body_timeout_seconds of the headers' end (else 408 and the connection
+    # closes); a connection with no request in progress closes after keepalive_timeout_seconds
+    # (nginx's upstream keepalive_timeout must be shorter); past max_connections open ones, a
+    # new connection gets 503 and is closed at once.
+    header_timeout_seconds: float = 10.0
+    body_timeout_seconds: float = 60.0
+    keepalive_timeout_seconds: float = 15.0
+    max_connections: int = 10_000
+    # Unknown keys one client address may present per minute (and in a row) before it gets 429
+    # for a while: each costs a key-store lookup (a Redis HGET). 0 turns the throttle off.
+    auth_failures_per_minute: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
 class UpstreamSettings:
-    # "mock" runs the built-in mock upstream in-process. Left empty: xAI when the API key is in
-    # the environment, the mock otherwise (so the embedded default works with no network).
+    # "mock" runs the built-in mock upstream in-process. Left empty: xAI, except for the embedded
+    # default (no file, no GATEWAY_* setting, no key), which runs the mock (see load_settings).
     url: str = ""
     api_key: str = ""
     api_key_env: str = "XAI_API_KEY"
     # Retries happen only before any byte has reached the client.
     max_retries: int = 1
     retry_backoff_seconds: float = 0.2
+    # A plain (non-streamed) answer longer than this is refused with 502 as soon as it passes
+    # it, not buffered: the gateway holds a plain answer whole before it sends it on.
+    max_answer_bytes: int = 32 * 1024 * 1024
 
     @property
     def is_mock(self) -> bool:
@@ -157,12 +173,30 @@ def load_settings(path: str | None, environ: Mapping[str, str] | None = None) ->
             raise ConfigError("--config", f"cannot read {path}: {e.strerror}") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError("--config", f"{path} is not valid TOML: {e}") from None
-    settings = _build(_apply_environment(data, environ))
+    data = _apply_environment(data, environ)
+    settings = _build(data)
     if not settings.upstream.url_given:
-        url = XAI_URL if settings.upstream_api_key(environ) else "mock"
+        # The built-in mock only for the embedded default: no file, no GATEWAY_* setting and no
+        # key. A deployment that forgot its key must not answer clients from the mock with 200s;
+        # it gets xAI, and ``check_upstream_key`` stops ``gateway serve`` naming the variable.
+        configured = bool(path) or bool(data)
+        url = "mock" if not configured and not settings.upstream_api_key(environ) else XAI_URL
         settings = dataclasses.replace(
             settings, upstream=dataclasses.replace(settings.upstream, url=url))
     return settings
+
+
+def check_upstream_key(settings: Settings, environ: Mapping[str, str]) -> None:
+    """A real upstream needs its key at start-up (``gateway serve``), not at the first request.
+
+    Not part of ``load_settings``: ``gateway keys`` reads the same file without the key.
+    """
+    if settings.upstream.is_mock or settings.upstream_api_key(environ):
+        return
+    where = settings.upstream.api_key_env
+    raise ConfigError("upstream.api_key", (f"{where} is not set" if where else "it is empty")
+                      + " (the upstream's key: set it, or [upstream] api_key); for the built-in "
+                      'mock upstream instead, set [upstream] url = "mock"')
 
 
 _SECTIONS: dict[str, type] = {
@@ -219,9 +253,15 @@ def _build(data: Mapping[str, Any]) -> Settings:
     _check(0 < server.port < 65536 or server.port == 0, "server.port", "must be 0..65535")
     _check(server.workers >= 1, "server.workers", "must be at least 1")
     _check(server.drain_seconds >= 0, "server.drain_seconds", "must not be negative")
+    for name in ("header_timeout_seconds", "body_timeout_seconds", "keepalive_timeout_seconds"):
+        _check(getattr(server, name) > 0, f"server.{name}", "must be positive")
+    _check(server.max_connections >= 1, "server.max_connections", "must be at least 1")
+    _check(server.auth_failures_per_minute >= 0, "server.auth_failures_per_minute",
+           "must not be negative (0 turns the throttle off)")
     _check(upstream.url in ("", "mock") or upstream.url.startswith(("http://", "https://")),
            "upstream.url", 'must be an http(s) URL or "mock"')
     _check(upstream.max_retries >= 0, "upstream.max_retries", "must not be negative")
+    _check(upstream.max_answer_bytes > 0, "upstream.max_answer_bytes", "must be positive")
     if redis is not None:
         _check(redis.url.startswith(("redis://", "rediss://", "unix://")), "redis.url",
                "must be a redis://, rediss:// or unix:// URL")

@@ -16,51 +16,69 @@ in the form ``[vision] stream_fallback`` names:
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from .appkeys import REQUEST_INFO, SETTINGS
+from .answers import json_answer, sse_answer
+from .appkeys import PROXY, REQUEST_INFO, SETTINGS
 from .errors import UpstreamProtocolError
-from .forward import json_answer, sse_answer, upstream_post
-from .relay import Rewrite, fetch_json
+from .http1 import UpstreamResponse
+from .render import Rewrite, usage_of
 
 FALLBACK_HEADERS = {"X-Stream-Fallback": "true"}
 _DONE = b"data: [DONE]\n\n"
 
 
-async def chat(request: web.Request, body: dict[str, Any], rewrite: Rewrite | None
-               ) -> web.Response:
+def chat(request: web.Request, body: dict[str, Any], rewrite: Rewrite | None
+         ) -> Awaitable[web.Response]:
     """A chat completion (or ``vision/analyze``) asked to stream, answered whole."""
-    completion = await _fetch(request, "chat/completions", body, rewrite)
-    if request.app[SETTINGS].vision.stream_fallback == "json":
-        return json_answer(request, completion, FALLBACK_HEADERS)
-    chunk = b"data: " + orjson.dumps(completion_chunk(completion)) + b"\n\n"
-    return sse_answer(request, [chunk, _DONE], FALLBACK_HEADERS)
+    return _chat(request, _plain_call(request, "chat/completions", body), rewrite)
 
 
-async def responses(request: web.Request, body: dict[str, Any], rewrite: Rewrite | None
-                    ) -> web.Response:
+def responses(request: web.Request, body: dict[str, Any], rewrite: Rewrite | None
+              ) -> Awaitable[web.Response]:
     """A Responses API request asked to stream, answered whole."""
-    response = await _fetch(request, "responses", body, rewrite)
+    return _responses(request, _plain_call(request, "responses", body), rewrite)
+
+
+async def _chat(request: web.Request, call: Awaitable[UpstreamResponse],
+                rewrite: Rewrite | None) -> web.Response:
+    completion = await _fetch(request, call, rewrite)
+    info = request[REQUEST_INFO]
     if request.app[SETTINGS].vision.stream_fallback == "json":
-        return json_answer(request, response, FALLBACK_HEADERS)
-    return sse_answer(request, response_events(response), FALLBACK_HEADERS)
+        return json_answer(info, completion, FALLBACK_HEADERS)
+    chunk = b"data: " + orjson.dumps(completion_chunk(completion)) + b"\n\n"
+    return sse_answer(info, [chunk, _DONE], FALLBACK_HEADERS)
 
 
-async def _fetch(request: web.Request, path: str, body: dict[str, Any],
-                 rewrite: Rewrite | None) -> dict[str, Any]:
+async def _responses(request: web.Request, call: Awaitable[UpstreamResponse],
+                     rewrite: Rewrite | None) -> web.Response:
+    response = await _fetch(request, call, rewrite)
+    info = request[REQUEST_INFO]
+    if request.app[SETTINGS].vision.stream_fallback == "json":
+        return json_answer(info, response, FALLBACK_HEADERS)
+    return sse_answer(info, response_events(response), FALLBACK_HEADERS)
+
+
+def _plain_call(request: web.Request, path: str, body: dict[str, Any]
+                ) -> Awaitable[UpstreamResponse]:
+    """The same request without streaming, serialized now (the parsed body is not kept)."""
     plain = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
-    answer = await fetch_json(request, upstream_post(request, path, plain))
+    return request.app[PROXY].post(request[REQUEST_INFO], path, plain)
+
+
+async def _fetch(request: web.Request, call: Awaitable[UpstreamResponse],
+                 rewrite: Rewrite | None) -> dict[str, Any]:
+    answer = await request.app[PROXY].plain.fetch_json(call)
     if not isinstance(answer, dict):
         raise UpstreamProtocolError("The upstream answered with something other than an object")
     if rewrite is not None:
         rewrite(answer)
-    usage = answer.get("usage")
-    if isinstance(usage, dict):
-        request[REQUEST_INFO].usage = usage
+    info = request[REQUEST_INFO]
+    info.usage = usage_of(answer) or info.usage
     return answer
 
 

@@ -56,15 +56,13 @@ from types import FrameType
 
 from aiohttp import web
 
+from .server_limits import GatewayRunner, raise_open_file_limit
 from .settings import Settings
 
 log = logging.getLogger("gateway.workers")
 
 GRACE_SECONDS = 5.0
 """After the drain, how long aiohttp waits for handlers that are still finishing."""
-KEEPALIVE_SECONDS = 75.0
-"""Idle client connections (nginx's) close after this; nginx's upstream ``keepalive_timeout``
-must be shorter, so that nginx, not the gateway, closes an idle connection."""
 BACKLOG = 1024
 PARENT_CHECK_SECONDS = 1.0
 FAST_FAILURE_SECONDS = 10.0
@@ -91,13 +89,15 @@ class GatewayServer:
 
         self.settings = settings
         self.app = create_app(settings)
-        self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None,
-                                     keepalive_timeout=KEEPALIVE_SECONDS,
-                                     shutdown_timeout=GRACE_SECONDS)
+        # Header, body and idle timeouts and the connection cap ([server]): see server_limits.
+        # Idle connections (nginx's) close after keepalive_timeout_seconds; nginx's upstream
+        # keepalive_timeout must be shorter, so that nginx, not the gateway, closes them.
+        self._runner = GatewayRunner(self.app, settings.server, shutdown_timeout=GRACE_SECONDS)
         self._reuse_port = reuse_port
         self.port = 0
 
     async def start(self) -> None:
+        raise_open_file_limit(self.settings.server.max_connections)
         await self._runner.setup()
         server = self.settings.server
         site = web.TCPSite(self._runner, server.host, server.port, backlog=BACKLOG,

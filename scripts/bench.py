@@ -167,7 +167,8 @@ def gateway_config(tmp: Path, upstream_port: int, redis_url: str | None, port: i
                    workers: int = 1) -> Path:
     lines = [
         "[server]", f"port = {port}", f"workers = {workers}", "access_log = false", "",
-        "[upstream]", f'url = "http://127.0.0.1:{upstream_port}/v1"', "max_retries = 0", "",
+        "[upstream]", f'url = "http://127.0.0.1:{upstream_port}/v1"',
+        'api_key = "mock-upstream-key"', "max_retries = 0", "",
         "[limits]", "requests_per_minute = 100000000", "burst = 10000000",
         "max_concurrent_streams = 100000", "",
         "[[keys]]", 'name = "bench"', f'key = "{KEY}"', "",

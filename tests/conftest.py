@@ -1,8 +1,9 @@
 """Shared fixtures: real servers on loopback ports, real clients.
 
 - ``mock_upstream``: the project's mock xAI server (``gateway.mock_upstream``) on a free port.
-- ``start_gateway(settings)``: the gateway app served for real (AppRunner + TCPSite, with handler
-  cancellation on, as ``gateway serve`` runs it) on a free port.
+- ``start_gateway(settings)``: the gateway app served for real (``GatewayRunner`` + TCPSite, as
+  ``gateway serve`` runs it: handler cancellation, ``[server]`` timeouts and connection cap) on a
+  free port.
 - ``redis_url``: a Redis database of the test's own on the machine's server, with a unique key
   prefix; everything under the prefix is deleted afterwards (nothing else is touched).
 """
@@ -20,6 +21,7 @@ from aiohttp import web
 
 from gateway.app import create_app
 from gateway.mock_upstream import MOCK_STATE, MockState, run_mock_upstream
+from gateway.server_limits import GatewayRunner
 from gateway.settings import Settings
 
 KEY = "sk-test-alice-000000000001"
@@ -61,7 +63,7 @@ def settings_for(upstream_url: str, **sections: Any) -> Settings:
 @contextlib.asynccontextmanager
 async def serve_gateway(settings: Settings) -> AsyncIterator[tuple[web.Application, str]]:
     app = create_app(settings, environ={})
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    runner = GatewayRunner(app, settings.server)  # as `gateway serve` wires it
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

@@ -105,8 +105,15 @@ async def test_upstream_error_event_reaches_the_sdk_as_api_error(gateway: Any,
     _, base = gateway
     relayed = await post(f"{base}/api/v1/responses", request(error_after=6))
     direct = await post(f"{mock_upstream.url}/responses", request(error_after=6))
-    assert relayed.body == direct.body  # the upstream's own error event, as it sent it
+    # The events before it as the upstream sent them; the error event is the gateway's own,
+    # with the upstream's message (redacted) and code, continuing the numbering.
+    assert relayed.events()[:-1] == direct.events()[:-1]
+    sent, upstream = (orjson.loads(e.events()[-1].split(b"data: ", 1)[1])
+                      for e in (relayed, direct))
     assert relayed.events()[-1].startswith(b"event: error\n")
+    assert sent["type"] == "error" and sent["sequence_number"] == upstream["sequence_number"]
+    assert sent["message"] == f"Upstream error: {upstream['message']}"
+    assert sent["code"] == upstream["code"] and sent["error"]["message"] == sent["message"]
 
     client = async_sdk(base)
     seen: list[str] = []

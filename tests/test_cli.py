@@ -14,7 +14,18 @@ from openai import AsyncOpenAI
 
 from gateway.settings import DEMO_KEY
 
-from servers import ROOT, accepts, clean_environ, free_port, run_cli, spawn, wait_until
+from conftest import KEY
+from servers import (
+    ROOT,
+    GatewayProcess,
+    accepts,
+    clean_environ,
+    free_port,
+    run_cli,
+    running,
+    spawn,
+    wait_until,
+)
 
 
 async def test_gateway_serve_with_no_config_streams_from_the_mock_with_the_demo_key(
@@ -65,3 +76,45 @@ def test_invalid_settings_stop_start_up_naming_the_setting(
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_deploy_config_without_the_upstream_key_refuses_to_start_naming_it() -> None:
+    """It used to start on the built-in mock, and production clients got mock answers, 200."""
+    port = free_port()
+    result = run_cli("serve", "--config", str(ROOT / "deploy" / "gateway.toml"),
+                     "--port", str(port))
+    assert result.returncode == 2
+    assert result.stderr.startswith("gateway: invalid setting upstream.api_key: XAI_API_KEY "
+                                    "is not set"), result.stderr
+    assert "Traceback" not in result.stderr and not accepts(port)
+
+
+def test_a_config_file_without_an_upstream_url_or_key_stops_start_up(tmp_path: Path) -> None:
+    gateway = GatewayProcess(tmp_path, "nokey", {"server": {"port": free_port()},
+                                                 "keys": [{"name": "alice", "key": KEY}]})
+    gateway.start()
+    assert gateway.wait(20) == 2
+    assert "XAI_API_KEY is not set" in gateway.stderr()
+    assert "listening" not in gateway.stderr() and "the built-in mock at" not in gateway.stderr()
+
+
+async def test_url_mock_runs_the_mock_without_a_key(tmp_path: Path) -> None:
+    gateway = GatewayProcess(tmp_path, "mock", {"server": {"port": free_port()},
+                                                "upstream": {"url": "mock"},
+                                                "keys": [{"name": "alice", "key": KEY}]})
+    with running(gateway):
+        client = AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key=KEY, max_retries=0)
+        reply = await client.chat.completions.create(
+            model="grok-4", messages=[{"role": "user", "content": "Hello"}])
+        await client.close()
+    assert reply.choices[0].message.content == \
+        "Ah, the meaning of life is forty-two, as everyone knows."
+    assert "the built-in mock" in gateway.stderr()
+
+
+def test_the_mock_upstream_is_imported_only_when_it_runs() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys, gateway.app, gateway.cli, gateway.workers; "
+         "print('gateway.mock_upstream' in sys.modules, 'gateway.mock_replies' in sys.modules)"],
+        cwd=ROOT, env=clean_environ(), capture_output=True, text=True, timeout=30)
+    assert result.stdout.split() == ["False", "False"], result.stderr

@@ -21,8 +21,9 @@ MESSAGES = [{"role": "user", "content": "hi"}]
 
 
 async def request(method: str, url: str, *, data: bytes | None = None, json: Any = None,
-                  headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-    async with aiohttp.ClientSession() as s:
+                  headers: dict[str, str] | None = None, skip_auto_headers: tuple[str, ...] = ()
+                  ) -> tuple[int, dict[str, str], bytes]:
+    async with aiohttp.ClientSession(skip_auto_headers=skip_auto_headers) as s:
         async with s.request(method, url, data=data, json=json,
                              headers={**AUTH, **(headers or {})}) as r:
             return r.status, dict(r.headers), await r.read()
@@ -87,23 +88,28 @@ async def test_unsupported_content_type_gets_415(gateway: Any) -> None:
     assert status == 415 and "application/json" in error_of(raw)["message"]
 
 
-async def test_stream_error_before_headers_is_an_sse_frame_with_the_true_status(
+async def test_stream_error_before_headers_is_an_sse_frame_only_when_accept_names_it(
         gateway: Any) -> None:
     _, base = gateway
     body = {"model": "grok-4", "messages": MESSAGES, "stream": True, "mock": {"status": 404,
                                                                            "message": "no model"}}
-    # curl-like client (Accept: */*): the body's "stream": true decides.
-    status, headers, raw = await request("POST", f"{base}/api/v1/chat/completions", json=body,
-                                         headers={"Accept": "*/*"})
-    assert status == 404
-    assert headers["Content-Type"] == "text/event-stream"
-    assert raw.startswith(b"data: {") and raw.endswith(b"}\n\n")
-    assert error_of(raw[6:-2])["message"] == "no model"
-    # A client that asks only for JSON (as the OpenAI SDK does) gets the JSON body.
-    status, headers, raw = await request("POST", f"{base}/api/v1/chat/completions", json=body,
-                                         headers={"Accept": "application/json"})
-    assert status == 404 and headers["Content-Type"].startswith("application/json")
-    assert error_of(raw)["message"] == "no model"
+    # A client that names the event stream in Accept gets the frame, with the true status.
+    for accept in ("text/event-stream", "application/json, text/event-stream;q=0.5"):
+        status, headers, raw = await request("POST", f"{base}/api/v1/chat/completions",
+                                             json=body, headers={"Accept": accept})
+        assert status == 404
+        assert headers["Content-Type"] == "text/event-stream"
+        assert raw.startswith(b"data: {") and raw.endswith(b"}\n\n")
+        assert error_of(raw[6:-2])["message"] == "no model"
+    # Anyone else (no Accept, */*, JSON only, the event stream refused with q=0) gets the JSON
+    # body whatever the body's "stream" says: the AI SDK's providers send no Accept.
+    for accept in (None, "*/*", "application/json", "text/event-stream;q=0"):
+        status, headers, raw = await request(
+            "POST", f"{base}/api/v1/chat/completions", json=body,
+            headers={} if accept is None else {"Accept": accept},
+            skip_auto_headers=("Accept",))
+        assert status == 404 and headers["Content-Type"].startswith("application/json"), accept
+        assert error_of(raw)["message"] == "no model"
 
 
 async def test_sdk_gets_its_own_exception_classes_before_the_stream(gateway: Any) -> None:

@@ -208,11 +208,12 @@ async def test_readyz_checks_redis(mock_upstream: Upstream, start_gateway: Any,
 
 def test_serve_writes_bare_json_access_lines_to_stdout(mock_upstream_url: str,
                                                        tmp_path: Path) -> None:
+    upstream = {"url": mock_upstream_url, "api_key": "xai-operator-secret-key"}
     on = GatewayProcess(tmp_path, "on", {"server": {"port": free_port()},
-                                         "upstream": {"url": mock_upstream_url},
+                                         "upstream": upstream,
                                          "keys": [{"name": "alice", "key": KEY}]})
     off = GatewayProcess(tmp_path, "off", {"server": {"port": free_port(), "access_log": False},
-                                           "upstream": {"url": mock_upstream_url},
+                                           "upstream": upstream,
                                            "keys": [{"name": "alice", "key": KEY}]})
     with running(on, off):
         for g in (on, off):

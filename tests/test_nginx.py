@@ -119,8 +119,10 @@ async def test_auth_and_rate_limit_refusals_pass_unchanged(deployment: Deploymen
     url = "/v1/chat/completions"
     bad = {"Authorization": "Bearer sk-not-a-valid-key-000000"}
     for stream in (False, True):
-        via_nginx = await fetch(deployment.url + url, chat_body(stream=stream), bad)
-        direct = await fetch(deployment.gateways[0].url + url, chat_body(stream=stream), bad)
+        # The SSE frame only for a client whose Accept names the event stream.
+        headers = {**bad, "Accept": "text/event-stream"} if stream else bad
+        via_nginx = await fetch(deployment.url + url, chat_body(stream=stream), headers)
+        direct = await fetch(deployment.gateways[0].url + url, chat_body(stream=stream), headers)
         assert via_nginx[0] == direct[0] == 401
         assert via_nginx[2] == direct[2]
         assert via_nginx[1]["Content-Type"] == direct[1]["Content-Type"]
@@ -132,7 +134,8 @@ async def test_auth_and_rate_limit_refusals_pass_unchanged(deployment: Deploymen
     refused = None
     for _ in range(4):
         status, headers, raw = await fetch(deployment.url + url, chat_body(stream=True),
-                                           {"Authorization": f"Bearer {TINY_KEY}"})
+                                           {"Authorization": f"Bearer {TINY_KEY}",
+                                            "Accept": "text/event-stream"})
         if status == 429:
             refused = headers, raw
             break

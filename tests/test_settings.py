@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.settings import ConfigError, Settings, hash_key, load_settings
+from gateway.settings import ConfigError, Settings, check_upstream_key, hash_key, load_settings
 
 CONTRACT = """
 [server]
@@ -74,10 +74,53 @@ def test_embedded_default_uses_the_mock_without_an_upstream_key() -> None:
     assert load_settings(None, {}).redis is None
 
 
+def test_any_configuration_without_an_upstream_url_means_xai_never_the_mock(
+        tmp_path: Path) -> None:
+    """The mock is for the embedded default alone: a deployment that forgot its key must not
+    answer from it."""
+    server_only = tmp_path / "gateway.toml"
+    server_only.write_text("[server]\nport = 9000\n")
+    assert load_settings(str(server_only), {}).upstream.url == "https://api.x.ai/v1"
+    assert load_settings(None, {"GATEWAY_SERVER_PORT": "9000"}).upstream.url == \
+        "https://api.x.ai/v1"
+    assert load_settings(None, {"GATEWAY_UPSTREAM_URL": "mock"}).upstream.is_mock
+
+
+def test_serving_a_real_upstream_without_its_key_is_refused_naming_the_variable(
+        tmp_path: Path) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text(CONTRACT)
+    settings = load_settings(str(path), {})
+    with pytest.raises(ConfigError) as e:
+        check_upstream_key(settings, {})
+    assert e.value.setting == "upstream.api_key" and "XAI_API_KEY is not set" in str(e.value)
+    check_upstream_key(settings, {"XAI_API_KEY": "xai-123"})
+    own = Settings.from_mapping({"upstream": {"url": "http://127.0.0.1:9/v1",
+                                              "api_key_env": "MY_UPSTREAM_KEY"}})
+    with pytest.raises(ConfigError, match="MY_UPSTREAM_KEY is not set"):
+        check_upstream_key(own, {"XAI_API_KEY": "xai-123"})
+    check_upstream_key(Settings.from_mapping({"upstream": {"url": "mock"}}), {})
+    check_upstream_key(load_settings(None, {}), {})  # the embedded default: the mock
+
+
+def test_client_connection_limits_have_safe_defaults_and_come_from_the_environment() -> None:
+    server = Settings().server
+    assert (server.header_timeout_seconds, server.body_timeout_seconds,
+            server.keepalive_timeout_seconds, server.max_connections) == (10, 60, 15, 10_000)
+    server = load_settings(None, {"GATEWAY_SERVER_HEADER_TIMEOUT_SECONDS": "2.5",
+                                  "GATEWAY_SERVER_MAX_CONNECTIONS": "500"}).server
+    assert (server.header_timeout_seconds, server.max_connections) == (2.5, 500)
+
+
 @pytest.mark.parametrize("data, setting", [
     ({"stream": {"keepalive_seconds": "soon"}}, "stream.keepalive_seconds"),
     ({"stream": {"keepalive_seconds": 0}}, "stream.keepalive_seconds"),
     ({"server": {"port": 70000}}, "server.port"),
+    ({"server": {"header_timeout_seconds": 0}}, "server.header_timeout_seconds"),
+    ({"server": {"body_timeout_seconds": -1}}, "server.body_timeout_seconds"),
+    ({"server": {"keepalive_timeout_seconds": 0}}, "server.keepalive_timeout_seconds"),
+    ({"server": {"max_connections": 0}}, "server.max_connections"),
+    ({"server": {"max_connections": 1.5}}, "server.max_connections"),
     ({"upstream": {"url": "ftp://x"}}, "upstream.url"),
     ({"vision": {"stream_fallback": "maybe"}}, "vision.stream_fallback"),
     ({"redis": {"failure_policy": "pray"}}, "redis.failure_policy"),

@@ -3,18 +3,22 @@ JSON only, since image generation never streams."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+from typing import Any
+
 from aiohttp import web
 
-from ..aliases import aliased
-from ..appkeys import REQUEST_INFO, SETTINGS
+from ..aliases import model_rewriter, upstream_model
+from ..appkeys import PROXY, REQUEST_INFO, SETTINGS
 from ..errors import StreamNotSupported
-from ..forward import upstream_post
-from ..relay import relay_json
-from ..request_body import json_body, require
+from ..request_body import require, take_body
 
 
 async def generate_images(request: web.Request) -> web.Response:
-    body = await json_body(request)
+    return await _checked(request, await take_body(request))
+
+
+def _checked(request: web.Request, body: dict[str, Any]) -> Awaitable[web.Response]:
     info = request[REQUEST_INFO]
     if info.stream:
         # Not a stream and never one: the refusal is a JSON body, not an event-stream frame.
@@ -24,6 +28,11 @@ async def generate_images(request: web.Request) -> web.Response:
     require(body, "prompt", str, "a string")
     if "n" in body:
         require(body, "n", int, "an integer")
-    up_body, rewrite = aliased(request.app[SETTINGS].models.aliases, body)
-    return await relay_json(request, upstream_post(request, "images/generations", up_body),
-                            rewrite=rewrite)
+    rewrite = None
+    model = body.get("model")
+    if isinstance(model, str):
+        upstream = upstream_model(request.app[SETTINGS].models.aliases, model)
+        if upstream != model:
+            body["model"], rewrite = upstream, model_rewriter(model)
+    proxy = request.app[PROXY]
+    return proxy.plain.relay(info, proxy.post(info, "images/generations", body), rewrite)

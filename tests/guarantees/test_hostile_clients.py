@@ -5,10 +5,9 @@ arrive whole, byte for byte.
 Where our code answers, the answer is an OpenAI-shaped JSON error with the true status (400,
 413, 415). Some requests never reach it: aiohttp's HTTP parser refuses a header with a bare CR
 or LF, a NUL, an unparseable or conflicting ``Content-Length``, and bytes that are not HTTP at
-all. What the client gets then is aiohttp's own answer, asserted here as it is: ``400 Bad
-Request`` in plain text, naming what is wrong, and the connection closed. It quotes the line it
-could not parse back to the client that sent it (to no one else); the log line about it has
-credentials taken out (see ``test_key_secrecy.py``).
+all. The answer is then built by ``gateway/server_limits.py`` (aiohttp's own quoted the line it
+could not parse, key and all): a 400 in the same JSON error shape, quoting nothing of the
+request, and the connection closed (see ``test_server_limits.py`` for the key's header).
 """
 
 from __future__ import annotations
@@ -169,14 +168,15 @@ async def unknown_content_types(base: str, port: int) -> None:
         assert err["code"] == "unsupported_media_type" and "application/json" in err["message"]
 
 
-# --- answered by aiohttp's parser, before the gateway's code ----------------------------------
+# --- refused by aiohttp's parser, before the gateway's code -----------------------------------
 
 def refused_by_the_parser(*head: bytes) -> Callable[[str, int], Awaitable[None]]:
     async def check(base: str, port: int) -> None:
         raw, closed = await exchange(port, request_head(*head) + BODY)
         status, headers, body = split_response(raw)
-        assert status == 400 and headers["content-type"].startswith("text/plain")
-        assert body.strip(), "aiohttp says what it could not parse"
+        assert status == 400 and headers["content-type"].startswith("application/json")
+        assert error_of(body)["code"] == "malformed_request"
+        assert KEY.encode() not in body and b"X-Note" not in body, "nothing of it is quoted"
         assert closed, "the connection is closed after a request that could not be parsed"
     return check
 

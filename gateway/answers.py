@@ -1,0 +1,157 @@
+"""Plain answers: the upstream's whole answer, read within bounds, and the answers the gateway
+builds itself (a model list, the vision stream fallback). No streaming here (``relay.py``).
+
+An upstream answer is read whole only up to ``[upstream] max_answer_bytes``: past it the
+request fails with 502 and the connection is closed, so one huge answer cannot take the
+process's memory. Like a stream, a plain request is tracked by ``InFlight``: at shutdown, past
+the drain time, it is answered 503 ``gateway_restarting`` (nothing was sent yet, so the status
+can still say so).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from .errors import (
+    SSE_HEADERS,
+    ShuttingDown,
+    UpstreamAnswerTooLarge,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+    from_upstream,
+)
+from .http1 import AnswerTooLarge, InvalidHTTP, UpstreamResponse
+from .inflight import InFlight
+from .render import Rewrite, usage_of
+from .request_info import RequestInfo
+
+_MAX_USAGE_PARSE = 1024 * 1024
+"""A plain answer is parsed for its token counts (access log, metrics) only up to this size."""
+
+
+def response_headers(info: RequestInfo) -> dict[str, str]:
+    """What every answer carries: the request id and the key's rate-limit state."""
+    return {"X-Request-ID": info.request_id, **info.limit_headers}
+
+
+class PlainAnswers:
+    """Reads upstream answers whole; one per app, handed what it needs at start-up."""
+
+    def __init__(self, in_flight: InFlight, timeout: float, max_bytes: int,
+                 secrets: tuple[str, ...]) -> None:
+        self.in_flight = in_flight
+        self.timeout = timeout  # for the whole answer: the first-byte timeout
+        self.max_bytes = max_bytes
+        self.secrets = secrets
+
+    async def relay(self, info: RequestInfo, call: Awaitable[UpstreamResponse],
+                    rewrite: Rewrite | None = None,
+                    extra_headers: dict[str, str] | None = None) -> web.Response:
+        """The upstream's status and JSON, to the client (model aliases rewritten back)."""
+        upstream, body = await self.read(call)
+        obj = None
+        if rewrite is not None or len(body) <= _MAX_USAGE_PARSE:
+            try:
+                obj = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                if rewrite is not None:
+                    raise UpstreamProtocolError("The upstream answered with invalid JSON") from None
+        if rewrite is not None:
+            rewrite(obj)
+            body = orjson.dumps(obj)
+        info.usage = usage_of(obj) or info.usage
+        info.first_byte = time.monotonic()
+        info.bytes_out = len(body)
+        return web.Response(status=upstream.status, body=body,
+                            content_type=upstream.content_type or "application/json",
+                            headers={**response_headers(info), **(extra_headers or {})})
+
+    async def fetch_json(self, call: Awaitable[UpstreamResponse]) -> Any:
+        """The upstream's JSON answer, parsed, for answers the gateway reshapes or keeps."""
+        _, body = await self.read(call)
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise UpstreamProtocolError("The upstream answered with invalid JSON") from None
+
+    async def read(self, call: Awaitable[UpstreamResponse]) -> tuple[UpstreamResponse, bytes]:
+        """The upstream's whole answer; a status that is not 2xx raises as the gateway's
+        error. Tracked, so that a shutdown can end it (``stop``)."""
+        stopped = _Stoppable()
+        with self.in_flight.track(stopped):
+            task = asyncio.ensure_future(self._read(call))
+            try:
+                await asyncio.wait((task, stopped.future), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not task.done():
+                    task.cancel()  # its connection is closed as the task unwinds
+                    task.add_done_callback(_retrieve)
+            if not task.done() or task.cancelled():
+                raise ShuttingDown("The gateway is restarting; retry the request")
+            return task.result()
+
+    async def _read(self, call: Awaitable[UpstreamResponse]) -> tuple[UpstreamResponse, bytes]:
+        try:
+            async with asyncio.timeout(self.timeout):
+                upstream = await call
+                try:
+                    body = await upstream.read_all(self.max_bytes)
+                except AnswerTooLarge:
+                    raise UpstreamAnswerTooLarge(
+                        f"The upstream's answer is longer than the limit of {self.max_bytes} "
+                        f"bytes") from None
+                except (OSError, InvalidHTTP) as e:
+                    raise UpstreamProtocolError(
+                        f"The upstream connection broke while reading its answer "
+                        f"({type(e).__name__})") from e
+                finally:
+                    upstream.release()
+        except TimeoutError:
+            raise UpstreamTimeout(f"The upstream did not answer within "
+                                  f"{self.timeout:g} seconds") from None
+        if not 200 <= upstream.status < 300:
+            raise from_upstream(upstream.status, body, upstream.headers, self.secrets)
+        return upstream, body
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # an error after the answer was given up: nobody to tell
+
+
+class _Stoppable:
+    __slots__ = ("future",)
+
+    def __init__(self) -> None:
+        self.future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def stop(self) -> None:
+        if not self.future.done():
+            self.future.set_result(None)
+
+
+def json_answer(info: RequestInfo, obj: Any,
+                extra_headers: dict[str, str] | None = None) -> web.Response:
+    """An answer the gateway built (a model list, a vision fallback's JSON)."""
+    return _answer(info, orjson.dumps(obj), "application/json", extra_headers)
+
+
+def sse_answer(info: RequestInfo, events: list[bytes],
+               extra_headers: dict[str, str] | None = None) -> web.Response:
+    """A complete event stream, sent at once (the events are already framed)."""
+    info.chunks += len(events)
+    return _answer(info, b"".join(events), None, {**SSE_HEADERS, **(extra_headers or {})})
+
+
+def _answer(info: RequestInfo, body: bytes, content_type: str | None,
+            headers: dict[str, str] | None) -> web.Response:
+    info.first_byte = time.monotonic()
+    info.bytes_out += len(body)
+    return web.Response(body=body, content_type=content_type,
+                        headers={**response_headers(info), **(headers or {})})

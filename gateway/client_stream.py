@@ -1,0 +1,89 @@
+"""The client's side of one event stream: the only code that touches aiohttp's transport and
+protocol directly.
+
+Why not ``StreamResponse.write``: it is a coroutine per chunk, and the relay writes from the
+upstream socket's read callback, where nothing can be awaited. So the response is started and
+ended through aiohttp's public API (``prepare``, ``write_eof``) and, in between, each write goes
+straight to the connection's transport, framed here as an HTTP/1.1 chunk.
+
+What this relies on from aiohttp, each pinned by ``tests/test_client_stream.py`` for the range
+``setup.cfg`` names:
+
+1. ``StreamResponse.prepare()`` sends the status line and headers at once (a plain ``Response``
+   holds them back to send with its body; a ``StreamResponse`` does not) and buffers nothing
+   after them, so bytes written to ``request.transport`` follow them in order.
+2. With chunked encoding enabled, ``write_eof()`` writes only the last chunk (``0\\r\\n\\r\\n``);
+   for an HTTP/1.0 client it writes nothing and the connection ends the body.
+3. ``request.protocol.writing_paused`` is True while the transport's send buffer is past its
+   high-water mark, and ``request.writer.drain()`` returns once it has drained.
+4. Once the client has gone, ``request.transport`` is None or closing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+
+from aiohttp import HttpVersion11, web
+
+
+class ClientGone(ConnectionResetError):
+    """The client closed the connection."""
+
+
+class ClientStream:
+    """Open with headers, write, ask whether paused, drain, close."""
+
+    __slots__ = ("_request", "response", "_transport", "_protocol", "_chunked")
+
+    def __init__(self, request: web.Request) -> None:
+        self._request = request
+        self.response: web.StreamResponse | None = None
+        self._transport: asyncio.Transport | None = None
+        self._protocol: web.RequestHandler | None = None
+        self._chunked = False
+
+    @property
+    def opened(self) -> bool:
+        return self.response is not None
+
+    async def open(self, headers: Mapping[str, str]) -> web.StreamResponse:
+        """Send ``200`` and ``headers``; from here on the status cannot change."""
+        response = web.StreamResponse(status=200, headers=headers)
+        # HTTP/1.1: chunks framed by ``write``. HTTP/1.0: bare bytes, ended by the connection.
+        self._chunked = self._request.version >= HttpVersion11
+        if self._chunked:
+            response.enable_chunked_encoding()
+        await response.prepare(self._request)
+        self.response = response
+        self._transport = self._request.transport
+        self._protocol = self._request.protocol  # a property call: looked up once
+        return response
+
+    def write(self, data: bytes) -> None:
+        """Write now, without waiting; ``ClientGone`` when the client has left."""
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            raise ClientGone("the client closed the connection")
+        transport.write(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
+
+    @property
+    def paused(self) -> bool:
+        """The client's send buffer is full: stop producing until ``drain`` returns."""
+        protocol = self._protocol
+        return protocol is not None and protocol.writing_paused
+
+    async def drain(self) -> None:
+        try:
+            await self._request.writer.drain()
+        except ConnectionError as e:
+            raise ClientGone("the client closed the connection") from e
+
+    async def close(self) -> None:
+        """End the response (the last chunk); nothing to do if the client has left."""
+        if self.response is None:
+            return
+        try:
+            await self.response.write_eof()
+        except ConnectionError:
+            pass

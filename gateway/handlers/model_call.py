@@ -1,0 +1,54 @@
+"""The tail every model request shares once its handler has checked it: model aliases, the
+vision check and stream fallback, the upstream call, and the relay of the answer.
+
+``model_call`` is not a coroutine: it decides everything and serializes the upstream body now,
+and returns the awaitable that answers. So the handler's ``return await model_call(...)``
+holds no parsed body, base64 images included, while the answer streams.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from .. import stream_fallback
+from ..aliases import model_rewriter, upstream_model
+from ..appkeys import PROXY, REQUEST_INFO, SETTINGS
+from ..render import CHAT, RESPONSES, Dialect, Rewrite
+from ..vision import require_vision_model
+
+Fallback = Callable[[web.Request, dict[str, Any], Rewrite | None], Awaitable[web.Response]]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelApi:
+    path: str  # on the upstream
+    dialect: Dialect
+    fallback: Fallback  # a vision request that asks to stream
+
+
+CHAT_API = ModelApi("chat/completions", CHAT, stream_fallback.chat)
+RESPONSES_API = ModelApi("responses", RESPONSES, stream_fallback.responses)
+
+
+def model_call(request: web.Request, api: ModelApi, body: dict[str, Any], images: list[str]
+               ) -> Awaitable[web.StreamResponse]:
+    """``images`` are the request's image parts (their ``param`` paths), found by the caller."""
+    settings = request.app[SETTINGS]
+    info = request[REQUEST_INFO]
+    model = body["model"]
+    upstream = upstream_model(settings.models.aliases, model)
+    rewrite = model_rewriter(model) if upstream != model else None
+    body["model"] = upstream
+    if images:
+        require_vision_model(settings.vision, model, upstream, images[0])
+        if info.stream and settings.vision.stream_fallback != "off":
+            return api.fallback(request, body, rewrite)
+    proxy = request.app[PROXY]
+    call = proxy.post(info, api.path, body)
+    if info.stream:
+        return proxy.stream(request, call, dialect=api.dialect, rewrite=rewrite)
+    return proxy.plain.relay(info, call, rewrite)

@@ -1,0 +1,66 @@
+"""The upstream call and the relay of its answer: what every handler's tail needs, built once per
+app (where the upstream client is opened, since only there is the operator's key known) and
+handed to handlers as ``app[PROXY]``. The byte path reads nothing from ``request.app``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from .answers import PlainAnswers, response_headers
+from .appkeys import REQUEST_INFO
+from .client_stream import ClientStream
+from .errors import SSE_HEADERS
+from .http1 import UpstreamResponse
+from .inflight import InFlight
+from .metrics import Metrics
+from .relay import StreamRelay
+from .render import CHAT, Dialect, Rewrite, StreamRenderer
+from .request_info import RequestInfo
+from .settings import Settings
+from .upstream import UpstreamClient
+
+
+class Proxy:
+    def __init__(self, upstream: UpstreamClient, settings: Settings, in_flight: InFlight,
+                 metrics: Metrics) -> None:
+        self.upstream = upstream
+        self.stream_settings = settings.stream
+        self.secrets = upstream.secrets
+        self.in_flight = in_flight
+        self.open_streams = metrics.open_streams
+        self.plain = PlainAnswers(in_flight, settings.stream.first_byte_timeout_seconds,
+                                  settings.upstream.max_answer_bytes, self.secrets)
+
+    def post(self, info: RequestInfo, path: str, body: dict[str, Any]
+             ) -> Awaitable[UpstreamResponse]:
+        """The upstream call for a checked body. It is serialized here, once: the upstream sees
+        exactly what the gateway checked (one value per key, whatever the client sent), and the
+        parsed body need not be kept while the answer streams."""
+        return self.upstream.request(
+            "POST", path, body=orjson.dumps(body),
+            headers={"Content-Type": "application/json", "X-Request-ID": info.request_id})
+
+    def get(self, info: RequestInfo, path: str) -> Awaitable[UpstreamResponse]:
+        return self.upstream.request("GET", path, headers={"X-Request-ID": info.request_id})
+
+    async def stream(self, request: web.Request, call: Awaitable[UpstreamResponse], *,
+                     dialect: Dialect = CHAT, rewrite: Rewrite | None = None
+                     ) -> web.StreamResponse:
+        """Relay the upstream's event stream to the client (``relay.py``)."""
+        info = request[REQUEST_INFO]
+        settings = self.stream_settings
+        renderer = StreamRenderer(dialect, rewrite=rewrite, secrets=self.secrets,
+                                  max_event_bytes=settings.max_event_bytes)
+        relay = StreamRelay(ClientStream(request), renderer, settings, info,
+                            {**SSE_HEADERS, **response_headers(info)}, self.secrets)
+        self.open_streams.inc()
+        try:
+            with self.in_flight.track(relay):
+                return await relay.run(call)
+        finally:
+            self.open_streams.dec()

@@ -1,0 +1,103 @@
+"""Is the gateway ready to serve? The checks behind ``/readyz`` and the limiter-state metric:
+the upstream probe and the limiter's view of Redis. No aiohttp application state here (the
+handlers in ``handlers/health.py`` hold that), so ``appkeys`` can name these types without an
+import cycle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .errors import GatewayError
+from .http1 import InvalidHTTP
+from .upstream import UpstreamClient
+
+log = logging.getLogger("gateway.health")
+
+PROBE_TTL_SECONDS = 5.0
+"""How long one upstream probe's answer is reused by /readyz."""
+PROBE_TIMEOUT_SECONDS = 2.0
+
+
+def limiter_state(limiter: Any) -> str:
+    """``Limiter.backend_state``: redis, fallback, unavailable or memory."""
+    state = getattr(limiter, "backend_state", None)
+    return state if isinstance(state, str) else "memory"
+
+
+async def redis_problem(limiter: Any) -> str | None:
+    """Why Redis counts as unreachable, or None.
+
+    The limiter's state is how the hot path sees Redis: its circuit breaker opens on the first
+    failed call and closes when a ping succeeds. If the limiter also offers ``ping()``, Redis
+    is asked directly as well.
+    """
+    state = limiter_state(limiter)
+    if state in ("fallback", "unavailable"):
+        return f"unreachable (rate limits: {state})"
+    if state != "redis":
+        return f"not in use (rate limits: {state})"
+    ping = getattr(limiter, "ping", None)
+    if callable(ping):
+        try:
+            async with asyncio.timeout(PROBE_TIMEOUT_SECONDS):
+                await ping()
+        except Exception as e:  # any failure means "not ready"; the kind is the reason
+            return f"unreachable ({type(e).__name__})"
+    return None
+
+
+class UpstreamProbe:
+    """Is the upstream reachable? One cheap ``GET models``, its answer reused for ``ttl``
+    seconds, and shared by every /readyz request that arrives while it runs."""
+
+    def __init__(self, ttl: float = PROBE_TTL_SECONDS, timeout: float = PROBE_TIMEOUT_SECONDS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._ttl = ttl
+        self._timeout = timeout
+        self._clock = clock
+        self._answer: tuple[float, str | None] | None = None  # (when, problem)
+        self._running: asyncio.Task[str | None] | None = None
+
+    async def check(self, client: UpstreamClient) -> str | None:
+        """None when the upstream answered the last probe, else what went wrong."""
+        if self._answer is not None and self._clock() - self._answer[0] < self._ttl:
+            return self._answer[1]
+        if self._running is None:
+            self._running = asyncio.create_task(self._probe(client))
+        # Shielded: a /readyz client that leaves does not cancel the probe the others share.
+        return await asyncio.shield(self._running)
+
+    async def _probe(self, client: UpstreamClient) -> str | None:
+        problem: str | None
+        try:
+            async with asyncio.timeout(self._timeout):
+                response = await client.request("GET", "models")
+                try:
+                    await response.read()  # read, so the connection goes back to the pool
+                finally:
+                    response.release()
+            problem = None if response.status < 400 else f"HTTP {response.status}"
+        except TimeoutError:
+            problem = f"no answer within {self._timeout:g}s"
+        except GatewayError as e:
+            problem = e.code
+        except (OSError, InvalidHTTP) as e:
+            problem = f"unreachable ({type(e).__name__})"
+        self._answer = (self._clock(), problem)
+        self._running = None
+        if problem is not None:
+            log.warning("readiness: upstream %s", problem)
+        return problem
+
+    async def close(self) -> None:
+        if self._running is not None:
+            self._running.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._running
+            self._running = None

@@ -1,0 +1,323 @@
+"""The one render path of a stream: upstream bytes in, client bytes out. Pure: no aiohttp, no I/O.
+
+``StreamRenderer.feed`` takes each upstream read and returns what to send for the events it
+completes, whether the terminal event was among them, and the failure that ends the stream if
+there is one (the events before it are still sent). ``close`` does the same at the upstream's
+end. Framing is ``sse.SSEFramer``'s; what an event *is* is decided here, once, from its parsed
+object (``classify``):
+
+========  ============================================================================
+DATA      an object to relay (chat chunk, Responses event); relayed as its own bytes
+USAGE     data that carries the request's token counts (``usage``; Responses: inside
+          ``response``); noted in ``usage``, relayed like DATA
+TERMINAL  ``[DONE]``, or a Responses ``response.completed`` / ``incomplete`` / ``failed``
+ERROR     an object with an ``error`` member (however its key was spelled), or a Responses
+          ``"type": "error"`` event: never relayed; the stream ends with the gateway's
+          own error frame, its strings redacted (``errors.stream_error``)
+OTHER     a comment (an upstream's keep-alive), or JSON that is not an object
+========  ============================================================================
+
+Events already in the one-line form pass as the very bytes the upstream sent; an event is
+re-encoded (orjson, one ``data:`` line) only when it must change: multi-line or CR-framed
+events, a model alias to rewrite back, an operator secret to take out.
+
+Parsing every event into Python objects costs about 0.6 us an event, most of the relay's cost
+when events come in bursts. So a region of one-line ``data:`` events (nearly every upstream
+read) is first validated whole by simdjson (0.1 us an event) and sent as it is when no event in
+it *can* be anything but DATA. That is proved, not guessed: a JSON key can only be spelled with
+its own letters or with ``\\u`` escapes, so payloads holding neither ``"error"`` nor ``\\u``
+hold no ``error`` member anywhere; the byte checks only send a region to the exact path, they
+never decide what an event is. Usage is found the same way: each event that spells ``"usage"``
+is parsed, last first, until one carries it. ``tests/guarantees/test_render_fuzz.py`` holds
+every split of every stream to the bytes of a reference that parses every event.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+import simdjson
+
+from .errors import (
+    GatewayError,
+    UpstreamFailure,
+    UpstreamProtocolError,
+    redact_strings,
+    stream_error,
+)
+from .sse import DONE, Event, SSEFramer, SSEProtocolError, encode_event, one_line_data_payloads
+
+Rewrite = Callable[[Any], Any]
+"""Changes a parsed answer object in place (model aliases)."""
+
+_DONE_EVENT = b"data: " + DONE + b"\n\n"
+_AFTER_DONE = b"\n\n" + _DONE_EVENT
+_RESPONSES_TERMINAL = frozenset(("response.completed", "response.incomplete", "response.failed"))
+
+
+class Kind(enum.IntEnum):
+    DATA = 0
+    USAGE = 1
+    TERMINAL = 2
+    ERROR = 3
+    OTHER = 4
+
+
+def usage_of(obj: Any) -> dict[str, Any] | None:
+    """The token counts an answer object carries (a chat completion or chunk, a Responses
+    ``response``), for the access log, the metrics and, later, settling a token budget."""
+    usage = obj.get("usage") if isinstance(obj, dict) else None
+    return usage if isinstance(usage, dict) else None
+
+
+class Dialect:
+    """Chat completions: ``[DONE]`` ends the stream; ``usage`` sits at the top of a chunk."""
+
+    responses_api = False
+
+    def classify(self, obj: Any) -> Kind:
+        if not isinstance(obj, dict):
+            return Kind.OTHER
+        if obj.get("error") is not None:
+            return Kind.ERROR
+        return Kind.USAGE if isinstance(obj.get("usage"), dict) else Kind.DATA
+
+    def usage(self, obj: Any) -> dict[str, Any] | None:
+        return usage_of(obj)
+
+    def error_frame(self, err: GatewayError, seq: int) -> bytes:
+        return err.sse_frame()
+
+
+class ResponsesDialect(Dialect):
+    """The Responses API: named events, a terminal ``response.*`` event that carries the usage
+    inside ``response``, and an ``error`` event of its own."""
+
+    responses_api = True
+
+    def classify(self, obj: Any) -> Kind:
+        if not isinstance(obj, dict):
+            return Kind.OTHER
+        if obj.get("error") is not None or obj.get("type") == "error":
+            return Kind.ERROR
+        if obj.get("type") in _RESPONSES_TERMINAL:
+            return Kind.TERMINAL
+        return Kind.USAGE if self.usage(obj) is not None else Kind.DATA
+
+    def usage(self, obj: Any) -> dict[str, Any] | None:
+        return usage_of(obj.get("response") if isinstance(obj, dict) else None)
+
+    def error_frame(self, err: GatewayError, seq: int) -> bytes:
+        return err.response_error_frame(seq)
+
+
+CHAT = Dialect()
+RESPONSES = ResponsesDialect()
+
+Rendered = tuple[bytes, bool, "UpstreamFailure | None"]
+"""What to send now; whether the terminal event went out; the failure that ends the stream."""
+
+
+class StreamRenderer:
+    """One stream's framer and the counts the access log and metrics read when it ends."""
+
+    __slots__ = ("framer", "dialect", "rewrite", "secrets", "secret_bytes", "fast", "events",
+                 "seq", "bytes_out", "usage")
+
+    def __init__(self, dialect: Dialect = CHAT, *, rewrite: Rewrite | None = None,
+                 secrets: tuple[str, ...] = (), max_event_bytes: int = 4 * 1024 * 1024,
+                 fast: bool = True) -> None:
+        self.framer = SSEFramer(max_event_bytes)
+        self.dialect = dialect
+        self.rewrite = rewrite
+        self.secrets = tuple(s for s in secrets if s)
+        self.secret_bytes = tuple(s.encode() for s in self.secrets)
+        # The region shortcut: chat, no alias. ``fast=False`` is the reference that parses all.
+        self.fast = fast and rewrite is None and not dialect.responses_api
+        self.events = 0  # events sent, the terminal one included
+        self.seq = 0  # data events sent: a Responses error event continues their numbering
+        self.bytes_out = 0
+        self.usage: dict[str, Any] | None = None
+
+    def feed(self, chunk: bytes) -> Rendered:
+        """One upstream read."""
+        framer = self.framer
+        if self.fast and framer.idle and chunk[-2:] == b"\n\n" and chunk[:6] == b"data: " \
+                and chunk.find(b"\n") == len(chunk) - 2 and b"\r" not in chunk \
+                and len(chunk) <= framer.max_event_bytes:
+            # The common read: one one-line event, nothing held. The framer would return it
+            # as it is; its payload is at hand.
+            sent = self._region(chunk, chunk[6:-2], 1)
+            if sent is not None:
+                return sent
+        try:
+            region = framer.take(chunk)
+            held = framer.held_events()
+            whole = framer.clean and not held
+            if region and whole and self.fast and len(region) <= framer.max_event_bytes \
+                    and (payloads := one_line_data_payloads(region)) is not None:
+                sent = self._region(region, *payloads)
+                if sent is not None:
+                    return sent
+            events = framer.split(region) + held if region else held
+        except SSEProtocolError as e:
+            return b"", False, _malformed(e)
+        return self._events(events, region if whole else None)
+
+    def close(self) -> Rendered:
+        """The upstream's end: a last event without its blank line still counts; a stream
+        that ends before its terminal event is a failure."""
+        try:
+            events = self.framer.close()
+        except SSEProtocolError as e:
+            return b"", False, _malformed(e)
+        out, done, failure = self._events(events, None)
+        if not done and failure is None:
+            failure = UpstreamProtocolError("The upstream stream ended before it was complete")
+        return out, done, failure
+
+    def error_frame(self, err: GatewayError) -> bytes:
+        """The stream's last event when ``err`` ends it after headers were sent."""
+        return self.dialect.error_frame(err, self.seq)
+
+    # The shortcut: a region of one-line data events, sent as it came.
+
+    def _region(self, region: bytes, joined: bytes, n: int) -> Rendered | None:
+        """``region`` is ``n`` one-line data events, ``joined`` their payloads comma-separated.
+        None when the region needs the per-event path (see the module docstring)."""
+        done = region == _DONE_EVENT or region.endswith(_AFTER_DONE)  # an event of its own
+        k = n - 1 if done else n  # events before [DONE]
+        if k:
+            if done:
+                joined = joined[:-len(DONE) - 1]
+            if b'"error"' in joined or (b"\\" in joined and b"\\u" in joined):
+                return None  # maybe an error member, however spelled
+            # One JSON value an event: one parse; several: the element count must match, so
+            # an event holding ``{},{}`` cannot slip through.
+            if not (_is_json(joined) if k == 1 else _count_json_values(b"[" + joined + b"]") == k):
+                return None
+            for secret in self.secret_bytes:
+                if secret in joined:
+                    return None
+            if b'"usage"' in joined and not self._usage_in(region):
+                return None
+        self.seq += k
+        self.events += n
+        self.bytes_out += len(region)
+        return region, done, None
+
+    def _usage_in(self, region: bytes) -> bool:
+        """Note the last usage in a region; False if an event that spells it is not an object
+        (the per-event path then decides)."""
+        end = len(region)
+        while (at := region.rfind(b'"usage"', 0, end)) != -1:
+            start = region.rfind(b"\n\ndata: ", 0, at)
+            start = start + 8 if start != -1 else 6
+            obj = orjson.loads(region[start:region.find(b"\n\n", at)])
+            if not isinstance(obj, dict):
+                return False
+            usage = self.dialect.usage(obj)
+            if usage is not None:
+                self.usage = usage
+                return True
+            end = start
+        return True
+
+    # The exact path: every event parsed and classified.
+
+    def _events(self, events: list[Event], whole: bytes | None) -> Rendered:
+        """``whole`` is the region of upstream bytes that held exactly these events: if they
+        all pass as they came, it is sent as it is, with no join."""
+        parts: list[bytes] = []
+        unchanged = 0
+        done = False
+        failure: UpstreamFailure | None = None
+        for ev in events:
+            try:
+                out, kind = self._event(ev)
+            except UpstreamFailure as err:
+                failure = err
+                break
+            parts.append(out)
+            unchanged += out is ev.raw
+            if kind is Kind.OTHER and ev.data is None:
+                continue  # a comment: not an event of the API's
+            self.events += 1
+            if kind is Kind.TERMINAL:
+                done = True
+                break
+            self.seq += 1
+        out = whole if whole is not None and unchanged == len(events) else b"".join(parts)
+        self.bytes_out += len(out)
+        return out, done, failure
+
+    def _event(self, ev: Event) -> tuple[bytes, Kind]:
+        """One event as it goes out, and what it is; raises the failure it means."""
+        data = ev.data
+        if data is None:
+            if ev.raw[:1] != b":":
+                # Fields but no data (an event name, an id): nothing these APIs send, and the
+                # mark of a data line merged into another field by broken framing.
+                raise UpstreamProtocolError(
+                    "The upstream stream was malformed: an event without data")
+            return ev.raw, Kind.OTHER
+        if data == DONE:
+            return (ev.raw if ev.verbatim else encode_event(ev)), Kind.TERMINAL
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise UpstreamProtocolError(
+                "The upstream stream was malformed: an event's data is not valid JSON") from None
+        kind = self.dialect.classify(obj)
+        if kind is Kind.ERROR:
+            inner = obj.get("error")
+            raise stream_error(obj if inner is None else inner, self.secrets)
+        if kind is Kind.USAGE or kind is Kind.TERMINAL:
+            self.usage = self.dialect.usage(obj) or self.usage
+        changed = False
+        if self.rewrite is not None and isinstance(obj, dict):
+            self.rewrite(obj)
+            changed = True
+        if any(secret in data for secret in self.secret_bytes) or (
+                kind is Kind.TERMINAL and obj.get("type") == "response.failed"):
+            clean = redact_strings(obj, self.secrets)
+            changed = changed or clean != obj
+            obj = clean
+        if changed:
+            return encode_event(ev, obj), kind
+        return (ev.raw if ev.verbatim else encode_event(ev, obj)), kind
+
+
+def _malformed(e: SSEProtocolError) -> UpstreamProtocolError:
+    return UpstreamProtocolError(f"The upstream stream was malformed: {e}")
+
+
+_VALIDATOR = simdjson.Parser()
+
+
+def _is_json(data: bytes) -> bool:
+    """Whether ``data`` is one valid JSON value (UTF-8 included)."""
+    try:
+        _VALIDATOR.parse(data)  # its document proxy is dropped at once: the parser is reused
+    except ValueError:
+        return False
+    return True
+
+
+def _count_json_values(array: bytes) -> int | None:
+    """The length of a JSON array, or None if it is not valid JSON (UTF-8 included).
+
+    simdjson validates without building Python objects: about 0.1 us an event against
+    orjson's 0.6 us.
+    """
+    try:
+        doc = _VALIDATOR.parse(array)
+    except ValueError:
+        return None
+    try:
+        return len(doc) if isinstance(doc, simdjson.Array) else None
+    finally:
+        del doc  # the parser is reused: no proxy into its document may outlive this call

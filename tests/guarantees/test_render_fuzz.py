@@ -1,0 +1,130 @@
+"""The render path under fuzzing: for any split of any upstream stream, the bytes the client gets
+are exactly those of a reference that parses every event (``StreamRenderer(fast=False)``, fed
+the whole stream at once). The streams mix what the shortcut must never get wrong: error
+members however their key is spelled, ``usage`` as a key and as text, JSON that is not an
+object, ``[DONE]`` mid-region, comments, multi-line frames, LF, CRLF or CR line endings (one
+kind a stream, as an upstream sends them), invalid JSON, and the operator's key in an event.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gateway.render import CHAT, RESPONSES, Dialect, StreamRenderer
+
+SECRET = "xai-operator-secret-key"
+
+
+def chunk(content: str, **extra: Any) -> bytes:
+    obj = {"id": "c1", "object": "chat.completion.chunk", "model": "grok-4",
+           "choices": [{"index": 0, "delta": {"content": content}}], **extra}
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+texts = st.sampled_from(["hi", "error", '"error"', "usage", '"usage"', "\\u0065rror", "é漢🚀",
+                         SECRET, f"key {SECRET}!", "sk-abcdefgh12345"])
+usage = st.builds(lambda n: {"prompt_tokens": n, "completion_tokens": n, "total_tokens": 2 * n},
+                  st.integers(0, 99))
+
+chat_events = st.one_of(
+    texts.map(chunk),
+    st.builds(lambda t, u: chunk(t, usage=u), texts, usage),
+    st.builds(lambda t: chunk(t, usage=None), texts),
+    st.sampled_from([
+        b'data: {"error": {"message": "boom ' + SECRET.encode() + b'", "code": "oops"}}\n\n',
+        b'data: {"\\u0065rror": {"message": "escaped", "code": "x"}}\n\n',
+        b'data: {"e\\u0072ror": "bare string"}\n\n',
+        b'data: {"error": null, "choices": []}\n\n',
+        b'data: {"\\u0075sage": {"prompt_tokens": 5}}\n\n',
+        b'data: ["usage"]\n\n',
+        b'data: ["error"]\n\n',
+        b"data: 42\n\n",
+        b'data: "text"\n\n',
+        b"data: [DONE]\n\n",
+        b": keep-alive\n\n",
+        b'data: {"a": 1},{"b": 2}\n\n',
+        b"data: {not json}\n\n",
+        b'data: {\n  "id": "multi",\n  "choices": []\n}\n\n',
+        b"event: x\n\n",
+    ]),
+)
+
+responses_events = st.one_of(
+    st.builds(lambda t, n: b"event: response.output_text.delta\ndata: " + orjson.dumps(
+        {"type": "response.output_text.delta", "delta": t, "sequence_number": n}) + b"\n\n",
+        texts, st.integers(0, 9)),
+    st.builds(lambda u: b"event: response.completed\ndata: " + orjson.dumps(
+        {"type": "response.completed", "response": {"usage": u}}) + b"\n\n", usage),
+    st.sampled_from([
+        b'event: response.failed\ndata: {"type": "response.failed", "response": {"error": '
+        b'{"message": "failed with ' + SECRET.encode() + b'"}}}\n\n',
+        b'event: error\ndata: {"type": "error", "code": "bad", "message": "nope"}\n\n',
+        b'event: response.in_progress\ndata: {"type": "response.in_progress", '
+        b'"\\u0065rror": {"message": "hidden"}}\n\n',
+        b"data: [DONE]\n\n",
+        b": ping\n\n",
+    ]),
+)
+
+
+def outcome(renderer: StreamRenderer, pieces: list[bytes]) -> tuple[Any, ...]:
+    """Everything a client and the access log see."""
+    out = b""
+    done, failure = False, None
+    for piece in pieces:
+        sent, done, failure = renderer.feed(piece)
+        out += sent
+        if done or failure:
+            break
+    else:
+        sent, done, failure = renderer.close()
+        out += sent
+    frame = renderer.error_frame(failure) if failure else None
+    return (out, done, frame, renderer.events, renderer.seq, renderer.bytes_out,
+            renderer.usage)
+
+
+def split(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    return [data[a:b] for a, b in zip(points, points[1:], strict=False)]
+
+
+def check(dialect: Dialect, events: list[bytes], cuts: list[int], newline: bytes = b"\n"
+          ) -> None:
+    data = b"".join(events).replace(b"\n", newline)
+    reference = outcome(StreamRenderer(dialect, secrets=(SECRET,), fast=False), [data])
+    got = outcome(StreamRenderer(dialect, secrets=(SECRET,)), split(data, cuts))
+    assert got == reference
+    assert SECRET.encode() not in got[0] and (got[2] is None or SECRET.encode() not in got[2])
+
+
+@settings(max_examples=600, deadline=None)
+@given(events=st.lists(chat_events, min_size=1, max_size=12),
+       cuts=st.lists(st.integers(0, 4000), max_size=10),
+       newline=st.sampled_from([b"\n", b"\n", b"\r\n", b"\r"]))
+def test_any_split_of_any_chat_stream_gives_the_bytes_of_the_reference_that_parses_all(
+        events: list[bytes], cuts: list[int], newline: bytes) -> None:
+    check(CHAT, events, cuts, newline)
+
+
+@settings(max_examples=300, deadline=None)
+@given(events=st.lists(responses_events, min_size=1, max_size=8),
+       cuts=st.lists(st.integers(0, 3000), max_size=8))
+def test_any_split_of_any_responses_stream_gives_the_bytes_of_the_reference(
+        events: list[bytes], cuts: list[int]) -> None:
+    check(RESPONSES, events, cuts)
+
+
+@settings(max_examples=300, deadline=None)
+@given(events=st.lists(texts.map(chunk), min_size=1, max_size=30), with_usage=usage)
+def test_a_clean_burst_in_one_read_passes_as_the_very_same_bytes(
+        events: list[bytes], with_usage: dict[str, int]) -> None:
+    data = b"".join(events) + chunk("", usage=with_usage) + b"data: [DONE]\n\n"
+    renderer = StreamRenderer(CHAT)
+    out, done, failure = renderer.feed(data)
+    assert out is data  # not a copy: the region goes out as it came
+    assert done and failure is None and renderer.usage == with_usage

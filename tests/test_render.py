@@ -1,0 +1,150 @@
+"""The render path (``gateway/render.py``) directly: bytes in, bytes out, what each event is."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from gateway.aliases import model_rewriter
+from gateway.render import CHAT, RESPONSES, StreamRenderer
+
+SECRET = "xai-operator-secret-key"
+
+
+def chunk(content: str = "hi", **extra: Any) -> bytes:
+    obj = {"id": "c1", "model": "grok-4", "choices": [{"delta": {"content": content}}], **extra}
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+DONE = b"data: [DONE]\n\n"
+
+
+def frame_of(renderer: StreamRenderer, failure: Any) -> dict[str, Any]:
+    raw = renderer.error_frame(failure)
+    return orjson.loads(raw.split(b"data: ", 1)[1])  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("reads", [[chunk(), chunk("b"), DONE],
+                                   [chunk() + chunk("b") + DONE]], ids=["one_by_one", "burst"])
+def test_one_line_events_pass_as_the_very_same_bytes(reads: list[bytes]) -> None:
+    renderer = StreamRenderer(CHAT)
+    out = [renderer.feed(r) for r in reads]
+    assert [o[0] for o in out] == reads
+    assert out[-1][1:] == (True, None)
+    assert (renderer.events, renderer.seq) == (3, 2)
+
+
+@pytest.mark.parametrize("event", [
+    b'data: {"error": {"message": "boom", "code": "server_busy"}}\n\n',
+    b'data: {"\\u0065rror": {"message": "boom", "code": "server_busy"}}\n\n',
+    b'data: {"err\\u006fr": {"message": "boom", "code": "server_busy"}}\n\n',
+], ids=["plain", "escaped_first_letter", "escaped_inside"])
+@pytest.mark.parametrize("burst", [False, True])
+def test_an_error_member_however_spelled_ends_the_stream_with_the_gateways_frame(
+        event: bytes, burst: bool) -> None:
+    renderer = StreamRenderer(CHAT)
+    out, done, failure = renderer.feed(chunk() + event + chunk() if burst else event)
+    assert out == (chunk() if burst else b"") and not done and failure is not None
+    error = frame_of(renderer, failure)["error"]
+    assert (error["message"], error["code"]) == ("Upstream error: boom", "server_busy")
+
+
+def test_an_in_stream_error_never_carries_the_operator_key() -> None:
+    renderer = StreamRenderer(CHAT, secrets=(SECRET,))
+    event = b'data: {"error": {"message": "bad key ' + SECRET.encode() + \
+        b'", "code": "' + SECRET.encode() + b'"}}\n\n'
+    _, _, failure = renderer.feed(event)
+    assert SECRET.encode() not in renderer.error_frame(failure)
+
+
+def test_json_that_is_not_an_object_is_relayed_alike_on_every_path() -> None:
+    odd = b'data: ["usage"]\n\n'
+    alone = StreamRenderer(CHAT).feed(odd)
+    in_burst = StreamRenderer(CHAT).feed(chunk() + odd + chunk())
+    assert alone == (odd, False, None)
+    assert in_burst == (chunk() + odd + chunk(), False, None)
+
+
+def test_the_last_usage_of_a_burst_is_noted_and_usage_as_text_is_not_mistaken_for_it() -> None:
+    renderer = StreamRenderer(CHAT)
+    usage = {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
+    renderer.feed(chunk(usage={"prompt_tokens": 1}) + chunk(usage=usage) + chunk('"usage"')
+                  + DONE)
+    assert renderer.usage == usage
+
+
+def test_done_in_the_middle_of_a_burst_ends_the_stream_there() -> None:
+    renderer = StreamRenderer(CHAT)
+    out, done, failure = renderer.feed(chunk() + DONE + chunk("after"))
+    assert (out, done, failure) == (chunk() + DONE, True, None)
+
+
+def test_the_operator_key_inside_an_event_is_taken_out() -> None:
+    renderer = StreamRenderer(CHAT, secrets=(SECRET,))
+    out, _, _ = renderer.feed(chunk(f"the key is {SECRET}") + chunk("next"))
+    assert SECRET.encode() not in out
+    assert b"the key is [redacted]" in out and out.endswith(chunk("next"))
+
+
+def test_a_model_alias_is_rewritten_in_every_event() -> None:
+    renderer = StreamRenderer(CHAT, rewrite=model_rewriter("my-model"))
+    out, done, _ = renderer.feed(chunk() + chunk("b") + DONE)
+    assert out.count(b'"model":"my-model"') == 2 and b"grok-4" not in out and done
+
+
+def test_a_stream_that_ends_before_its_terminal_event_is_a_failure() -> None:
+    renderer = StreamRenderer(CHAT)
+    renderer.feed(chunk())
+    out, done, failure = renderer.close()
+    assert out == b"" and not done and failure is not None
+    assert failure.code == "upstream_bad_stream"
+
+
+def test_comments_pass_and_are_not_counted_as_events() -> None:
+    renderer = StreamRenderer(CHAT)
+    assert renderer.feed(b": ping\n\n" + chunk())[0] == b": ping\n\n" + chunk()
+    assert renderer.events == 1
+
+
+def test_invalid_json_ends_the_stream_as_malformed() -> None:
+    renderer = StreamRenderer(CHAT)
+    out, _, failure = renderer.feed(chunk() + b"data: {nope}\n\n")
+    assert out == chunk() and failure is not None and "malformed" in failure.message
+
+
+def responses_event(name: str, **fields: Any) -> bytes:
+    return b"event: " + name.encode() + b"\ndata: " + orjson.dumps({"type": name, **fields}) \
+        + b"\n\n"
+
+
+def test_responses_usage_inside_the_terminal_event_is_noted() -> None:
+    renderer = StreamRenderer(RESPONSES)
+    usage = {"input_tokens": 2, "output_tokens": 4}
+    completed = responses_event("response.completed", response={"usage": usage})
+    out, done, _ = renderer.feed(responses_event("response.created") + completed)
+    assert done and renderer.usage == usage and out.endswith(completed)
+
+
+def test_a_responses_failure_is_relayed_with_the_key_taken_out() -> None:
+    renderer = StreamRenderer(RESPONSES, secrets=(SECRET,))
+    failed = responses_event("response.failed", response={"error": {"message": SECRET}})
+    out, done, failure = renderer.feed(failed)
+    assert done and failure is None and SECRET.encode() not in out
+    assert orjson.loads(out.split(b"data: ")[1])["response"]["error"]["message"] == "[redacted]"
+
+
+@pytest.mark.parametrize("event", [
+    responses_event("error", code="too_busy", message="try later"),
+    b'event: response.output_text.delta\ndata: {"type": "response.output_text.delta", '
+    b'"\\u0065rror": {"message": "try later", "code": "too_busy"}}\n\n',
+], ids=["error_event", "error_member_on_a_delta"])
+def test_a_responses_error_becomes_the_gateways_error_event_continuing_the_numbering(
+        event: bytes) -> None:
+    renderer = StreamRenderer(RESPONSES)
+    _, _, failure = renderer.feed(responses_event("response.created") + event)
+    assert failure is not None
+    frame = frame_of(renderer, failure)
+    assert frame["type"] == "error" and frame["sequence_number"] == 1
+    assert (frame["message"], frame["code"]) == ("Upstream error: try later", "too_busy")
