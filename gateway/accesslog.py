@@ -23,7 +23,8 @@ it). Fields:
 ``duration_ms``     to the end of the response
 ``chunks``          upstream events relayed
 ``bytes``           response body bytes relayed
-``usage``           the upstream's usage object (token counts), if it sent one
+``usage``           the token counts of the upstream's usage object, if it sent one: its
+                    integer fields (and those of its ``*_details`` objects), nothing else
 ``outcome``         completed, client_disconnect, upstream_error, timeout, shutdown,
                     refused (429) or error
 ``error``           the error code the client received (status or stream frame), if any
@@ -36,7 +37,7 @@ import logging
 import os
 import sys
 import time
-from typing import TextIO
+from typing import Any, TextIO
 
 import orjson
 
@@ -93,7 +94,25 @@ def log_request(info: RequestInfo) -> None:
         "duration_ms": round((time.monotonic() - info.started) * 1000, 2),
         "chunks": info.chunks,
         "bytes": info.bytes_out,
-        "usage": info.usage,
+        "usage": None if info.usage is None else _token_counts(info.usage),
         "outcome": info.outcome,
         "error": _bounded(info.error),
     }).decode())
+
+
+_MAX_FIELDS = 32
+
+
+def _token_counts(usage: dict[str, Any], depth: int = 0) -> dict[str, Any]:
+    """The usage object as it goes into a log line: integer counts under short names, one level
+    of ``*_details`` objects, at most 32 fields. It comes from the upstream, whose strings are
+    not the log's to carry (bound, then log)."""
+    out: dict[str, Any] = {}
+    for name, value in usage.items():
+        if len(out) >= _MAX_FIELDS or not isinstance(name, str) or len(name) > 64:
+            continue
+        if isinstance(value, int) and not isinstance(value, bool):
+            out[name] = value
+        elif isinstance(value, dict) and depth == 0 and name.endswith("_details"):
+            out[name] = _token_counts(value, 1)
+    return out

@@ -3,7 +3,8 @@ builds itself (a model list, the vision stream fallback). No streaming here (``r
 
 An upstream answer is read whole only up to ``[upstream] max_answer_bytes``: past it the
 request fails with 502 and the connection is closed, so one huge answer cannot take the
-process's memory. Like a stream, a plain request is tracked by ``InFlight``: at shutdown, past
+process's memory. An answer that echoes the operator's key has it taken out, as in a stream.
+Like a stream, a plain request is tracked by ``InFlight``: at shutdown, past
 the drain time, it is answered 503 ``gateway_restarting`` (nothing was sent yet, so the status
 can still say so).
 """
@@ -24,12 +25,12 @@ from .errors import (
     UpstreamAnswerTooLarge,
     UpstreamProtocolError,
     UpstreamTimeout,
-    from_upstream,
 )
 from .http1 import AnswerTooLarge, InvalidHTTP, UpstreamResponse
 from .inflight import InFlight
 from .render import Rewrite, usage_of
 from .request_info import RequestInfo
+from .upstream_errors import from_upstream, redact_strings
 
 _MAX_USAGE_PARSE = 1024 * 1024
 """A plain answer is parsed for its token counts (access log, metrics) only up to this size."""
@@ -49,6 +50,7 @@ class PlainAnswers:
         self.timeout = timeout  # for the whole answer: the first-byte timeout
         self.max_bytes = max_bytes
         self.secrets = secrets
+        self.secret_bytes = tuple(secret.encode() for secret in secrets if secret)
 
     async def relay(self, info: RequestInfo, call: Awaitable[UpstreamResponse],
                     rewrite: Rewrite | None = None,
@@ -62,6 +64,7 @@ class PlainAnswers:
             except orjson.JSONDecodeError:
                 if rewrite is not None:
                     raise UpstreamProtocolError("The upstream answered with invalid JSON") from None
+        body, obj = self._without_secrets(body, obj)
         if rewrite is not None:
             rewrite(obj)
             body = orjson.dumps(obj)
@@ -76,9 +79,35 @@ class PlainAnswers:
         """The upstream's JSON answer, parsed, for answers the gateway reshapes or keeps."""
         _, body = await self.read(call)
         try:
-            return orjson.loads(body)
+            obj = orjson.loads(body)
         except orjson.JSONDecodeError:
             raise UpstreamProtocolError("The upstream answered with invalid JSON") from None
+        return self._without_secrets(body, obj)[1]
+
+    def _without_secrets(self, body: bytes, obj: Any) -> tuple[bytes, Any]:
+        """The answer with every operator secret taken out of its strings (an upstream may
+        echo what it was sent), as bytes and as the parsed value (None if not parsed). Looked
+        for in the bytes, and, where escapes could spell it otherwise, in the parsed strings."""
+        secrets = self.secret_bytes
+        hit = any(secret in body for secret in secrets)
+        if not hit and secrets and b"\\" in body:
+            if obj is None:
+                try:
+                    obj = orjson.loads(body)
+                except orjson.JSONDecodeError:
+                    return body, None  # not JSON: no escapes to spell a secret with
+            hit = any(secret in orjson.dumps(obj) for secret in secrets)
+        if not hit:
+            return body, obj
+        if obj is None:
+            try:
+                obj = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                for secret in secrets:
+                    body = body.replace(secret, b"[redacted]")
+                return body, None
+        obj = redact_strings(obj, self.secrets)
+        return orjson.dumps(obj), obj
 
     async def read(self, call: Awaitable[UpstreamResponse]) -> tuple[UpstreamResponse, bytes]:
         """The upstream's whole answer; a status that is not 2xx raises as the gateway's

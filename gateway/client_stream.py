@@ -17,6 +17,8 @@ What this relies on from aiohttp, each pinned by ``tests/test_client_stream.py``
 3. ``request.protocol.writing_paused`` is True while the transport's send buffer is past its
    high-water mark, and ``request.writer.drain()`` returns once it has drained.
 4. Once the client has gone, ``request.transport`` is None or closing.
+5. ``write_eof()`` waits for the client to take what is buffered (a drain): a client that
+   reads nothing is cut off by ``close``'s time limit (``transport.abort()``).
 """
 
 from __future__ import annotations
@@ -54,7 +56,10 @@ class ClientStream:
         self._chunked = self._request.version >= HttpVersion11
         if self._chunked:
             response.enable_chunked_encoding()
-        await response.prepare(self._request)
+        try:
+            await response.prepare(self._request)
+        except ConnectionError as e:
+            raise ClientGone("the client closed the connection") from e
         self.response = response
         self._transport = self._request.transport
         self._protocol = self._request.protocol  # a property call: looked up once
@@ -79,11 +84,21 @@ class ClientStream:
         except ConnectionError as e:
             raise ClientGone("the client closed the connection") from e
 
-    async def close(self) -> None:
-        """End the response (the last chunk); nothing to do if the client has left."""
+    async def close(self, wait: float) -> None:
+        """End the response (the last chunk); nothing to do if the client has left. A client
+        that takes nothing for ``wait`` seconds is cut off."""
         if self.response is None:
             return
         try:
-            await self.response.write_eof()
+            async with asyncio.timeout(wait):
+                await self.response.write_eof()
         except ConnectionError:
             pass
+        except TimeoutError:
+            self.abort()
+
+    def abort(self) -> None:
+        """Drop the connection at once (a client that reads nothing)."""
+        transport = self._transport or self._request.transport
+        if transport is not None:
+            transport.abort()

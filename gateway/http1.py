@@ -96,13 +96,9 @@ class UpstreamResponse:
         return body if limit is None else body[:limit]
 
     async def read_all(self, max_bytes: int) -> bytes:
-        """The whole body, if it is at most ``max_bytes`` long; else ``AnswerTooLarge``.
-
-        Refused as soon as it is known: at once when ``Content-Length`` says so, otherwise the
-        moment the bytes received pass the cap. The connection is closed then, so the upstream
-        stops sending and nothing past the cap is ever buffered; memory stays bounded by the
-        cap, however long the answer would have been.
-        """
+        """The whole body, if it is at most ``max_bytes`` long; else ``AnswerTooLarge``, as
+        soon as it is known (``Content-Length``, or the bytes received passing the cap). The
+        connection is closed then: nothing past the cap is buffered, however long the answer."""
         length = self.headers.get("Content-Length", "")
         if (length.isdigit() and (len(length) > 18 or int(length) > max_bytes)) \
                 or self._size > max_bytes:
@@ -284,8 +280,7 @@ class _Connection(asyncio.Protocol):
             return
         headers = CIMultiDictProxy(CIMultiDict(self.header_list))
         if headers.get("Content-Encoding", "identity").lower() != "identity":
-            self._fail(InvalidHTTP(f"a {headers['Content-Encoding']} answer, "
-                                   f"though asked for identity"))
+            self._fail(InvalidHTTP("a compressed answer, though asked for identity"))
             return
         self.head = None
         response.status = status

@@ -4,9 +4,8 @@
 handlers never build error responses themselves.
 
 A request aiohttp cannot parse (a header with a bare CR or LF, an absurd ``Content-Length``)
-never reaches the chain: aiohttp answers ``400`` itself, in plain text, and logs the line it
-could not parse, which may be ``Authorization: Bearer <key>``. The app hands aiohttp
-``HTTP_SERVER_LOG`` for that, whose filter takes credentials out first.
+never reaches the chain: ``server_limits.py`` answers it with a JSON 400 that quotes nothing of
+it. aiohttp's own log lines go to ``HTTP_SERVER_LOG``, whose filter takes credentials out first.
 """
 
 from __future__ import annotations

@@ -302,3 +302,30 @@ def images_result(prompt: str, n: int, response_format: str) -> dict[str, Any]:
         data = [{"url": f"https://imgen.x.ai/mock/image-{i + 1}.png", "revised_prompt": prompt}
                 for i in range(n)]
     return {"created": CREATED, "data": data}
+
+
+@functools.lru_cache(maxsize=64)
+def encode_event(obj_json: bytes, fmt: str) -> bytes:
+    """One event in the requested wire format (cached: the mock must not be the bottleneck)."""
+    if fmt == "multiline":
+        pretty = orjson.loads(obj_json)
+        lines = [b"{"] + [orjson.dumps(k) + b": " + orjson.dumps(v) + b","
+                          for k, v in pretty.items()]
+        lines[-1] = lines[-1].rstrip(b",")
+        return b"data: " + b"\n".join(lines) + b"\n}\n\n"
+    if fmt == "multidata":
+        obj = orjson.loads(obj_json)
+        body = orjson.dumps(obj, option=orjson.OPT_INDENT_2)
+        return b"".join(b"data: " + line + b"\n" for line in body.split(b"\n")) + b"\n"
+    event = b"data: " + obj_json + b"\n\n"
+    if fmt == "crlf":
+        return event.replace(b"\n", b"\r\n")
+    if fmt == "cr":
+        return event.replace(b"\n", b"\r")
+    return event
+
+
+def chat_chunks(model: str, words: list[str], include_usage: bool, fmt: str = "oneline",
+                cid: str = "chatcmpl-mock") -> list[bytes]:
+    chunks = reply_chunks(model, ChatReply(content=words), include_usage, cid)
+    return [encode_event(c, fmt) for c in chunks]

@@ -72,12 +72,13 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from . import mock_faults
 from .mock_replies import (
-    ChatReply,
     chat_completion,
     chat_reply,
     count_chat_images,
     count_input_images,
+    encode_event,
     images_result,
     reply_chunks,
     response_object,
@@ -139,12 +140,6 @@ MOCK_STATE = web.AppKey("mock_state", MockState)
 _ids = itertools.count(1)
 
 
-def _error(status: int, message: str, type_: str = "invalid_request_error",
-           code: str | None = None) -> web.Response:
-    return web.json_response({"error": {"message": message, "type": type_, "param": None,
-                                        "code": code}}, status=status)
-
-
 async def _body(request: web.Request) -> dict[str, Any]:
     try:
         body = orjson.loads(await request.read())
@@ -170,33 +165,6 @@ def _words(opts: dict[str, Any]) -> list[str]:
     return words
 
 
-@functools.lru_cache(maxsize=64)
-def _encode(obj_json: bytes, fmt: str) -> bytes:
-    """One event in the requested wire format (cached: the mock must not be the bottleneck)."""
-    if fmt == "multiline":
-        pretty = orjson.loads(obj_json)
-        lines = [b"{"] + [orjson.dumps(k) + b": " + orjson.dumps(v) + b","
-                          for k, v in pretty.items()]
-        lines[-1] = lines[-1].rstrip(b",")
-        return b"data: " + b"\n".join(lines) + b"\n}\n\n"
-    if fmt == "multidata":
-        obj = orjson.loads(obj_json)
-        body = orjson.dumps(obj, option=orjson.OPT_INDENT_2)
-        return b"".join(b"data: " + line + b"\n" for line in body.split(b"\n")) + b"\n"
-    event = b"data: " + obj_json + b"\n\n"
-    if fmt == "crlf":
-        return event.replace(b"\n", b"\r\n")
-    if fmt == "cr":
-        return event.replace(b"\n", b"\r")
-    return event
-
-
-def chat_chunks(model: str, words: list[str], include_usage: bool, fmt: str = "oneline",
-                cid: str = "chatcmpl-mock") -> list[bytes]:
-    return [_encode(c, fmt) for c in reply_chunks(model, ChatReply(content=words), include_usage,
-                                                  cid)]
-
-
 async def _preamble(request: web.Request) -> tuple[dict[str, Any], dict[str, Any],
                                                    web.Response | None]:
     """Read and record the body, wait ``headers_delay``, answer ``status``: the options every
@@ -217,45 +185,8 @@ async def _preamble(request: web.Request) -> tuple[dict[str, Any], dict[str, Any
         seen = state.tags[tag] = state.tags.get(tag, 0) + 1
         status = (status or 503) if seen <= opts["fail_first"] else None
     if status:
-        return body, opts, _refusal(request, int(status), opts)
+        return body, opts, mock_faults.refusal(request, int(status), opts)
     return body, opts, None
-
-
-def _echoed_key(request: web.Request) -> str:
-    return request.headers.get("Authorization", "").removeprefix("Bearer ")
-
-
-def _refusal(request: web.Request, status: int, opts: dict[str, Any]) -> web.Response:
-    """The answer to ``status``, shaped and leaking as the options ask."""
-    echo = opts.get("echo_auth") or []
-    key = _echoed_key(request)
-    headers = {str(k): str(v) for k, v in (opts.get("error_headers") or {}).items()}
-    if opts.get("location"):
-        headers["Location"] = str(opts["location"])
-    headers.update({name: key for name in echo
-                    if name not in ("message", "type", "code", "param")})
-    size = opts.get("error_text_bytes")
-    if isinstance(size, int):
-        text = b"x" * size
-        if isinstance(opts.get("key_at"), int):
-            text = text[:opts["key_at"]] + key.encode() + text[opts["key_at"]:]
-        return web.Response(status=status, body=text, content_type="text/html",
-                            headers=headers)
-    err: dict[str, Any] = {
-        "message": opts.get("message", f"mock upstream error {status}"),
-        "type": "rate_limit_error" if status == 429 else
-                "server_error" if status >= 500 else "invalid_request_error",
-        "param": None, "code": opts.get("error_code")}
-    err.update({name: key for name in echo if name in err})
-    body: dict[str, Any] = {"error": err}
-    if opts.get("error_shape") == "xai":
-        body = {"error": err["message"], "code": err["code"]}
-    return web.json_response(body, status=status, headers=headers)
-
-
-def _no_vision(model: str) -> web.Response:
-    return _error(400, f"Model {model} does not support image input",
-                  code="model_not_vision_capable")
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -264,22 +195,23 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return refusal
     model = body.get("model")
     if not isinstance(model, str):
-        return _error(400, "model is required")
+        return mock_faults.error(400, "model is required")
     if count_chat_images(body.get("messages")) and not sees_images(model):
-        return _no_vision(model)
+        return mock_faults.no_vision(model)
     if isinstance(opts.get("answer_bytes"), int) and not body.get("stream"):
-        return await _long_answer(request, opts["answer_bytes"], bool(opts.get("answer_chunked")))
+        return await mock_faults.long_answer(request, request.app[MOCK_STATE],
+                                             opts["answer_bytes"], bool(opts.get("answer_chunked")))
     reply = chat_reply(body, opts, _words(opts))
     if not body.get("stream"):
         return web.json_response(chat_completion(model, reply, f"chatcmpl-{next(_ids)}"))
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     fmt = opts.get("format", "oneline")
-    events = [_encode(c, fmt) for c in reply_chunks(model, reply, include_usage)]
+    events = [encode_event(c, fmt) for c in reply_chunks(model, reply, include_usage)]
     if opts.get("reasoning_silence") and reply.reasoning and "pause_after" not in opts:
         opts = {**opts, "pause_after": len(reply.reasoning), "pause": opts["reasoning_silence"]}
     if opts.get("echo_auth") or opts.get("error_code"):
         return await stream_events(request, events, opts, error_event=functools.partial(
-            _chat_leaky_error_event, _leaky_error(request, opts)))
+            mock_faults.chat_leaky_error_event, mock_faults.leaky_error(request, opts)))
     return await stream_events(request, events, opts)
 
 
@@ -290,10 +222,10 @@ async def responses(request: web.Request) -> web.StreamResponse:
         return refusal
     model = body.get("model")
     if not isinstance(model, str):
-        return _error(400, "model is required")
+        return mock_faults.error(400, "model is required")
     images = count_input_images(body.get("input"))
     if images and not sees_images(model):
-        return _no_vision(model)
+        return mock_faults.no_vision(model)
     words = seen_words(images) if images and "text" not in opts else _words(opts)
     if not body.get("stream"):
         n = next(_ids)
@@ -305,7 +237,8 @@ async def responses(request: web.Request) -> web.StreamResponse:
         events = [e.replace(b"\n", ending) for e in events]
     error_event = responses_error_event
     if opts.get("echo_auth") or opts.get("error_code"):
-        error_event = functools.partial(_responses_leaky_error_event, _leaky_error(request, opts))
+        error_event = functools.partial(mock_faults.responses_leaky_error_event,
+                                        mock_faults.leaky_error(request, opts))
     return await stream_events(request, events, opts, done=None, error_event=error_event)
 
 
@@ -314,67 +247,14 @@ async def images_generations(request: web.Request) -> web.Response:
     if refusal is not None:
         return refusal
     if body.get("stream"):
-        return _error(400, "Image generation does not support streaming")
+        return mock_faults.error(400, "Image generation does not support streaming")
     prompt = body.get("prompt")
     if not isinstance(prompt, str) or not prompt:
-        return _error(400, "prompt is required")
+        return mock_faults.error(400, "prompt is required")
     n = body.get("n", 1)
     if not isinstance(n, int) or not 1 <= n <= 10:
-        return _error(400, "n must be an integer from 1 to 10")
+        return mock_faults.error(400, "n must be an integer from 1 to 10")
     return web.json_response(images_result(prompt, n, str(body.get("response_format", "url"))))
-
-
-def _chat_error_event(sequence_number: int) -> bytes:
-    return (b'data: {"error": {"message": "mock mid-stream failure",'
-            b' "type": "server_error", "code": "mock_failure"}}\n\n')
-
-
-def _leaky_error(request: web.Request, opts: dict[str, Any]) -> dict[str, Any]:
-    """The ``error_after`` error object with ``error_code`` and ``echo_auth`` applied."""
-    err: dict[str, Any] = {"message": "mock mid-stream failure", "type": "server_error",
-                           "param": None, "code": opts.get("error_code", "mock_failure")}
-    err.update({name: _echoed_key(request) for name in opts.get("echo_auth") or []
-                if name in err})
-    return err
-
-
-def _chat_leaky_error_event(err: dict[str, Any], sequence_number: int) -> bytes:
-    return b"data: " + orjson.dumps({"error": err}) + b"\n\n"
-
-
-def _responses_leaky_error_event(err: dict[str, Any], sequence_number: int) -> bytes:
-    return b"event: error\ndata: " + orjson.dumps({
-        "type": "error", "code": err["code"], "message": err["message"], "param": err["param"],
-        "error": err, "sequence_number": sequence_number}) + b"\n\n"
-
-
-async def _long_answer(request: web.Request, size: int, chunked: bool) -> web.StreamResponse:
-    """A plain answer of ``size`` bytes (valid JSON, if read whole), never held in memory."""
-    state = request.app[MOCK_STATE]
-    head, tail = b'{"id": "chatcmpl-long", "object": "chat.completion", "padding": "', b'"}'
-    response = web.StreamResponse(headers={"Content-Type": "application/json"})
-    if chunked:
-        response.enable_chunked_encoding()
-    else:
-        response.content_length = max(size, len(head) + len(tail))
-    await response.prepare(request)
-    piece = b"x" * 65536
-    finished = False
-    try:
-        await response.write(head)
-        left = size - len(head) - len(tail)
-        while left > 0:
-            n = min(left, len(piece))
-            await response.write(piece[:n])
-            state.answer_bytes_sent += n
-            left -= n
-        await response.write(tail)
-        await response.write_eof()
-        finished = True
-        return response
-    finally:
-        if not finished:
-            state.note_disconnect()
 
 
 _PACING = ("pause_after", "disconnect_after", "hang_after")
@@ -396,14 +276,14 @@ async def _write_batched(response: web.StreamResponse, events: list[bytes]) -> N
 
 async def stream_events(request: web.Request, events: list[bytes], opts: dict[str, Any],
                         done: bytes | None = b"data: [DONE]\n\n",
-                        error_event: Callable[[int], bytes] = _chat_error_event
+                        error_event: Callable[[int], bytes] = mock_faults.chat_error_event
                         ) -> web.StreamResponse:
     """Write ``events`` as an SSE response, misbehaving as ``opts`` asks. ``error_event(n)`` is
     the API's own mid-stream error, sent as the ``n``-th event for ``error_after``."""
     state = request.app[MOCK_STATE]
     fmt = opts.get("format", "oneline")
     if done is not None and not opts.get("no_done"):
-        events = events + [_encode(done[6:-2], fmt) if fmt in ("crlf", "cr") else done]
+        events = events + [encode_event(done[6:-2], fmt) if fmt in ("crlf", "cr") else done]
     for name in ("error_after", "malformed_after"):
         after = opts.get(name)
         if isinstance(after, int):
@@ -467,7 +347,7 @@ async def list_models(request: web.Request) -> web.Response:
 async def get_model(request: web.Request) -> web.Response:
     model = request.match_info["model"]
     if model not in MODELS:
-        return _error(404, f"The model {model} does not exist", code="model_not_found")
+        return mock_faults.error(404, f"The model {model} does not exist", code="model_not_found")
     return web.json_response({"id": model, "object": "model", "created": CREATED,
                               "owned_by": "xai"})
 

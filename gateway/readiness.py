@@ -22,6 +22,7 @@ log = logging.getLogger("gateway.health")
 PROBE_TTL_SECONDS = 5.0
 """How long one upstream probe's answer is reused by /readyz."""
 PROBE_TIMEOUT_SECONDS = 2.0
+_MAX_PROBE_ANSWER = 1024 * 1024
 
 
 def limiter_state(limiter: Any) -> str:
@@ -79,7 +80,9 @@ class UpstreamProbe:
             async with asyncio.timeout(self._timeout):
                 response = await client.request("GET", "models")
                 try:
-                    await response.read()  # read, so the connection goes back to the pool
+                    # Read (so the connection goes back to the pool), but only so much: a
+                    # bigger list is cut off and its connection closed.
+                    await response.read(_MAX_PROBE_ANSWER)
                 finally:
                     response.release()
             problem = None if response.status < 400 else f"HTTP {response.status}"

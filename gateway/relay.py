@@ -4,7 +4,7 @@ The life of a stream::
 
     WAITING ──headers──> STREAMING <──drained── PAUSED
        │                    │  └──client buffer full──┘ │
-       └──────── every way out: _finish(reason) ────────┴──> FINISHING ──_close──> DONE
+       └──────── every way out: finish(reason) ─────────┴──> FINISHING ──_close──> DONE
 
 - WAITING: the upstream call is in flight. Response headers wait for the upstream's, so an
   upstream error keeps its true status; only if it is silent for one keep-alive interval does
@@ -16,9 +16,13 @@ The life of a stream::
 - PAUSED: the client's send buffer is full; the upstream socket is not read until it drains,
   so a slow client slows the upstream and memory stays bounded.
 - FINISHING: the end is decided. Every way out (the terminal event, an upstream error or end,
-  a timeout from the watchdog, the client gone, shutdown by ``stop()``) calls ``_finish``
-  with its reason; the handler's task, which only waits, then runs ``_close``, the one place
-  that writes the last bytes and gives everything back.
+  a timeout or a stalled client from the watchdog (``watchdog.py``), a write that found the
+  client gone, shutdown by ``stop()``) calls ``finish`` with its reason; the handler's task,
+  which only waits, then runs ``_close``, which writes the last bytes.
+- DONE: ``_release`` has stopped the timers, counted the stream into the request's record and
+  given the upstream connection back. Every stream ends there, also one whose client left:
+  aiohttp then cancels the handler's task, and the cancellation goes straight to ``_release``
+  (there is no one left to write to).
 
 Shutdown is a message (``stop``, from ``InFlight``), not a cancellation. A cancellation of the
 task means the client left (aiohttp cancels the handler when its connection drops).
@@ -30,7 +34,7 @@ import asyncio
 import enum
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
@@ -41,13 +45,14 @@ from .errors import (
     UpstreamFailure,
     UpstreamProtocolError,
     UpstreamTimeout,
-    from_upstream,
 )
 from .http1 import InvalidHTTP, UpstreamResponse
 from .render import StreamRenderer
 from .request_info import RequestInfo
 from .settings import StreamSettings
 from .sse import KEEPALIVE
+from .upstream_errors import from_upstream
+from .watchdog import Watchdog
 
 log = logging.getLogger("gateway.relay")
 
@@ -60,9 +65,6 @@ class State(enum.Enum):
     PAUSED = "paused"
     FINISHING = "finishing"
     DONE = "done"
-
-
-_RUNNING = (State.STREAMING, State.PAUSED)
 
 
 class StreamRelay:
@@ -81,15 +83,14 @@ class StreamRelay:
         self.secrets = secrets
         self.state = State.WAITING
         self.upstream: UpstreamResponse | None = None
-        loop = asyncio.get_running_loop()
-        self.ended: asyncio.Future[BaseException | None] = loop.create_future()
-        self.upstream_end: asyncio.Future[BaseException | None] = loop.create_future()
+        self.ended: asyncio.Future[BaseException | None] = asyncio.Future()
+        self.upstream_end: asyncio.Future[BaseException | None] = asyncio.Future()
         self.watchdog: Watchdog | None = None
         self.drainer: asyncio.Task[None] | None = None
 
     def stop(self) -> None:
         """Shutdown, past the drain time: the stream ends with ``gateway_restarting``."""
-        self._finish(ShuttingDown("The gateway is restarting; retry the request"))
+        self.finish(ShuttingDown("The gateway is restarting; retry the request"))
 
     async def run(self, call: Awaitable[UpstreamResponse]) -> web.StreamResponse:
         task: asyncio.Future[UpstreamResponse] = asyncio.ensure_future(call)
@@ -104,14 +105,17 @@ class StreamRelay:
     async def _relay(self, task: asyncio.Future[UpstreamResponse]) -> BaseException | None:
         """Wait for the headers, then for the end; the reason the stream ends."""
         try:
-            upstream = self.upstream = await self._await_headers(task)
+            upstream = self.upstream = await await_headers(task, self.ended, self.settings,
+                                                           self._ping_waiting)
             if not 200 <= upstream.status < 300:
                 raise await error_answer(upstream, self.settings.keepalive_seconds,
                                          self.secrets)
             if not self.client.opened:
                 await self._open()
+            if self.ended.done():  # stopped while the headers were being written
+                return self.ended.result()
             self.state = State.STREAMING
-            self.watchdog = Watchdog(self)
+            self.watchdog = Watchdog(self, self.settings)
             upstream.stream(self._on_data, self._on_end)
             return await self.ended
         except (GatewayError, ClientGone) as e:
@@ -122,56 +126,58 @@ class StreamRelay:
                 raise  # nothing sent yet: the errors middleware answers a plain 500
             return e
 
-    async def _await_headers(self, task: asyncio.Future[UpstreamResponse]
-                             ) -> UpstreamResponse:
-        """The upstream's answer once its headers are in; past each keep-alive interval,
-        commit ``200`` and ping."""
-        keepalive = self.settings.keepalive_seconds
-        limit = self.settings.first_byte_timeout_seconds
-        deadline = time.monotonic() + limit
-        while True:
-            wait = min(keepalive, deadline - time.monotonic())
-            await asyncio.wait((task, self.ended), timeout=max(wait, 0),
-                               return_when=asyncio.FIRST_COMPLETED)
-            if self.ended.done():  # stopped while waiting
-                raise self.ended.result() or ShuttingDown("The gateway is restarting")
-            if task.done():
-                return task.result()
-            if time.monotonic() >= deadline:
-                raise UpstreamTimeout(f"The upstream did not answer within {limit:g} seconds")
-            if not self.client.opened:
-                await self._open()
-            self.client.write(KEEPALIVE)
+    async def _ping_waiting(self) -> None:
+        """The upstream is slow to answer: commit ``200`` and keep the client's line awake."""
+        if not self.client.opened:
+            await self._open()
+        self.client.write(KEEPALIVE)
 
     async def _open(self) -> None:
         await self.client.open(self.headers)
         self.info.status = 200
 
+    # What the watchdog reads and calls (``watchdog.Watched``).
+
+    @property
+    def running(self) -> bool:
+        return self.state is State.STREAMING or self.state is State.PAUSED
+
+    @property
+    def paused(self) -> bool:
+        return self.state is State.PAUSED
+
+    @property
+    def started(self) -> bool:
+        return self.info.first_byte is not None
+
+    def ping(self) -> None:
+        self.client.write(KEEPALIVE)
+
     # Called from the upstream socket's read callback: they must not raise.
 
     def _on_data(self, chunk: bytes) -> None:
-        if self.state not in _RUNNING:
+        if not self.running:
             return  # after the end: drained unread, so the connection can be reused
         assert self.watchdog is not None
         self.watchdog.last = time.monotonic()
         try:
             self._send(*self.renderer.feed(chunk))
         except Exception as e:  # noqa: BLE001 (a bug or a write to a client gone: the end)
-            self._finish(e)
+            self.finish(e)
 
     def _on_end(self, error: BaseException | None) -> None:
         if not self.upstream_end.done():
             self.upstream_end.set_result(error)
-        if self.state not in _RUNNING:
+        if not self.running:
             return
         if error is not None:
-            self._finish(UpstreamProtocolError(
+            self.finish(UpstreamProtocolError(
                 f"The upstream connection broke mid-stream ({type(error).__name__})"))
             return
         try:
             self._send(*self.renderer.close())
         except Exception as e:  # noqa: BLE001
-            self._finish(e)
+            self.finish(e)
 
     def _send(self, out: bytes, done: bool, failure: UpstreamFailure | None) -> None:
         if out:
@@ -179,28 +185,30 @@ class StreamRelay:
                 self.info.first_byte = time.monotonic()
             self.client.write(out)
         if failure is not None or done:
-            self._finish(failure)
+            self.finish(failure)
         elif self.state is State.STREAMING and self.client.paused:
             self._pause()
 
     def _pause(self) -> None:
-        assert self.upstream is not None
+        assert self.upstream is not None and self.watchdog is not None
         self.state = State.PAUSED
         self.upstream.pause_reading()
+        self.watchdog.pause()
         self.drainer = asyncio.get_running_loop().create_task(self._resume_when_drained())
 
     async def _resume_when_drained(self) -> None:
         try:
             await self.client.drain()
         except ClientGone as e:
-            self._finish(e)
+            self.finish(e)
             return
         if self.state is State.PAUSED:
-            assert self.upstream is not None
+            assert self.upstream is not None and self.watchdog is not None
             self.state = State.STREAMING
+            self.watchdog.resume()
             self.upstream.resume_reading()
 
-    def _finish(self, reason: BaseException | None) -> None:
+    def finish(self, reason: BaseException | None) -> None:
         """Every way out comes here first: the end is decided, the task closes."""
         if self.ended.done():
             return
@@ -214,19 +222,17 @@ class StreamRelay:
 
     async def _close(self, reason: BaseException | None, task: asyncio.Future[UpstreamResponse]
                      ) -> web.StreamResponse:
-        """The one way out: the last bytes, then ``_release``."""
-        self.state = State.FINISHING
-        if self.watchdog is not None:
-            self.watchdog.cancel()
+        """The last bytes for ``reason``, then ``_release``."""
+        self.state = State.FINISHING  # the watchdog's timer stops at its next tick
         info = self.info
-        clean = False
+        wait = self.settings.keepalive_seconds  # for a client to take the last bytes
         try:
             if reason is None:  # the terminal event went out
                 info.outcome = "completed"  # whatever happens while draining the rest
-                await self.client.close()
-                clean = await ended_cleanly(self.upstream_end, self.settings.keepalive_seconds)
+                await self.client.close(wait)
             elif isinstance(reason, ClientGone):
                 info.outcome = info.outcome or "client_disconnect"
+                self.client.abort()  # gone, or reading nothing: the connection ends here
             else:
                 err = reason if isinstance(reason, GatewayError) else _bug(reason, info)
                 if isinstance(err, UpstreamFailure):
@@ -239,16 +245,16 @@ class StreamRelay:
                     self.client.write(self.renderer.error_frame(err))
                 except ClientGone:
                     info.outcome = "client_disconnect"
-                await self.client.close()
+                await self.client.close(wait)
         finally:
-            self._release(task, clean)
-        assert self.client.response is not None
-        return self.client.response
+            self._release(task, clean=reason is None)
+        # A client that left before the headers: nothing can reach it (499, as nginx logs it).
+        return self.client.response or web.Response(status=499)
 
     def _release(self, task: asyncio.Future[UpstreamResponse], clean: bool) -> None:
-        """What every way out ends with: timers stopped, the upstream connection released
-        (closed, so the upstream sees the end, unless clean; an answer still on its way is
-        closed when it arrives), and the stream's counts in the request's record."""
+        """What every way out ends with, the client's leaving included: timers stopped, the
+        stream's counts in the request's record, the upstream connection given back (after
+        the terminal event, ``clean``, once the answer ends: the request is not held for it)."""
         if self.state is State.DONE:
             return
         self.state = State.DONE
@@ -256,20 +262,30 @@ class StreamRelay:
             self.watchdog.cancel()
         if self.drainer is not None:
             self.drainer.cancel()
-        info = self.info
-        info.chunks += self.renderer.events
-        info.bytes_out += self.renderer.bytes_out
-        info.usage = self.renderer.usage or info.usage
-        if not task.done():
-            task.add_done_callback(_close_late_answer)
-            task.cancel()
-        elif self.upstream is None:
-            _close_late_answer(task)  # it answered just as the relay gave up waiting
-        if self.upstream is not None:
-            if clean:
-                self.upstream.release()
-            else:
-                self.upstream.close()
+        self.info.add_stream(self.renderer.events, self.renderer.bytes_out, self.renderer.usage)
+        _give_back(task, self.upstream, self.upstream_end if clean else None,
+                   self.settings.keepalive_seconds)
+
+
+async def await_headers(task: asyncio.Future[UpstreamResponse],
+                        ended: asyncio.Future[BaseException | None], settings: StreamSettings,
+                        ping: Callable[[], Awaitable[None]]) -> UpstreamResponse:
+    """The upstream's answer once its headers are in, calling ``ping`` past each keep-alive
+    interval; ``ended`` (a shutdown) ends the wait."""
+    keepalive = settings.keepalive_seconds
+    limit = settings.first_byte_timeout_seconds
+    deadline = time.monotonic() + limit
+    while True:
+        wait = min(keepalive, deadline - time.monotonic())
+        await asyncio.wait((task, ended), timeout=max(wait, 0),
+                           return_when=asyncio.FIRST_COMPLETED)
+        if ended.done():
+            raise ended.result() or ShuttingDown("The gateway is restarting")
+        if task.done():
+            return task.result()
+        if time.monotonic() >= deadline:
+            raise UpstreamTimeout(f"The upstream did not answer within {limit:g} seconds")
+        await ping()
 
 
 async def error_answer(upstream: UpstreamResponse, wait: float, secrets: tuple[str, ...]
@@ -283,16 +299,39 @@ async def error_answer(upstream: UpstreamResponse, wait: float, secrets: tuple[s
     return from_upstream(upstream.status, body, upstream.headers, secrets)
 
 
-async def ended_cleanly(upstream_end: asyncio.Future[BaseException | None], wait: float) -> bool:
-    """After the terminal event: whether the upstream's answer ended cleanly (within ``wait``
-    seconds), so that its connection can be reused."""
-    if not upstream_end.done():
-        try:
-            async with asyncio.timeout(wait):
-                await upstream_end
-        except TimeoutError:
-            return False
-    return upstream_end.result() is None
+def _give_back(task: asyncio.Future[UpstreamResponse], upstream: UpstreamResponse | None,
+               upstream_end: asyncio.Future[BaseException | None] | None, wait: float) -> None:
+    """The upstream connection, back to the pool once its answer ends (``upstream_end`` given:
+    the stream ended cleanly) or closed; an answer still on its way is closed on arrival."""
+    if not task.done():
+        task.add_done_callback(_close_late_answer)
+        task.cancel()
+    elif upstream is None:
+        _close_late_answer(task)  # it answered just as the relay gave up waiting
+    if upstream is not None:
+        if upstream_end is not None:
+            _release_when_ended(upstream, upstream_end, wait)
+        else:
+            upstream.close()
+
+
+def _release_when_ended(upstream: UpstreamResponse,
+                        upstream_end: asyncio.Future[BaseException | None], wait: float) -> None:
+    """Back to the pool if the answer ends cleanly within ``wait`` seconds, else closed."""
+    def settle(end: asyncio.Future[BaseException | None]) -> None:
+        if timer is not None:
+            timer.cancel()
+        if end.cancelled() or end.result() is not None:
+            upstream.close()
+        else:
+            upstream.release()
+
+    timer = None
+    if upstream_end.done():  # the usual case: the answer's end came with its last event
+        settle(upstream_end)
+        return
+    timer = asyncio.get_running_loop().call_later(wait, upstream.close)
+    upstream_end.add_done_callback(settle)
 
 
 def _bug(error: BaseException, info: RequestInfo) -> GatewayError:
@@ -305,50 +344,3 @@ def _bug(error: BaseException, info: RequestInfo) -> GatewayError:
 def _close_late_answer(task: asyncio.Future[UpstreamResponse]) -> None:
     if not task.cancelled() and task.exception() is None:
         task.result().close()
-
-
-class Watchdog:
-    """One timer per stream for upstream silence, instead of a timeout around every read.
-
-    The read callback only stamps ``last``. When the upstream has been silent for a keep-alive
-    interval, the timer writes a ``: keep-alive`` comment (each write is whole events, so a
-    comment can only land between events); when the silence reaches the first-byte or idle
-    limit, it ends the stream with ``UpstreamTimeout``. A stream paused for a slow client is
-    not silent.
-    """
-
-    __slots__ = ("relay", "loop", "last", "handle", "interval")
-
-    def __init__(self, relay: StreamRelay) -> None:
-        self.relay = relay
-        self.loop = asyncio.get_running_loop()
-        self.interval = relay.settings.keepalive_seconds
-        self.last = time.monotonic()
-        self.handle: asyncio.TimerHandle | None = self.loop.call_later(self.interval, self._tick)
-
-    def cancel(self) -> None:
-        if self.handle is not None:
-            self.handle.cancel()
-            self.handle = None
-
-    def _tick(self) -> None:
-        self.handle = None
-        relay = self.relay
-        if relay.state not in _RUNNING:
-            return
-        silent = time.monotonic() - self.last
-        if relay.state is State.PAUSED or silent < self.interval:
-            self.handle = self.loop.call_later(max(self.interval - silent, 0.001), self._tick)
-            return
-        settings = relay.settings
-        limit = (settings.idle_timeout_seconds if relay.info.first_byte is not None
-                 else settings.first_byte_timeout_seconds)
-        if silent >= limit:
-            relay._finish(UpstreamTimeout(f"The upstream sent nothing for {silent:.3g} seconds"))
-            return
-        try:
-            relay.client.write(KEEPALIVE)
-        except ClientGone as e:
-            relay._finish(e)
-            return
-        self.handle = self.loop.call_later(min(self.interval, limit - silent), self._tick)

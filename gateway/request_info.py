@@ -57,6 +57,12 @@ class RequestInfo:
         self.upstream_error = err.kind
         self.outcome = self.outcome or err.outcome
 
+    def add_stream(self, events: int, bytes_out: int, usage: dict[str, Any] | None) -> None:
+        """What a relayed stream sent, and the last usage it reported."""
+        self.chunks += events
+        self.bytes_out += bytes_out
+        self.usage = usage or self.usage
+
     @property
     def ttfb_seconds(self) -> float | None:
         return None if self.first_byte is None else self.first_byte - self.started

@@ -1,8 +1,9 @@
 """The one pooled HTTP client to the upstream provider, with its credentials and retries.
 
 One ``ConnectionPool`` (``http1.py``) per upstream for the app's whole life: keep-alive
-connections are reused across requests. Only a short list of client headers is forwarded; the
-client's own credentials never are, the operator's key replaces them.
+connections are reused across requests. Requests carry the operator's key and the headers the
+gateway names (``_FORWARDED``, from what the caller hands over); the client's own credentials
+never go up.
 """
 
 from __future__ import annotations

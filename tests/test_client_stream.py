@@ -53,7 +53,7 @@ async def test_open_sends_the_headers_at_once_before_any_write(serve: Callable[.
         response = await stream.open({"X-Test": "1", "Content-Type": "text/event-stream"})
         await release.wait()
         stream.write(b"data: 1\n\n")
-        await stream.close()
+        await stream.close(5)
         return response
 
     reader, writer = await connect(await serve(handler))
@@ -73,7 +73,7 @@ async def test_http10_gets_bare_bytes_and_the_connection_ends_the_body(
         response = await stream.open({"Content-Type": "text/event-stream"})
         stream.write(b"data: 1\n\n")
         stream.write(b"data: 2\n\n")
-        await stream.close()
+        await stream.close(5)
         return response
 
     reader, writer = await connect(await serve(handler), "1.0")
@@ -101,7 +101,7 @@ async def test_paused_while_the_send_buffer_is_full_and_drain_returns_once_read(
         await stream.drain()
         seen["after_drain"] = stream.paused
         drained.set()
-        await stream.close()
+        await stream.close(5)
         return response
 
     port = await serve(handler)
@@ -157,7 +157,7 @@ async def test_the_client_reads_a_complete_chunked_stream(
         response = await stream.open({"Content-Type": "text/event-stream"})
         for i in range(3):
             stream.write(b"data: %d\n\n" % i)
-        await stream.close()
+        await stream.close(5)
         return response
 
     port = await serve(handler)

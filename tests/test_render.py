@@ -75,6 +75,15 @@ def test_the_last_usage_of_a_burst_is_noted_and_usage_as_text_is_not_mistaken_fo
     assert renderer.usage == usage
 
 
+@pytest.mark.parametrize("burst", [False, True])
+def test_an_empty_usage_does_not_undo_the_counts_before_it(burst: bool) -> None:
+    renderer = StreamRenderer(CHAT)
+    reads = [chunk(usage={"prompt_tokens": 5}), chunk(usage={})]
+    for read in [b"".join(reads)] if burst else reads:
+        renderer.feed(read)
+    assert renderer.usage == {"prompt_tokens": 5}
+
+
 def test_done_in_the_middle_of_a_burst_ends_the_stream_there() -> None:
     renderer = StreamRenderer(CHAT)
     out, done, failure = renderer.feed(chunk() + DONE + chunk("after"))
@@ -148,3 +157,23 @@ def test_a_responses_error_becomes_the_gateways_error_event_continuing_the_numbe
     frame = frame_of(renderer, failure)
     assert frame["type"] == "error" and frame["sequence_number"] == 1
     assert (frame["message"], frame["code"]) == ("Upstream error: try later", "too_busy")
+
+
+@pytest.mark.parametrize("chunk, shortcut", [
+    (b'data: {"a":1}\n\n', True),
+    (b'data: {"a":1}\n\ndata: {"b":2}\n\ndata: [DONE]\n\n', True),
+    (b'data: {\n"a": 1}\n\n', False),  # multi-line
+    (b'event: x\ndata: {"a":1}\n\n', False),  # a named event
+    (b'data: {"a":1}\n\n\n\ndata: {"b":2}\n\n', False),  # an extra blank line
+    (b": ping\n\n", False),
+    (b'data: {"a":1}\n\n: ping\n\n', False),
+    (b'data: {"a":1}\n\ndata:{"b":2}\n\n', False),  # no space after the colon
+    (b"data: 0,[1\n\ndata: 2]\n\n", False),  # a value split across two events
+    (b'data: {"a":"x}\n\ndata: {"},{"b":1}\n\n', False),
+    (b"data: [DONE]\n\ndata: {}\n\n", False),  # [DONE] not last
+    (b"data: \xef\xbb\xbf{}\n\n", False),  # a BOM, which simdjson skips
+    (b"data: 123456789012345678901234567890\n\n", False),  # past simdjson's integers
+])
+def test_the_shortcut_takes_only_regions_of_one_line_events_each_one_json_value(
+        chunk: bytes, shortcut: bool) -> None:
+    assert (StreamRenderer(CHAT)._region(chunk) is not None) is shortcut

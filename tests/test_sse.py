@@ -6,10 +6,9 @@ The properties over any split and any byte soup (hypothesis) are guarantees, in
 
 from __future__ import annotations
 
-import orjson
 import pytest
 
-from gateway.sse import SSEFramer, SSEProtocolError, encode_event, one_line_data_payloads
+from gateway.sse import SSEFramer, SSEProtocolError, encode_event
 
 CHUNK = (b'data: {"id":"c1","choices":[{"delta":{"content":'
          b'"\xc3\xa9t\xc3\xa9 \xf0\x9f\x9a\x80"}}]}\n\n')
@@ -105,23 +104,3 @@ def test_take_cuts_the_completed_region_and_holds_the_rest() -> None:
     assert framer.take(CHUNK[7:].replace(b"\n", b"\r\n")) == CHUNK
     assert not framer.clean  # its line endings were rewritten: re-encode, do not forward
     assert framer.split(CHUNK)[0].data == CHUNK[6:-2]
-
-
-
-@pytest.mark.parametrize("chunk, n", [
-    (b'data: {"a":1}\n\n', 1),
-    (b'data: {"a":1}\n\ndata: {"b":2}\n\ndata: [DONE]\n\n', 3),
-    (b'data: {"a":1}\n\ndata: {"b"', 0),  # incomplete
-    (b'data: {"a":1}\r\n\r\n', 0),  # CRLF
-    (b'data: {\n"a": 1}\n\n', 0),  # multi-line
-    (b'event: x\ndata: {"a":1}\n\n', 0),  # a named event
-    (b'data: {"a":1}\n\n\n\ndata: {"b":2}\n\n', 0),  # an extra blank line
-    (b': ping\n\n', 0),
-    (b'data: {"a":1}\n\n: ping\n\n', 0),
-    (b'data: {"a":1}\n\ndata:{"b":2}\n\n', 0),  # no space after the colon
-])
-def test_one_line_data_chunks_are_recognised_by_byte_counts(chunk: bytes, n: int) -> None:
-    payloads = one_line_data_payloads(chunk)
-    assert (payloads[1] if payloads else 0) == n
-    if payloads:  # the payloads, comma-joined: a JSON array in brackets
-        assert orjson.loads(b"[" + payloads[0].replace(b"[DONE]", b'"D"') + b"]")[0] == {"a": 1}

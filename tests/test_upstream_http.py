@@ -169,7 +169,7 @@ async def test_the_upstream_is_asked_for_identity_and_a_compressed_answer_is_ref
         await client.close()
     async with raw_server(b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\n"
                           b"Content-Length: 3\r\n\r\n\x1f\x8b\x08") as url:
-        with pytest.raises(InvalidHTTP, match="gzip"):
+        with pytest.raises(InvalidHTTP, match="compressed answer"):
             await ConnectionPool(url, connect_timeout=5).send(request(b"{}"))
 
 

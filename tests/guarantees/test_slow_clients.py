@@ -2,7 +2,7 @@
 gateway's memory: once the client's transport pauses writing, the relay stops reading the
 upstream socket until it drains. Memory per stream is bounded by the socket buffers and one
 chunk, whatever the stream's size. A slow client's stream still ends cleanly: nothing follows
-its last frame.
+its last frame. A client that reads nothing at all is cut off after the idle limit.
 """
 
 from __future__ import annotations
@@ -15,8 +15,11 @@ from typing import Any
 import aiohttp
 import orjson
 
+from gateway.appkeys import IN_FLIGHT
+
 from clients import AUTH, USER, chat_body
 from conftest import KEY, Upstream, settings_for
+from observe import wait_until
 from servers import GatewayProcess, gateway_processes
 
 CHUNK_BYTES, CHUNKS = 64 * 1024, 1024  # a 64 MiB stream
@@ -113,3 +116,34 @@ async def test_a_slow_clients_stream_that_fails_ends_with_its_error_frame_and_no
     assert wire == b"0\r\n\r\n"  # the terminator, and not one byte after it
     assert decoded.endswith(b"\n\n") and b"mock_failure" in decoded[-300:]
     assert decoded.count(b"data: ") == 15  # 14 events, then the error frame
+
+
+async def test_a_client_that_reads_nothing_for_the_idle_limit_is_cut_off_and_frees_everything(
+        mock_upstream: Upstream, start_gateway: Any) -> None:
+    """Paused for a client that stopped reading, a stream still has a limit: past
+    ``idle_timeout_seconds`` with nothing taken, the client is treated as gone, so its stream
+    slot, its upstream connection and the relay come back (a pause longer than many keep-alive
+    intervals, which once left a timer firing every millisecond)."""
+    app, base = await start_gateway(settings_for(
+        mock_upstream.url, stream={"keepalive_seconds": 0.05, "idle_timeout_seconds": 0.8},
+        keys=[{"name": "alice", "key": KEY, "max_concurrent_streams": 1}]))
+    body = orjson.dumps(chat_body(stream=True, messages=USER, chunks=CHUNKS,
+                                  chunk_bytes=CHUNK_BYTES))
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, ("127.0.0.1", int(base.rsplit(":", 1)[1])))
+    await loop.sock_sendall(sock, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                            b"Authorization: Bearer %b\r\nContent-Type: application/json\r\n"
+                            b"Content-Length: %d\r\n\r\n%b" % (KEY.encode(), len(body), body))
+    await asyncio.sleep(0.3)  # the client reads nothing; the stream is paused
+    assert len(app[IN_FLIGHT]) == 1 and mock_upstream.state.open_streams == 1
+    await wait_until(lambda: len(app[IN_FLIGHT]) == 0, 3, "the stalled stream ended")
+    await wait_until(lambda: mock_upstream.state.disconnects == 1, 2,
+                     "the upstream saw the request end")
+    async with aiohttp.ClientSession() as s, s.post(
+            f"{base}/v1/chat/completions", headers=AUTH,
+            json=chat_body(stream=True, messages=USER)) as r:  # the key's one slot is back
+        assert r.status == 200 and (await r.read()).endswith(b"data: [DONE]\n\n")
+    sock.close()

@@ -23,6 +23,7 @@ import time
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 from aiohttp import web
 
@@ -283,3 +284,57 @@ async def test_a_plain_answer_over_max_answer_bytes_is_a_502_and_its_connection_
     answer = await post(base, chat_body(stream=False, answer_bytes=MAX_ANSWER,
                                         answer_chunked=chunked))
     assert answer.status == 200 and len(answer.body) == MAX_ANSWER
+
+
+ESCAPED_KEY = "".join(f"\\u{ord(c):04x}" if c == "-" else c for c in OPERATOR_KEY)
+"""The key as JSON can spell it: every reader decodes it to the key itself."""
+
+
+@pytest.mark.parametrize("spelled", ['"error"', '"\\u0065rror"', '"err\\u006fr"'])
+async def test_an_error_event_however_its_key_is_spelled_ends_the_stream_with_the_gateways_frame(
+        base: str, caplog: pytest.LogCaptureFixture, spelled: str) -> None:
+    caplog.set_level(logging.DEBUG)
+    event = f'data: {{{spelled}: {{"message": "echo {OPERATOR_KEY}", "code": "{ESCAPED_KEY}"}}}}'
+    answer = await post(base, chat_body(stream=True, inject_after=3,
+                                        inject_hex=(event + "\n\n").encode().hex()))
+    events = sse_events(answer.body)
+    assert answer.status == 200 and len(events) == 4 and b"[DONE]" not in answer.body
+    assert answer.error() == {"message": "Upstream error: echo [redacted]",
+                              "type": "upstream_error", "param": None, "code": "upstream_error"}
+    await assert_key_nowhere(base, answer, caplog)
+
+
+async def test_a_responses_event_carrying_an_escaped_error_member_ends_with_the_gateways_event(
+        base: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    event = ('event: response.output_text.delta\ndata: {"type": "response.output_text.delta", '
+             f'"\\u0065rror": {{"message": "echo {OPERATOR_KEY}", "code": "rate_limited"}}}}\n\n')
+    answer = await post(base, {"model": "grok-4", "input": "hi", "stream": True, "mock": {
+        "inject_after": 3, "inject_hex": event.encode().hex()}}, RESPONSES)
+    last = sse_events(answer.body)[-1]
+    assert answer.status == 200 and last.startswith(b"event: error\n")
+    assert answer.error()["message"] == "Upstream error: echo [redacted]"
+    assert answer.error()["code"] == "rate_limited"
+    await assert_key_nowhere(base, answer, caplog)
+
+
+@STREAM
+async def test_an_answer_whose_content_echoes_the_key_gets_it_taken_out(
+        base: str, caplog: pytest.LogCaptureFixture, stream: bool) -> None:
+    caplog.set_level(logging.DEBUG)
+    answer = await post(base, chat_body(stream=stream, text=f"the key is {OPERATOR_KEY} ok"))
+    assert answer.status == 200
+    assert b"[redacted]" in answer.body
+    await assert_key_nowhere(base, answer, caplog)
+
+
+async def test_a_stream_event_spelling_the_key_with_escapes_gets_it_taken_out(
+        base: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    event = f'data: {{"choices": [{{"index": 0, "delta": {{"content": "{ESCAPED_KEY}"}}}}]}}\n\n'
+    answer = await post(base, chat_body(stream=True, inject_after=2,
+                                        inject_hex=event.encode().hex()))
+    assert answer.status == 200 and answer.body.endswith(b"data: [DONE]\n\n")
+    decoded = [orjson.loads(e[6:]) for e in sse_events(answer.body)[:-1]]
+    assert decoded[2]["choices"][0]["delta"]["content"] == "[redacted]"
+    await assert_key_nowhere(base, answer, caplog)

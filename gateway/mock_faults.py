@@ -1,0 +1,108 @@
+"""What the mock upstream answers when asked to fail (``gateway/mock_upstream.py`` documents
+the options): error statuses shaped as OpenAI's or xAI's, echoes of the key it was sent into
+any field or header, error events inside a stream, and answers too long to hold.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+
+def error(status: int, message: str, type_: str = "invalid_request_error",
+           code: str | None = None) -> web.Response:
+    return web.json_response({"error": {"message": message, "type": type_, "param": None,
+                                        "code": code}}, status=status)
+
+
+def echoed_key(request: web.Request) -> str:
+    return request.headers.get("Authorization", "").removeprefix("Bearer ")
+
+
+def refusal(request: web.Request, status: int, opts: dict[str, Any]) -> web.Response:
+    """The answer to ``status``, shaped and leaking as the options ask."""
+    echo = opts.get("echo_auth") or []
+    key = echoed_key(request)
+    headers = {str(k): str(v) for k, v in (opts.get("error_headers") or {}).items()}
+    if opts.get("location"):
+        headers["Location"] = str(opts["location"])
+    headers.update({name: key for name in echo
+                    if name not in ("message", "type", "code", "param")})
+    size = opts.get("error_text_bytes")
+    if isinstance(size, int):
+        text = b"x" * size
+        if isinstance(opts.get("key_at"), int):
+            text = text[:opts["key_at"]] + key.encode() + text[opts["key_at"]:]
+        return web.Response(status=status, body=text, content_type="text/html",
+                            headers=headers)
+    err: dict[str, Any] = {
+        "message": opts.get("message", f"mock upstream error {status}"),
+        "type": "rate_limit_error" if status == 429 else
+                "server_error" if status >= 500 else "invalid_request_error",
+        "param": None, "code": opts.get("error_code")}
+    err.update({name: key for name in echo if name in err})
+    body: dict[str, Any] = {"error": err}
+    if opts.get("error_shape") == "xai":
+        body = {"error": err["message"], "code": err["code"]}
+    return web.json_response(body, status=status, headers=headers)
+
+
+def no_vision(model: str) -> web.Response:
+    return error(400, f"Model {model} does not support image input",
+                  code="model_not_vision_capable")
+
+
+def chat_error_event(sequence_number: int) -> bytes:
+    return (b'data: {"error": {"message": "mock mid-stream failure",'
+            b' "type": "server_error", "code": "mock_failure"}}\n\n')
+
+
+def leaky_error(request: web.Request, opts: dict[str, Any]) -> dict[str, Any]:
+    """The ``error_after`` error object with ``error_code`` and ``echo_auth`` applied."""
+    err: dict[str, Any] = {"message": "mock mid-stream failure", "type": "server_error",
+                           "param": None, "code": opts.get("error_code", "mock_failure")}
+    err.update({name: echoed_key(request) for name in opts.get("echo_auth") or []
+                if name in err})
+    return err
+
+
+def chat_leaky_error_event(err: dict[str, Any], sequence_number: int) -> bytes:
+    return b"data: " + orjson.dumps({"error": err}) + b"\n\n"
+
+
+def responses_leaky_error_event(err: dict[str, Any], sequence_number: int) -> bytes:
+    return b"event: error\ndata: " + orjson.dumps({
+        "type": "error", "code": err["code"], "message": err["message"], "param": err["param"],
+        "error": err, "sequence_number": sequence_number}) + b"\n\n"
+
+
+async def long_answer(request: web.Request, state: Any, size: int, chunked: bool
+                      ) -> web.StreamResponse:
+    """A plain answer of ``size`` bytes (valid JSON, if read whole), never held in memory;
+    ``state`` (``MockState``) counts what the socket took."""
+    head, tail = b'{"id": "chatcmpl-long", "object": "chat.completion", "padding": "', b'"}'
+    response = web.StreamResponse(headers={"Content-Type": "application/json"})
+    if chunked:
+        response.enable_chunked_encoding()
+    else:
+        response.content_length = max(size, len(head) + len(tail))
+    await response.prepare(request)
+    piece = b"x" * 65536
+    finished = False
+    try:
+        await response.write(head)
+        left = size - len(head) - len(tail)
+        while left > 0:
+            n = min(left, len(piece))
+            await response.write(piece[:n])
+            state.answer_bytes_sent += n
+            left -= n
+        await response.write(tail)
+        await response.write_eof()
+        finished = True
+        return response
+    finally:
+        if not finished:
+            state.note_disconnect()
