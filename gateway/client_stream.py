@@ -90,6 +90,9 @@ class ClientStream:
         if self.response is None:
             return
         try:
+            if not self.paused:  # nothing to wait for: no timer
+                await self.response.write_eof()
+                return
             async with asyncio.timeout(wait):
                 await self.response.write_eof()
         except ConnectionError:

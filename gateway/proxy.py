@@ -30,7 +30,8 @@ class Proxy:
                  metrics: Metrics) -> None:
         self.upstream = upstream
         self.stream_settings = settings.stream
-        self.secrets = upstream.secrets
+        self.secrets = tuple(s for s in upstream.secrets if s)
+        self.secret_bytes = tuple(s.encode() for s in self.secrets)
         self.in_flight = in_flight
         self.open_streams = metrics.open_streams
         self.plain = PlainAnswers(in_flight, settings.stream.first_byte_timeout_seconds,
@@ -55,6 +56,7 @@ class Proxy:
         info = request[REQUEST_INFO]
         settings = self.stream_settings
         renderer = StreamRenderer(dialect, rewrite=rewrite, secrets=self.secrets,
+                                  secret_bytes=self.secret_bytes,
                                   max_event_bytes=settings.max_event_bytes)
         relay = StreamRelay(ClientStream(request), renderer, settings, info,
                             {**SSE_HEADERS, **response_headers(info)}, self.secrets)

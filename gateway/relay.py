@@ -35,6 +35,7 @@ import enum
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -271,14 +272,14 @@ async def await_headers(task: asyncio.Future[UpstreamResponse],
                         ended: asyncio.Future[BaseException | None], settings: StreamSettings,
                         ping: Callable[[], Awaitable[None]]) -> UpstreamResponse:
     """The upstream's answer once its headers are in, calling ``ping`` past each keep-alive
-    interval; ``ended`` (a shutdown) ends the wait."""
-    keepalive = settings.keepalive_seconds
+    interval; ``ended`` (a shutdown) ends the wait. (One future woken by either and a timer:
+    ``asyncio.wait`` costs several times as much, on every request.)"""
     limit = settings.first_byte_timeout_seconds
     deadline = time.monotonic() + limit
     while True:
-        wait = min(keepalive, deadline - time.monotonic())
-        await asyncio.wait((task, ended), timeout=max(wait, 0),
-                           return_when=asyncio.FIRST_COMPLETED)
+        if not task.done() and not ended.done():
+            await _first_of(task, ended, min(settings.keepalive_seconds,
+                                             max(deadline - time.monotonic(), 0)))
         if ended.done():
             raise ended.result() or ShuttingDown("The gateway is restarting")
         if task.done():
@@ -286,6 +287,26 @@ async def await_headers(task: asyncio.Future[UpstreamResponse],
         if time.monotonic() >= deadline:
             raise UpstreamTimeout(f"The upstream did not answer within {limit:g} seconds")
         await ping()
+
+
+async def _first_of(a: asyncio.Future[Any], b: asyncio.Future[Any], seconds: float) -> None:
+    """Until ``a`` or ``b`` is done, or ``seconds`` have passed."""
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] = loop.create_future()
+
+    def wake(_: object = None) -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    timer = loop.call_later(seconds, wake)
+    a.add_done_callback(wake)
+    b.add_done_callback(wake)
+    try:
+        await waiter
+    finally:
+        timer.cancel()
+        a.remove_done_callback(wake)
+        b.remove_done_callback(wake)
 
 
 async def error_answer(upstream: UpstreamResponse, wait: float, secrets: tuple[str, ...]

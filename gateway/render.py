@@ -125,13 +125,15 @@ class StreamRenderer:
                  "seq", "bytes_out", "usage")
 
     def __init__(self, dialect: Dialect = CHAT, *, rewrite: Rewrite | None = None,
-                 secrets: tuple[str, ...] = (), max_event_bytes: int = 4 * 1024 * 1024,
-                 fast: bool = True) -> None:
+                 secrets: tuple[str, ...] = (), secret_bytes: tuple[bytes, ...] | None = None,
+                 max_event_bytes: int = 4 * 1024 * 1024, fast: bool = True) -> None:
         self.framer = SSEFramer(max_event_bytes)
         self.dialect = dialect
         self.rewrite = rewrite
         self.secrets = tuple(s for s in secrets if s)
-        self.secret_bytes = tuple(s.encode() for s in self.secrets)
+        # Encoded once per app and handed over (``Proxy``), or here.
+        self.secret_bytes = secret_bytes if secret_bytes is not None else tuple(
+            s.encode() for s in self.secrets)
         # The region shortcut: chat, no alias. ``fast=False`` is the reference that parses all.
         self.fast = fast and rewrite is None and not dialect.responses_api
         self.events = 0  # events sent, the terminal one included
