@@ -21,6 +21,7 @@ log = logging.getLogger("gateway.upstream")
 
 _FORWARDED = ("Content-Type", "Accept", "User-Agent", "X-Request-ID")
 _RETRY_STATUSES = frozenset((502, 503, 504))
+MIN_SECRET_CHARS = 12
 
 
 class UpstreamClient:
@@ -42,8 +43,10 @@ class UpstreamClient:
 
     @property
     def secrets(self) -> tuple[str, ...]:
-        """Strings that must never reach a client (used to redact upstream messages)."""
-        return (self._api_key,) if self._api_key else ()
+        """Strings that must never reach a client: what the relay looks for in everything the
+        upstream sends. A key shorter than ``MIN_SECRET_CHARS`` is not one (real provider keys
+        are dozens of characters): looked for, it would match ordinary text in every event."""
+        return (self._api_key,) if len(self._api_key) >= MIN_SECRET_CHARS else ()
 
     @property
     def base_url(self) -> str:

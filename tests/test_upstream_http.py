@@ -219,3 +219,12 @@ async def test_an_https_upstream_streams_once_its_certificate_is_trusted(
             extra_body={"mock": {"text": "over TLS", "chunks": 2}})
         text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
         assert text == "over TLS"
+
+
+def test_only_a_key_long_enough_to_be_one_is_looked_for_in_what_the_upstream_sends() -> None:
+    """A short key would match ordinary text: every event would be parsed and its letters
+    taken out. Provider keys are dozens of characters."""
+    settings = settings_for("http://127.0.0.1:1/v1")
+    assert UpstreamClient(settings, "http://127.0.0.1:1/v1", "k").secrets == ()
+    assert UpstreamClient(settings, "http://127.0.0.1:1/v1", "xai-0123456789").secrets == (
+        "xai-0123456789",)
