@@ -30,8 +30,8 @@ def make_app(upstream: str) -> web.Application:
         body = await request.read()
         async with request.app[SESSION].post(f"{upstream}/chat/completions", data=body,
                                              headers={"Content-Type": "application/json"}) as up:
-            response = web.StreamResponse(status=up.status,
-                                          headers={"Content-Type": "text/event-stream"})
+            response = web.StreamResponse(status=up.status, headers={
+                "Content-Type": up.headers.get("Content-Type", "text/event-stream")})
             await response.prepare(request)
             async for chunk in up.content.iter_any():
                 await response.write(chunk)
