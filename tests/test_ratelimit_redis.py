@@ -20,10 +20,11 @@ import aiohttp
 import orjson
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from gateway.appkeys import LIMITER
 from gateway.ratelimit.redis import RedisLimiter, key_names
-from gateway.redisclient import connect
+from gateway.redisclient import RedisBatcher, connect
 from gateway.request_info import ClientKey
 from gateway.settings import RedisSettings
 
@@ -472,3 +473,24 @@ async def test_a_stream_ending_during_a_blip_frees_its_slot_when_redis_is_back(
         await client.aclose()
         await raw.aclose()
         await proxy.close()
+
+
+async def test_commands_pipelined_behind_a_batch_in_flight_get_their_own_replies(
+        redis_url: str, redis_prefix: str) -> None:
+    """RedisBatcher: commands issued while another batch is in flight leave without waiting
+    for its replies; each reply, an error reply included, reaches its own caller, in order."""
+    client = aioredis.Redis.from_url(redis_url)
+    batch = RedisBatcher(client)
+    try:
+        key = f"{redis_prefix}:batcher"
+        first = asyncio.ensure_future(batch.execute("SET", key, "1"))
+        await asyncio.sleep(0)  # the first write is out; its reply not yet in
+        replies = await asyncio.gather(first, *(batch.execute("INCR", key) for _ in range(50)))
+        assert replies[0] == b"OK" and sorted(replies[1:]) == list(range(2, 52))
+        with pytest.raises(ResponseError):
+            await batch.execute("INCR", key, "not-a-number", "extra")
+        assert await batch.execute("GET", key) == b"51"
+        await client.delete(key)
+    finally:
+        await batch.close()
+        await client.aclose()
