@@ -9,8 +9,18 @@ from collections.abc import AsyncIterator, Mapping
 
 from aiohttp import web
 
-from .appkeys import IN_FLIGHT, KEYSTORE, LIMITER, METRICS, MODEL_CATALOG, PROXY, SETTINGS, UPSTREAM
-from .auth import ConfigKeyStore
+from .appkeys import (
+    AUTH_FAILURES,
+    IN_FLIGHT,
+    KEYSTORE,
+    LIMITER,
+    METRICS,
+    MODEL_CATALOG,
+    PROXY,
+    SETTINGS,
+    UPSTREAM,
+)
+from .auth import AuthFailureThrottle, ConfigKeyStore
 from .catalog import ModelCatalog
 from .handlers import chat, health, images, models, responses, vision
 from .inflight import InFlight
@@ -40,6 +50,7 @@ def create_app(settings: Settings, environ: Mapping[str, str] | None = None) -> 
     app[SETTINGS] = settings
     app[IN_FLIGHT] = InFlight()
     app[KEYSTORE] = ConfigKeyStore(settings)
+    app[AUTH_FAILURES] = AuthFailureThrottle(settings.server.auth_failures_per_minute)
     app[MODEL_CATALOG] = ModelCatalog(settings.models)
     app[METRICS] = Metrics()
     env = os.environ if environ is None else environ

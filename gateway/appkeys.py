@@ -10,7 +10,7 @@ from .request_info import RequestInfo
 from .settings import Settings
 
 if TYPE_CHECKING:
-    from .auth import KeyStore
+    from .auth import AuthFailureThrottle, KeyStore
     from .catalog import ModelCatalog
     from .inflight import InFlight
     from .metrics import Metrics
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 SETTINGS = web.AppKey("settings", Settings)
 UPSTREAM: web.AppKey[UpstreamClient] = web.AppKey("upstream")
 KEYSTORE: web.AppKey[KeyStore] = web.AppKey("keystore")
+AUTH_FAILURES: web.AppKey[AuthFailureThrottle] = web.AppKey("auth_failures")
 LIMITER: web.AppKey[Limiter] = web.AppKey("limiter")
 IN_FLIGHT: web.AppKey[InFlight] = web.AppKey("in_flight")
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")

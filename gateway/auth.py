@@ -100,10 +100,6 @@ def _client_block(address: str) -> str:
 
 
 class KeyStore(Protocol):
-    failures: AuthFailureThrottle
-    """Unknown keys per client address; it lives with the store because what it spares is
-    the store's lookups (one store per app, so one throttle per process)."""
-
     async def lookup(self, key: str, *, cached_only: bool = False) -> ClientKey | None:
         """The caller behind ``key``, or None when the key is unknown or revoked.
 
@@ -129,7 +125,6 @@ class ConfigKeyStore:
             log.warning("no [[keys]] configured: accepting the demo key %r (mock upstream only)",
                         DEMO_KEY)
         self._by_digest = {k.sha256: client_key(k) for k in keys}
-        self.failures = AuthFailureThrottle(settings.server.auth_failures_per_minute)
 
     async def lookup(self, key: str, *, cached_only: bool = False) -> ClientKey | None:
         return self._by_digest.get(digest(key))

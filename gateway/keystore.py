@@ -169,7 +169,6 @@ class RedisKeyStore:
         self._records = store_keys(settings.key_prefix)[0]
         self._ttl = settings.key_cache_seconds
         self._breaker = breaker
-        self.failures = first.failures
         # digest -> (trusted until (monotonic), the key); a stale entry still serves in an outage
         self._known: dict[str, tuple[float, ClientKey]] = {}
         # digest -> refused until (monotonic)

@@ -21,7 +21,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from .accesslog import log_request
-from .appkeys import KEYSTORE, LIMITER, METRICS, REQUEST_INFO, SETTINGS
+from .appkeys import AUTH_FAILURES, KEYSTORE, LIMITER, METRICS, REQUEST_INFO, SETTINGS
 from .auth import bearer_token
 from .errors import (
     SSE_HEADERS,
@@ -204,14 +204,15 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
                                    "<key>'")
     info = request[REQUEST_INFO]
     store = request.app[KEYSTORE]
+    failures = request.app[AUTH_FAILURES]
     # A client throttled for its failures is answered from the cache: the keys this process
     # knows still pass, and its guesses cost no lookup.
-    wait = store.failures.wait(info.client_ip)
+    wait = failures.wait(info.client_ip)
     key = await store.lookup(token, cached_only=wait > 0)
     if key is None:
         if wait > 0:
             raise _too_many_failures(wait)
-        store.failures.failed(info.client_ip)
+        failures.failed(info.client_ip)
         raise AuthenticationFailed("Invalid authentication token")
     info.key = key
     return await handler(request)

@@ -20,7 +20,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.appkeys import KEYSTORE
+from gateway.appkeys import AUTH_FAILURES
 from gateway.auth import MAX_TRACKED_CLIENTS
 from gateway.keystore import MAX_CACHED, add_key
 from gateway.settings import Limits
@@ -212,7 +212,7 @@ async def test_a_stored_key_keeps_working_through_a_redis_outage_after_many_unkn
                 statuses |= set(await asyncio.gather(*(guess(i) for i in range(
                     start, min(start + 500, count)))))
             assert statuses == {401}
-            assert len(app[KEYSTORE].failures) <= MAX_TRACKED_CLIENTS  # bounded memory
+            assert len(app[AUTH_FAILURES]) <= MAX_TRACKED_CLIENTS  # bounded memory
 
             server.stop()
             await asyncio.sleep(0.3)  # past key_cache_seconds: only the stale entry is left
