@@ -47,6 +47,7 @@ TTFB_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60
 """Time to first byte: milliseconds for a fast model, minutes for a reasoning one."""
 DURATION_BUCKETS = (0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0,
                     1200.0, 3600.0)
+LOOP_LAG_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 LIMITER_STATES = ("memory", "redis", "fallback", "unavailable")
 """``Limiter.backend_state`` values (see ``gateway.ratelimit``)."""
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -115,6 +116,11 @@ class Metrics:
         self.tokens = Counter(
             "gateway_tokens", "Tokens reported by the upstream's usage, by key name, model and "
             "type (prompt, completion, reasoning).", ("key", "model", "type"), registry=r)
+        self.loop_lag = Histogram(
+            "gateway_event_loop_lag_seconds", "How late a timer set for a quarter of a second "
+            "runs: the time every callback of this worker waits behind the others (each "
+            "stream's next event, each request's next step).", buckets=LOOP_LAG_BUCKETS,
+            registry=r)
         self.limiter_backend = Gauge(
             "gateway_limiter_backend", "Worker processes whose rate limiter is in this state: "
             "redis (shared limits), fallback (Redis down, per-process limits), unavailable "

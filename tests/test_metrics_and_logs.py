@@ -7,6 +7,7 @@ import asyncio
 import io
 import json
 import logging
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -231,3 +232,16 @@ def test_serve_writes_bare_json_access_lines_to_stdout(mock_upstream_url: str,
 def mock_upstream_url() -> Iterator[str]:
     with ThreadedMockUpstream() as upstream:
         yield upstream.url
+
+
+async def test_the_event_loops_lateness_is_measured(gateway: Any) -> None:
+    """A worker whose loop is held up (here: blocked for 0.4 s) shows it in
+    ``gateway_event_loop_lag_seconds``: how long every stream's next event waited."""
+    _, base = gateway
+    await asyncio.sleep(0.3)  # a sample or so of an idle loop
+    time.sleep(0.4)  # the loop, which the gateway shares with this test, is held up
+    await asyncio.sleep(0.3)
+    samples = await scrape(base)
+    count = value(samples, "gateway_event_loop_lag_seconds_count")
+    late = count - value(samples, "gateway_event_loop_lag_seconds_bucket", le="0.1")
+    assert count >= 2 and late >= 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -19,6 +20,8 @@ from ..appkeys import LIMITER, METRICS, SETTINGS, UPSTREAM, UPSTREAM_PROBE
 from ..metrics import CONTENT_TYPE
 from ..readiness import UpstreamProbe, limiter_state, redis_problem
 
+LOOP_LAG_SECONDS = 0.25
+"""How often the event loop's lateness is sampled (``gateway_event_loop_lag_seconds``)."""
 LIMITER_STATE_SECONDS = 2.0
 """How often each worker publishes its limiter's state to the metrics."""
 _NO_STORE = {"Cache-Control": "no-store"}
@@ -55,17 +58,30 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def readiness_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The upstream probe, and the task that keeps this worker's limiter state in the metrics
-    (so /metrics on any worker shows every worker's state, not only its own)."""
+    """The upstream probe, the task that keeps this worker's limiter state in the metrics (so
+    /metrics on any worker shows every worker's state, not only its own), and the one that
+    measures how late the worker's event loop runs."""
     probe = app[UPSTREAM_PROBE] = UpstreamProbe()
-    watcher = asyncio.create_task(_publish_limiter_state(app))
+    tasks = [asyncio.create_task(_publish_limiter_state(app)),
+             asyncio.create_task(_measure_loop_lag(app))]
     try:
         yield
     finally:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await probe.close()
+
+
+async def _measure_loop_lag(app: web.Application) -> None:
+    """Four samples a second of how late a timer runs (``time.monotonic``: uvloop's own clock
+    counts whole milliseconds)."""
+    lag = app[METRICS].loop_lag
+    while True:
+        asked = time.monotonic() + LOOP_LAG_SECONDS
+        await asyncio.sleep(LOOP_LAG_SECONDS)
+        lag.observe(max(time.monotonic() - asked, 0.0))
 
 
 async def _publish_limiter_state(app: web.Application) -> None:
