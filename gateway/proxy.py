@@ -20,7 +20,6 @@ from .inflight import InFlight
 from .metrics import Metrics
 from .relay import StreamRelay
 from .render import CHAT, Dialect, Rewrite, StreamRenderer
-from .request_info import RequestInfo
 from .settings import Settings
 from .upstream import UpstreamClient
 
@@ -34,20 +33,30 @@ class Proxy:
         self.secret_bytes = tuple(s.encode() for s in self.secrets)
         self.in_flight = in_flight
         self.open_streams = metrics.open_streams
+        self.forward_headers = settings.upstream.forward_headers
         self.plain = PlainAnswers(in_flight, settings.stream.first_byte_timeout_seconds,
                                   settings.upstream.max_answer_bytes, self.secrets)
 
-    def post(self, info: RequestInfo, path: str, body: dict[str, Any]
+    def post(self, request: web.Request, path: str, body: dict[str, Any]
              ) -> Awaitable[UpstreamResponse]:
         """The upstream call for a checked body. It is serialized here, once: the upstream sees
         exactly what the gateway checked (one value per key, whatever the client sent), and the
         parsed body need not be kept while the answer streams."""
-        return self.upstream.request(
-            "POST", path, body=orjson.dumps(body),
-            headers={"Content-Type": "application/json", "X-Request-ID": info.request_id})
+        return self.upstream.request("POST", path, body=orjson.dumps(body),
+                                     headers=self._headers(request, "application/json"))
 
-    def get(self, info: RequestInfo, path: str) -> Awaitable[UpstreamResponse]:
-        return self.upstream.request("GET", path, headers={"X-Request-ID": info.request_id})
+    def get(self, request: web.Request, path: str) -> Awaitable[UpstreamResponse]:
+        return self.upstream.request("GET", path, headers=self._headers(request, None))
+
+    def _headers(self, request: web.Request, content_type: str | None) -> dict[str, str]:
+        """The gateway's own (the request id, the body's type) and the client's that
+        ``[upstream] forward_headers`` names (xAI's ``x-grok-conv-id``), as they came."""
+        headers = {name: value for name in self.forward_headers
+                   if (value := request.headers.get(name))}
+        headers["X-Request-ID"] = request[REQUEST_INFO].request_id
+        if content_type is not None:
+            headers["Content-Type"] = content_type
+        return headers
 
     async def stream(self, request: web.Request, call: Awaitable[UpstreamResponse], *,
                      dialect: Dialect = CHAT, rewrite: Rewrite | None = None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -73,6 +74,9 @@ class UpstreamSettings:
     # A plain (non-streamed) answer longer than this is refused with 502 as soon as it passes
     # it, not buffered: the gateway holds a plain answer whole before it sends it on.
     max_answer_bytes: int = 32 * 1024 * 1024
+    # Client request headers passed on to the upstream as they came (bounded). xAI routes the
+    # requests of one x-grok-conv-id to the same server, so that its prompt cache hits.
+    forward_headers: tuple[str, ...] = ("x-grok-conv-id",)
 
     @property
     def is_mock(self) -> bool:
@@ -262,6 +266,12 @@ def _build(data: Mapping[str, Any]) -> Settings:
            "upstream.url", 'must be an http(s) URL or "mock"')
     _check(upstream.max_retries >= 0, "upstream.max_retries", "must not be negative")
     _check(upstream.max_answer_bytes > 0, "upstream.max_answer_bytes", "must be positive")
+    for header in upstream.forward_headers:
+        _check(_HEADER_NAME.fullmatch(header) is not None, "upstream.forward_headers",
+               f"{header!r} is not a header name")
+        _check(header.lower() not in _NEVER_FORWARDED, "upstream.forward_headers",
+               f"{header!r} is not the client's to pass on (credentials, or the gateway's own "
+               f"framing of the request)")
     if redis is not None:
         _check(redis.url.startswith(("redis://", "rediss://", "unix://")), "redis.url",
                "must be a redis://, rediss:// or unix:// URL")
@@ -301,6 +311,14 @@ def _build(data: Mapping[str, Any]) -> Settings:
 
     return Settings(server=server, upstream=upstream, redis=redis, limits=limits, keys=keys,
                     stream=stream, vision=vision, models=models)
+
+
+_HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}")
+_NEVER_FORWARDED = frozenset((
+    "authorization", "proxy-authorization", "x-api-key", "cookie", "host", "content-length",
+    "content-type", "content-encoding", "transfer-encoding", "connection", "keep-alive", "te",
+    "upgrade", "trailer", "accept-encoding", "expect", "x-request-id"))
+"""Never passed on: the client's credentials, and what the gateway sets itself."""
 
 
 def _check(ok: bool, setting: str, problem: str) -> None:

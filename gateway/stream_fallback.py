@@ -67,7 +67,7 @@ def _plain_call(request: web.Request, path: str, body: dict[str, Any]
                 ) -> Awaitable[UpstreamResponse]:
     """The same request without streaming, serialized now (the parsed body is not kept)."""
     plain = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
-    return request.app[PROXY].post(request[REQUEST_INFO], path, plain)
+    return request.app[PROXY].post(request, path, plain)
 
 
 async def _fetch(request: web.Request, call: Awaitable[UpstreamResponse],

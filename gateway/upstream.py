@@ -1,9 +1,9 @@
 """The one pooled HTTP client to the upstream provider, with its credentials and retries.
 
 One ``ConnectionPool`` (``http1.py``) per upstream for the app's whole life: keep-alive
-connections are reused across requests. Requests carry the operator's key and the headers the
-gateway names (``_FORWARDED``, from what the caller hands over); the client's own credentials
-never go up.
+connections are reused across requests. Requests carry the operator's key, the gateway's own
+headers and the client's that ``[upstream] forward_headers`` names, bounded; the client's own
+credentials never go up.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from .settings import Settings
 
 log = logging.getLogger("gateway.upstream")
 
-_FORWARDED = ("Content-Type", "Accept", "User-Agent", "X-Request-ID")
+_GATEWAYS_OWN = ("content-type", "x-request-id")
+_MAX_HEADER_CHARS = 1024
 _RETRY_STATUSES = frozenset((502, 503, 504))
 MIN_SECRET_CHARS = 12
 
@@ -31,6 +32,10 @@ class UpstreamClient:
         self._stream = settings.stream
         self._retries = settings.upstream.max_retries
         self._backoff = settings.upstream.retry_backoff_seconds
+        # Header names a request may carry up (lower case): the gateway's own, and the
+        # client's that the settings name (never credentials: settings.py refuses those).
+        self._forwarded = frozenset(
+            (*_GATEWAYS_OWN, *(h.lower() for h in settings.upstream.forward_headers)))
         url = urlsplit(self._base)
         self._path = url.path
         # What every request carries, encoded once: the Host and the operator's key.
@@ -64,10 +69,10 @@ class UpstreamClient:
                 headers: Mapping[str, str] | None) -> bytes:
         lines = [f"{method} {self._path}{path} HTTP/1.1\r\n".encode("latin-1"),
                  self._fixed_headers]
-        for name in _FORWARDED:
-            value = (headers or {}).get(name)
-            if value and "\r" not in value and "\n" not in value:
-                lines.append(f"{name}: {value}\r\n".encode("utf-8"))
+        for name, value in (headers or {}).items():
+            if name.lower() in self._forwarded and len(value) <= _MAX_HEADER_CHARS \
+                    and "\r" not in value and "\n" not in value and "\0" not in value:
+                lines.append(f"{name}: {value}\r\n".encode("utf-8", "replace"))
         if body is not None:
             lines.append(b"Content-Length: %d\r\n\r\n" % len(body))
             lines.append(body)

@@ -206,3 +206,22 @@ async def test_usage_is_taken_from_a_burst_for_the_access_log(
                          if rec.name == "gateway.access"][-1])
     assert line["usage"]["completion_tokens"] == 40
     assert line["chunks"] == 43  # 40 content chunks, the finish chunk, usage, [DONE]
+
+
+async def test_x_grok_conv_id_and_the_headers_named_to_forward_reach_the_upstream(
+        mock_upstream: Upstream, start_gateway: Any) -> None:
+    """xAI routes one conversation's requests to one server (its prompt cache); the client's
+    credentials never go up, and a value past 1,024 characters is not passed on."""
+    _, base = await start_gateway(settings_for(mock_upstream.url, upstream={
+        "forward_headers": ["x-grok-conv-id", "X-Tenant"]}))
+    r, _ = await post(f"{base}/api/v1/chat/completions", chat_body(stream=True, messages=USER),
+                      headers={"x-grok-conv-id": "conv-42", "X-Tenant": "t1",
+                               "X-Other": "not named", "x-api-key": "sk-client-key"})
+    assert r.status == 200
+    seen = {k.lower(): v for k, v in mock_upstream.state.requests[-1]["headers"].items()}
+    assert seen["x-grok-conv-id"] == "conv-42" and seen["x-tenant"] == "t1"
+    assert "x-other" not in seen and "x-api-key" not in seen
+    assert seen["authorization"] == "Bearer xai-operator-secret-key"
+    await post(f"{base}/api/v1/chat/completions", chat_body(stream=False, messages=USER),
+               headers={"x-grok-conv-id": "c" * 1025})
+    assert "x-grok-conv-id" not in {k.lower() for k in mock_upstream.state.requests[-1]["headers"]}

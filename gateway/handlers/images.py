@@ -35,4 +35,4 @@ def _checked(request: web.Request, body: dict[str, Any]) -> Awaitable[web.Respon
         if upstream != model:
             body["model"], rewrite = upstream, model_rewriter(model)
     proxy = request.app[PROXY]
-    return proxy.plain.relay(info, proxy.post(info, "images/generations", body), rewrite)
+    return proxy.plain.relay(info, proxy.post(request, "images/generations", body), rewrite)

@@ -48,7 +48,7 @@ def model_call(request: web.Request, api: ModelApi, body: dict[str, Any], images
         if info.stream and settings.vision.stream_fallback != "off":
             return api.fallback(request, body, rewrite)
     proxy = request.app[PROXY]
-    call = proxy.post(info, api.path, body)
+    call = proxy.post(request, api.path, body)
     if info.stream:
         return proxy.stream(request, call, dialect=api.dialect, rewrite=rewrite)
     return proxy.plain.relay(info, call, rewrite)

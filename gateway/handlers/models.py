@@ -18,7 +18,7 @@ async def _models(request: web.Request) -> list[Entry]:
     proxy = request.app[PROXY]
 
     def fetch() -> Any:
-        return proxy.plain.fetch_json(proxy.get(info, "models"))
+        return proxy.plain.fetch_json(proxy.get(request, "models"))
 
     entries = await request.app[MODEL_CATALOG].entries(fetch)
     return visible(entries, info.key)

@@ -21,7 +21,7 @@ import pytest
 from aiohttp import web
 
 from gateway.app import create_app
-from gateway.appkeys import PROXY, REQUEST_INFO
+from gateway.appkeys import PROXY
 from gateway.request_body import json_body
 
 from clients import AUTH, sse_events
@@ -167,7 +167,7 @@ async def gateway_with_a_bug(upstream_url: str) -> AsyncIterator[str]:
             if len(seen) == 3:
                 raise bug
         proxy = request.app[PROXY]
-        call = proxy.post(request[REQUEST_INFO], "chat/completions", body)
+        call = proxy.post(request, "chat/completions", body)
         return await proxy.stream(request, call, rewrite=rewrite)
 
     app.router.add_post("/v1/broken", broken)
