@@ -179,7 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     k = keys_sub.add_parser("add", help="create a key and print it, once")
     k.add_argument("--name", required=True, help="unique name (logs, metrics, revoke)")
     k.add_argument("--rpm", type=float, help="requests per minute (default: [limits])")
-    k.add_argument("--burst", type=int, help="requests at once (default: [limits])")
+    k.add_argument("--burst", type=int,
+                   help="requests in a row before the per-minute rate applies "
+                        "(default: [limits])")
     k.add_argument("--max-streams", type=int, help="simultaneous streams (default: [limits])")
     k.add_argument("--models", help="comma-separated model allow-list (default: all)")
     keys_sub.add_parser("list", help="names and limits (never the keys)")

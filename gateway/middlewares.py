@@ -218,6 +218,10 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     return await handler(request)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _too_many_failures(wait: float) -> RateLimited:
     return RateLimited(f"Too many requests with invalid API keys from this address; retry in "
                        f"{math.ceil(wait)}s", code=AUTH_FAILURES_CODE,
@@ -247,10 +251,12 @@ async def ratelimit_middleware(request: web.Request, handler: Handler) -> web.St
         retry = info.limit_headers["Retry-After"]
         if decision.refused_by == "concurrency":
             raise RateLimited(f"Concurrency limit reached: this key may hold "
-                              f"{key.max_concurrent_streams} open streams; retry in {retry}s "
-                              f"or when one ends", code="concurrency_limit_exceeded")
-        raise RateLimited(f"Rate limit reached: {key.burst} requests at once, "
-                          f"{key.requests_per_minute:g} per minute; retry in {retry}s")
+                              f"{_count(key.max_concurrent_streams, 'open stream')} at a time; "
+                              f"retry in {retry}s or when one ends",
+                              code="concurrency_limit_exceeded")
+        raise RateLimited(f"Rate limit reached: this key may send "
+                          f"{_count(key.burst, 'request')} in a row, then "
+                          f"{key.requests_per_minute:g} a minute; retry in {retry}s")
     if decision.lease is None:
         return await handler(request)
     try:

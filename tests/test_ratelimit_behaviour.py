@@ -171,7 +171,8 @@ async def test_gateway_headers_and_refusal_shapes(
             body = await resp.json()
             assert body["error"]["code"] == "rate_limit_exceeded"
             assert body["error"]["type"] == "rate_limit_error"
-            assert body["error"]["message"].startswith("Rate limit reached: 2 requests at once")
+            assert body["error"]["message"].startswith(
+                "Rate limit reached: this key may send 2 requests in a row")
             assert resp.headers["Retry-After"] == "1"
             assert 0 < int(resp.headers["retry-after-ms"]) <= 1000
             assert resp.headers["x-ratelimit-remaining-requests"] == "0"
@@ -205,7 +206,7 @@ async def test_gateway_stream_lease_is_released_on_disconnect(
                 assert refused.status == 429
                 frame = orjson.loads(await refused.read())  # JSON: no Accept names the stream
                 assert frame["error"]["code"] == "concurrency_limit_exceeded"
-                assert "1 open streams" in frame["error"]["message"]
+                assert "1 open stream at a time" in frame["error"]["message"]
         finally:
             first.close()  # the client goes away mid-stream
         started = time.monotonic()
@@ -236,8 +237,8 @@ async def test_openai_sdk_raises_rate_limit_error(
                 model="grok-4", messages=[{"role": "user", "content": "hi"}])
         assert caught.value.status_code == 429
         assert caught.value.code == "rate_limit_exceeded"
-        assert "Rate limit reached: 1 requests at once, 6 per minute; retry in 10s" \
-            in caught.value.message
+        assert ("Rate limit reached: this key may send 1 request in a row, then 6 a minute; "
+                "retry in 10s") in caught.value.message
         assert caught.value.response.headers["retry-after"] == "10"
         with pytest.raises(openai.RateLimitError):  # a stream is refused the same way
             await client.chat.completions.create(
