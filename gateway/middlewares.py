@@ -218,6 +218,11 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     return await handler(request)
 
 
+def _rate(per_minute: float) -> str:
+    """1000000 as "1,000,000", 0.5 as "0.5": never "1e+06"."""
+    return f"{per_minute:,.0f}" if per_minute == int(per_minute) else f"{per_minute:,.6g}"
+
+
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
@@ -256,7 +261,7 @@ async def ratelimit_middleware(request: web.Request, handler: Handler) -> web.St
                               code="concurrency_limit_exceeded")
         raise RateLimited(f"Rate limit reached: this key may send "
                           f"{_count(key.burst, 'request')} in a row, then "
-                          f"{key.requests_per_minute:g} a minute; retry in {retry}s")
+                          f"{_rate(key.requests_per_minute)} a minute; retry in {retry}s")
     if decision.lease is None:
         return await handler(request)
     try:

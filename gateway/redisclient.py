@@ -14,17 +14,16 @@ must cost little and never stall the event loop:
   requests in flight when it went away, and nothing to the requests after them; a timeout that
   was only a hiccup closes the breaker again within a round trip.
 - Hot-path commands are auto-pipelined (``RedisBatcher``): the commands that requests issue in
-  the same moment travel together, on one connection, each without waiting for the replies in
-  flight. A burst of N concurrent checks so costs one round trip and one connection, not N
-  connections opened at once: that would be a handshake storm which on a busy host outlasts the
-  connect timeout, and past 100 in flight redis-py's pool refuses outright ("Too many
-  connections"); its blocking pool instead lets some waiters starve past any timeout.
+  the same moment travel together, in one pipeline on one connection. A burst of N concurrent
+  checks so costs one or two round trips and one connection, not N connections opened at once:
+  that would be a handshake storm which on a busy host outlasts the connect timeout, and past
+  100 in flight redis-py's pool refuses outright ("Too many connections"); its blocking pool
+  instead lets some waiters starve past any timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import time
@@ -36,7 +35,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
 from .settings import RedisSettings
 
@@ -66,132 +65,67 @@ def connect(settings: RedisSettings, *, timeout: float | None = None) -> aioredi
 
 
 class RedisBatcher:
-    """Auto-pipelining on one connection of its own: ``await batcher.execute(*command)``.
+    """Auto-pipelining: ``await batcher.execute(*command)`` queues the command; one task sends
+    whatever has queued as one pipeline (``transaction=False``: each command, each script, stays
+    atomic on its own), waits for the replies, then sends what queued meanwhile. A command
+    waits at most for the batch in flight plus its own: two round trips.
 
-    The commands that requests issue in the same moment leave together, in one write; and a
-    command leaves as soon as the write before it has, without waiting for that batch's
-    replies. Redis answers in order, so one reader matches each reply to the next waiting
-    caller. A command so waits for one round trip, however busy the connection; a burst of N
-    checks costs one connection and a few writes. (redis-py's ``Pipeline`` waited for each
-    batch's replies before sending the next: two round trips under load, and its machinery
-    cost more than the command.) The connection is redis-py's own, used through its public
-    ``pack_commands``, ``send_packed_command`` and ``read_response``: its handshake (AUTH,
-    SELECT, TLS), its parser (hiredis) and its per-read timeout are the client's.
-
-    Replies are Redis's own (``b"OK"``, a script's list), without redis-py's per-command
-    conversions. Each command, each script, is atomic on its own (as in ``transaction=False``).
-    When the
-    connection breaks or a read times out, every caller waiting on it gets the error, and the
-    next command opens a new connection. A caller that is cancelled leaves its command in place
-    (it may already be on the wire); its reply is dropped.
+    A caller that is cancelled leaves its command in the batch (it may already be on the wire);
+    its reply is dropped.
     """
 
     def __init__(self, client: aioredis.Redis) -> None:
-        self._pool = client.connection_pool
-        self._conn: Any = None  # redis.asyncio.Connection, opened on first use
-        self._outbox: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
-        self._waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
-        self._writer: asyncio.Task[None] | None = None
-        self._reader: asyncio.Task[None] | None = None
-        self._reader_conn: Any = None
+        self._client = client
+        self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._sender: asyncio.Task[None] | None = None
 
     async def execute(self, *command: Any) -> Any:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._outbox.append((command, future))
-        if self._writer is None:
-            self._writer = loop.create_task(self._write_all())
+        self._queue.append((command, future))
+        if self._sender is None:
+            self._sender = loop.create_task(self._send_all())
         return await future
 
-    async def _write_all(self) -> None:
-        batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+    async def _send_all(self) -> None:
         try:
-            while self._outbox:
-                batch, self._outbox = self._outbox[:MAX_BATCH], self._outbox[MAX_BATCH:]
-                batch = [(command, future) for command, future in batch if not future.done()]
-                if not batch:
-                    continue
-                conn = self._conn or await self._connect()
-                packed = conn.pack_commands([command for command, _ in batch])
-                self._waiting.extend(future for _, future in batch)
-                batch = []  # the reader answers them now
-                if self._reader is None or self._reader_conn is not conn:
-                    self._reader_conn = conn  # a reader of a broken connection ends by itself
-                    self._reader = asyncio.get_running_loop().create_task(self._read_all(conn))
-                await conn.send_packed_command(packed, check_health=False)
+            while self._queue:
+                batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+                await self._send(batch)
+        finally:
+            self._sender = None
+
+    async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+        pipe = self._client.pipeline(transaction=False)
+        for command, _ in batch:
+            pipe.execute_command(*command)
+        try:
+            replies = await pipe.execute(raise_on_error=False)
         except asyncio.CancelledError:
-            self._fail(batch + self._outbox, None)
-            self._outbox = []
+            for _, future in batch:
+                future.cancel()
             raise
         except Exception as exc:  # Redis down or slow: every caller decides what that means
-            self._fail(batch + self._outbox, exc)
-            self._outbox = []
-        finally:
-            self._writer = None
-
-    async def _read_all(self, conn: Any) -> None:
-        try:
-            while self._waiting and conn is self._conn:
-                try:
-                    reply = await conn.read_response()
-                except ResponseError as error:  # an error reply to one command: its caller's
-                    reply = error
-                if conn is not self._conn:
-                    return  # replaced meanwhile: the waiting callers are the new one's
-                future = self._waiting.popleft()
-                if future.done():
-                    continue  # its caller is gone
-                if isinstance(reply, Exception):
-                    future.set_exception(reply)
-                else:
-                    future.set_result(reply)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # the connection broke, or Redis did not answer in time
-            if conn is self._conn:
-                self._fail([], exc)
-        finally:
-            if self._reader is asyncio.current_task():
-                self._reader = None
-
-    async def _connect(self) -> Any:
-        conn = self._pool.make_connection()
-        await conn.connect()
-        self._conn = conn
-        return conn
-
-    def _fail(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]],
-              exc: BaseException | None) -> None:
-        """The connection is no longer usable: every caller waiting on it, and those of
-        ``batch`` (not sent), get ``exc`` (are cancelled when None); the next command opens a
-        new connection."""
-        futures = [future for _, future in batch] + list(self._waiting)
-        self._waiting.clear()
-        for future in futures:
-            if not future.done():
-                if exc is None:
-                    future.cancel()
-                else:
+            for _, future in batch:
+                if not future.done():
                     future.set_exception(exc)
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            asyncio.get_running_loop().create_task(conn.disconnect(nowait=True))
+            return
+        for (_, future), reply in zip(batch, replies, strict=True):
+            if future.done():
+                continue  # its caller is gone
+            if isinstance(reply, Exception):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
 
     async def close(self) -> None:
-        for task in (self._writer, self._reader):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        for _, future in self._outbox:
+        if self._sender is not None:
+            self._sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sender
+        for _, future in self._queue:
             future.cancel()
-        self._outbox.clear()
-        for future in self._waiting:
-            future.cancel()
-        self._waiting.clear()
-        if self._conn is not None:
-            await self._conn.disconnect()
-            self._conn = None
+        self._queue.clear()
 
 
 def safe_url(url: str) -> str:

@@ -266,6 +266,8 @@ def _build(data: Mapping[str, Any]) -> Settings:
            "upstream.url", 'must be an http(s) URL or "mock"')
     _check(upstream.max_retries >= 0, "upstream.max_retries", "must not be negative")
     _check(upstream.max_answer_bytes > 0, "upstream.max_answer_bytes", "must be positive")
+    _check(len({h.lower() for h in upstream.forward_headers}) == len(upstream.forward_headers),
+           "upstream.forward_headers", "names a header twice (names ignore case)")
     for header in upstream.forward_headers:
         _check(_HEADER_NAME.fullmatch(header) is not None, "upstream.forward_headers",
                f"{header!r} is not a header name")

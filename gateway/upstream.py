@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Mapping
 from urllib.parse import urlsplit
 
@@ -21,6 +22,9 @@ log = logging.getLogger("gateway.upstream")
 
 _GATEWAYS_OWN = ("content-type", "x-request-id")
 _MAX_HEADER_CHARS = 1024
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+"""Control characters (tab aside) a header value may not carry: CR and LF would start another
+header; the rest a strict upstream refuses, request and all."""
 _RETRY_STATUSES = frozenset((502, 503, 504))
 MIN_SECRET_CHARS = 12
 
@@ -71,7 +75,7 @@ class UpstreamClient:
                  self._fixed_headers]
         for name, value in (headers or {}).items():
             if name.lower() in self._forwarded and len(value) <= _MAX_HEADER_CHARS \
-                    and "\r" not in value and "\n" not in value and "\0" not in value:
+                    and not _CONTROL.search(value):
                 lines.append(f"{name}: {value}\r\n".encode("utf-8", "replace"))
         if body is not None:
             lines.append(b"Content-Length: %d\r\n\r\n" % len(body))

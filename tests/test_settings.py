@@ -126,6 +126,8 @@ def test_client_connection_limits_have_safe_defaults_and_come_from_the_environme
     ({"upstream": {"forward_headers": ["Authorization"]}}, "upstream.forward_headers"),
     ({"upstream": {"forward_headers": ["x-api-key"]}}, "upstream.forward_headers"),
     ({"upstream": {"forward_headers": ["not a header"]}}, "upstream.forward_headers"),
+    ({"upstream": {"forward_headers": ["x-grok-conv-id", "X-Grok-Conv-Id"]}},
+     "upstream.forward_headers"),
     ({"vision": {"stream_fallback": "maybe"}}, "vision.stream_fallback"),
     ({"redis": {"failure_policy": "pray"}}, "redis.failure_policy"),
     ({"limits": {"burst": 0}}, "limits.burst"),

@@ -137,8 +137,7 @@ async def test_a_redis_that_goes_silent_costs_the_requests_in_flight_a_bounded_w
         policy: str) -> None:
     """helper-1's silent-proxy test, for fail_closed as well, and with many requests waiting
     on Redis when it goes silent: they are answered per the policy after at most two timeouts
-    (one read of ``RedisBatcher``'s connection times out, and every caller waiting on it gets
-    the error; a command sent just then may wait for the next), later ones at once. Reuses its
+    (the pipeline in flight, then their own: ``RedisBatcher``), later ones at once. Reuses its
     proxy (``Blackhole``, in ``tests/servers.py``), which keeps connections open and drops
     bytes."""
     proxy = Blackhole(redis_url)
