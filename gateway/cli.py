@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from .settings import ConfigError, Limits, Settings, check_upstream_key, load_settings
+from .config import check_upstream_key, load_settings
+from .settings import ConfigError, Limits, Settings
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis

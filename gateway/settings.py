@@ -1,9 +1,10 @@
 """Typed, frozen settings, validated once at start-up.
 
-Settings come from a TOML file and the environment. Every leaf setting ``[section] key`` can be
-overridden by ``GATEWAY_<SECTION>_<KEY>`` (``GATEWAY_UPSTREAM_URL``, ``GATEWAY_REDIS_URL``,
-``GATEWAY_STREAM_KEEPALIVE_SECONDS``, ...). ``GATEWAY_REDIS_URL`` also enables Redis when the file
-has no ``[redis]`` section; setting it to an empty string disables Redis.
+Settings come from a TOML file and the environment (``config.py`` reads them; this module does
+no I/O). Every leaf setting ``[section] key`` can be overridden by ``GATEWAY_<SECTION>_<KEY>``
+(``GATEWAY_UPSTREAM_URL``, ``GATEWAY_REDIS_URL``, ``GATEWAY_STREAM_KEEPALIVE_SECONDS``, ...).
+``GATEWAY_REDIS_URL`` also enables Redis when the file has no ``[redis]`` section; setting it to
+an empty string disables Redis.
 
 Nothing here reads the environment at import time, and this module imports nothing else from the
 package, so that the CLI, tests and tools can build settings however they like.
@@ -13,9 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -165,45 +164,7 @@ class Settings:
         return _build(data)
 
 
-def load_settings(path: str | None, environ: Mapping[str, str] | None = None) -> Settings:
-    """Read the TOML file (if any), apply ``GATEWAY_*`` overrides, validate."""
-    environ = os.environ if environ is None else environ
-    data: dict[str, Any] = {}
-    if path:
-        try:
-            with open(path, "rb") as f:
-                data = tomllib.load(f)
-        except OSError as e:
-            raise ConfigError("--config", f"cannot read {path}: {e.strerror}") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError("--config", f"{path} is not valid TOML: {e}") from None
-    data = _apply_environment(data, environ)
-    settings = _build(data)
-    if not settings.upstream.url_given:
-        # The built-in mock only for the embedded default: no file, no GATEWAY_* setting and no
-        # key. A deployment that forgot its key must not answer clients from the mock with 200s;
-        # it gets xAI, and ``check_upstream_key`` stops ``gateway serve`` naming the variable.
-        configured = bool(path) or bool(data)
-        url = "mock" if not configured and not settings.upstream_api_key(environ) else XAI_URL
-        settings = dataclasses.replace(
-            settings, upstream=dataclasses.replace(settings.upstream, url=url))
-    return settings
-
-
-def check_upstream_key(settings: Settings, environ: Mapping[str, str]) -> None:
-    """A real upstream needs its key at start-up (``gateway serve``), not at the first request.
-
-    Not part of ``load_settings``: ``gateway keys`` reads the same file without the key.
-    """
-    if settings.upstream.is_mock or settings.upstream_api_key(environ):
-        return
-    where = settings.upstream.api_key_env
-    raise ConfigError("upstream.api_key", (f"{where} is not set" if where else "it is empty")
-                      + " (the upstream's key: set it, or [upstream] api_key); for the built-in "
-                      'mock upstream instead, set [upstream] url = "mock"')
-
-
-_SECTIONS: dict[str, type] = {
+SECTIONS: dict[str, type] = {
     "server": ServerSettings,
     "upstream": UpstreamSettings,
     "redis": RedisSettings,
@@ -213,37 +174,8 @@ _SECTIONS: dict[str, type] = {
 }
 
 
-def _apply_environment(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
-    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
-    for section, cls in _SECTIONS.items():
-        for f in dataclasses.fields(cls):
-            name = f"GATEWAY_{section}_{f.name}".upper()
-            if name not in environ:
-                continue
-            raw = environ[name]
-            if section == "redis" and f.name == "url" and raw == "":
-                data.pop("redis", None)
-                continue
-            data.setdefault(section, {})[f.name] = _parse_env_value(raw, f.type)
-    return data
-
-
-def _parse_env_value(raw: str, type_name: Any) -> Any:
-    t = str(type_name)
-    if t == "bool":
-        return raw.strip().lower() in ("1", "true", "yes", "on")
-    if t in ("int", "float"):
-        try:
-            return int(raw) if t == "int" else float(raw)
-        except ValueError:
-            return raw  # validation names the setting
-    if t.startswith("tuple"):
-        return [part.strip() for part in raw.split(",") if part.strip()]
-    return raw
-
-
 def _build(data: Mapping[str, Any]) -> Settings:
-    known = set(_SECTIONS) | {"keys", "models"}
+    known = set(SECTIONS) | {"keys", "models"}
     for section in data:
         if section not in known:
             raise ConfigError(section, f"unknown section (known: {', '.join(sorted(known))})")

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.settings import ConfigError, Settings, check_upstream_key, hash_key, load_settings
+from gateway.config import check_upstream_key, load_settings
+from gateway.settings import ConfigError, Settings, hash_key
 
 CONTRACT = """
 [server]
