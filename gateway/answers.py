@@ -30,7 +30,7 @@ from .http1 import AnswerTooLarge, InvalidHTTP, UpstreamResponse
 from .inflight import InFlight
 from .render import Rewrite, usage_of
 from .request_info import RequestInfo
-from .upstream_errors import from_upstream, redact_strings
+from .upstream_errors import from_upstream, holds_secret, redact_strings
 
 _MAX_USAGE_PARSE = 1024 * 1024
 """A plain answer is parsed for its token counts (access log, metrics) only up to this size."""
@@ -45,12 +45,12 @@ class PlainAnswers:
     """Reads upstream answers whole; one per app, handed what it needs at start-up."""
 
     def __init__(self, in_flight: InFlight, timeout: float, max_bytes: int,
-                 secrets: tuple[str, ...]) -> None:
+                 secrets: tuple[str, ...], secret_bytes: tuple[bytes, ...]) -> None:
         self.in_flight = in_flight
         self.timeout = timeout  # for the whole answer: the first-byte timeout
         self.max_bytes = max_bytes
         self.secrets = secrets
-        self.secret_bytes = tuple(secret.encode() for secret in secrets if secret)
+        self.secret_bytes = secret_bytes
 
     async def relay(self, info: RequestInfo, call: Awaitable[UpstreamResponse],
                     rewrite: Rewrite | None = None,
@@ -89,23 +89,18 @@ class PlainAnswers:
         echo what it was sent), as bytes and as the parsed value (None if not parsed). Looked
         for in the bytes, and, where escapes could spell it otherwise, in the parsed strings."""
         secrets = self.secret_bytes
-        hit = any(secret in body for secret in secrets)
-        if not hit and secrets and b"\\" in body:
-            if obj is None:
-                try:
-                    obj = orjson.loads(body)
-                except orjson.JSONDecodeError:
-                    return body, None  # not JSON: no escapes to spell a secret with
-            hit = any(secret in orjson.dumps(obj) for secret in secrets)
-        if not hit:
+        if not secrets:
+            return body, obj
+        if obj is None and b"\\" in body:
+            obj = _json_or_none(body)  # escapes may spell a secret: look at the strings
+        if not holds_secret(body, obj, secrets):
             return body, obj
         if obj is None:
-            try:
-                obj = orjson.loads(body)
-            except orjson.JSONDecodeError:
-                for secret in secrets:
-                    body = body.replace(secret, b"[redacted]")
-                return body, None
+            obj = _json_or_none(body)
+        if obj is None:  # not JSON: the bytes themselves
+            for secret in secrets:
+                body = body.replace(secret, b"[redacted]")
+            return body, None
         obj = redact_strings(obj, self.secrets)
         return orjson.dumps(obj), obj
 
@@ -147,6 +142,13 @@ class PlainAnswers:
         if not 200 <= upstream.status < 300:
             raise from_upstream(upstream.status, body, upstream.headers, self.secrets)
         return upstream, body
+
+
+def _json_or_none(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:

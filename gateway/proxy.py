@@ -29,13 +29,14 @@ class Proxy:
                  metrics: Metrics) -> None:
         self.upstream = upstream
         self.stream_settings = settings.stream
-        self.secrets = tuple(s for s in upstream.secrets if s)
+        self.secrets = upstream.secrets  # non-empty, and long enough to be keys
         self.secret_bytes = tuple(s.encode() for s in self.secrets)
         self.in_flight = in_flight
         self.open_streams = metrics.open_streams
         self.forward_headers = settings.upstream.forward_headers
         self.plain = PlainAnswers(in_flight, settings.stream.first_byte_timeout_seconds,
-                                  settings.upstream.max_answer_bytes, self.secrets)
+                                  settings.upstream.max_answer_bytes, self.secrets,
+                                  self.secret_bytes)
 
     def post(self, request: web.Request, path: str, body: dict[str, Any]
              ) -> Awaitable[UpstreamResponse]:

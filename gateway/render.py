@@ -47,7 +47,7 @@ import simdjson
 
 from .errors import GatewayError, UpstreamFailure, UpstreamProtocolError
 from .sse import DONE, Event, SSEFramer, SSEProtocolError, encode_event
-from .upstream_errors import redact_strings, stream_error
+from .upstream_errors import holds_secret, redact_strings, stream_error
 
 Rewrite = Callable[[Any], Any]
 """Changes a parsed answer object in place (model aliases)."""
@@ -78,9 +78,17 @@ class Dialect:
     def classify(self, obj: Any) -> Kind:
         if not isinstance(obj, dict):
             return Kind.OTHER
-        if obj.get("error") is not None:
+        if self.is_error(obj):
             return Kind.ERROR
-        return Kind.USAGE if isinstance(obj.get("usage"), dict) else Kind.DATA
+        if self.is_terminal(obj):
+            return Kind.TERMINAL
+        return Kind.USAGE if self.usage(obj) is not None else Kind.DATA
+
+    def is_error(self, obj: dict[str, Any]) -> bool:
+        return obj.get("error") is not None
+
+    def is_terminal(self, obj: dict[str, Any]) -> bool:
+        return False  # [DONE] is not JSON: the renderer knows it before parsing
 
     def usage(self, obj: Any) -> dict[str, Any] | None:
         return usage_of(obj)
@@ -95,14 +103,11 @@ class ResponsesDialect(Dialect):
 
     responses_api = True
 
-    def classify(self, obj: Any) -> Kind:
-        if not isinstance(obj, dict):
-            return Kind.OTHER
-        if obj.get("error") is not None or obj.get("type") == "error":
-            return Kind.ERROR
-        if obj.get("type") in _RESPONSES_TERMINAL:
-            return Kind.TERMINAL
-        return Kind.USAGE if self.usage(obj) is not None else Kind.DATA
+    def is_error(self, obj: dict[str, Any]) -> bool:
+        return obj.get("error") is not None or obj.get("type") == "error"
+
+    def is_terminal(self, obj: dict[str, Any]) -> bool:
+        return obj.get("type") in _RESPONSES_TERMINAL
 
     def usage(self, obj: Any) -> dict[str, Any] | None:
         return usage_of(obj.get("response") if isinstance(obj, dict) else None)
@@ -296,7 +301,7 @@ class StreamRenderer:
         if self.rewrite is not None and isinstance(obj, dict):
             self.rewrite(obj)
             changed = True
-        if self._holds_secret(data, obj) or (
+        if holds_secret(data, obj, self.secret_bytes) or (
                 kind is Kind.TERMINAL and obj.get("type") == "response.failed"):
             clean = redact_strings(obj, self.secrets)
             changed = changed or clean != obj
@@ -304,15 +309,6 @@ class StreamRenderer:
         if changed:
             return encode_event(ev, obj)
         return ev.raw if ev.verbatim else encode_event(ev, obj)
-
-    def _holds_secret(self, data: bytes, obj: Any) -> bool:
-        """Whether a string in the event, as its reader decodes it, holds an operator secret:
-        looked for in the bytes, and, when the bytes hold escapes (a key may be spelled with
-        ``\\u`` escapes), in the canonical encoding orjson writes of the parsed value."""
-        if not self.secret_bytes:
-            return False
-        text = orjson.dumps(obj) if b"\\" in data else data
-        return any(secret in text for secret in self.secret_bytes)
 
 
 def _malformed(e: SSEProtocolError) -> UpstreamProtocolError:

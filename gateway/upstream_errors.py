@@ -105,6 +105,16 @@ def stream_error(obj: Any, secrets: tuple[str, ...] = ()) -> UpstreamFailure:
     return failure
 
 
+def holds_secret(raw: bytes, parsed: Any, secret_bytes: tuple[bytes, ...]) -> bool:
+    """Whether an upstream's JSON holds an operator secret as its reader decodes it: looked for
+    in the bytes and, when they hold escapes (a key may be spelled with ``\\u`` escapes) and
+    the value was parsed, in the canonical encoding orjson writes of it."""
+    if any(secret in raw for secret in secret_bytes):
+        return True
+    return parsed is not None and b"\\" in raw and any(
+        secret in orjson.dumps(parsed) for secret in secret_bytes)
+
+
 def redact_strings(value: Any, secrets: tuple[str, ...] = ()) -> Any:
     """A copy of a parsed JSON value with every string in it, object keys too, redacted: for
     an upstream event that is relayed whole (a Responses ``response.failed``).
