@@ -67,7 +67,7 @@ class PlainAnswers:
         body, obj = self._without_secrets(body, obj)
         if rewrite is not None:
             rewrite(obj)
-            body = orjson.dumps(obj)
+            body = _dumps(obj)
         info.usage = usage_of(obj) or info.usage
         info.first_byte = time.monotonic()
         info.bytes_out = len(body)
@@ -82,7 +82,9 @@ class PlainAnswers:
             obj = orjson.loads(body)
         except orjson.JSONDecodeError:
             raise UpstreamProtocolError("The upstream answered with invalid JSON") from None
-        return self._without_secrets(body, obj)[1]
+        obj = self._without_secrets(body, obj)[1]
+        _dumps(obj)  # the caller re-encodes it: a value too deep for that is the upstream's fault
+        return obj
 
     def _without_secrets(self, body: bytes, obj: Any) -> tuple[bytes, Any]:
         """The answer with every operator secret taken out of its strings (an upstream may
@@ -93,8 +95,11 @@ class PlainAnswers:
             return body, obj
         if obj is None and b"\\" in body:
             obj = _json_or_none(body)  # escapes may spell a secret: look at the strings
-        if not holds_secret(body, obj, secrets):
-            return body, obj
+        try:
+            if not holds_secret(body, obj, secrets):
+                return body, obj
+        except orjson.JSONEncodeError:
+            raise _too_deep() from None
         if obj is None:
             obj = _json_or_none(body)
         if obj is None:  # not JSON: the bytes themselves
@@ -102,7 +107,7 @@ class PlainAnswers:
                 body = body.replace(secret, b"[redacted]")
             return body, None
         obj = redact_strings(obj, self.secrets)
-        return orjson.dumps(obj), obj
+        return _dumps(obj), obj
 
     async def read(self, call: Awaitable[UpstreamResponse]) -> tuple[UpstreamResponse, bytes]:
         """The upstream's whole answer; a status that is not 2xx raises as the gateway's
@@ -142,6 +147,19 @@ class PlainAnswers:
         if not 200 <= upstream.status < 300:
             raise from_upstream(upstream.status, body, upstream.headers, self.secrets)
         return upstream, body
+
+
+def _dumps(obj: Any) -> bytes:
+    try:
+        return orjson.dumps(obj)
+    except orjson.JSONEncodeError:
+        raise _too_deep() from None
+
+
+def _too_deep() -> UpstreamProtocolError:
+    """orjson reads 1024 levels of nesting and writes 254: an answer between the two cannot
+    be re-encoded, and is refused as malformed (a 502), not left to fail as a bug (a 500)."""
+    return UpstreamProtocolError("The upstream answered with JSON nested too deeply")
 
 
 def _json_or_none(body: bytes) -> Any:

@@ -230,7 +230,7 @@ def _log_withheld(status: int, body: bytes, secrets: tuple[str, ...]) -> None:
     if len(body) <= _MAX_DETAIL_SOURCE:
         try:  # re-encoded from the parsed value: an escaped key (\u0078ai-...) is redacted too
             text = orjson.dumps(redact_strings(orjson.loads(body), secrets)).decode()
-        except orjson.JSONDecodeError:
+        except (orjson.JSONDecodeError, orjson.JSONEncodeError):  # not JSON, or too deep to write
             pass
     if text is None:
         head = body[:_MAX_DETAIL_SOURCE].decode("utf-8", "replace")

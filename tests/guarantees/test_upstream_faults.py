@@ -245,6 +245,42 @@ async def test_an_answer_that_is_not_http_is_502_bad_stream_never_500(
     assert upstream_errors(await scrape(base)) == {"bad_stream": 1}
 
 
+def http_answer(status: int, body: bytes) -> bytes:
+    return (b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\n\r\n%b" % (status, len(body), body))
+
+
+DEEP = b'{"a":' * 300 + b'"caf\\u00e9"' + b"}" * 300
+"""Valid JSON nested 300 deep, with an escape: orjson reads it (1024 levels) but cannot write
+it back (254), and an escape makes the gateway re-encode to look for a spelled-out key."""
+
+
+@pytest.mark.parametrize("status,path,want_status,want_code", [
+    (200, "/api/v1/chat/completions", 502, "upstream_bad_stream"),
+    (200, "/api/v1/models", 502, "upstream_bad_stream"),
+    (400, "/api/v1/chat/completions", 400, "invalid_request_error"),
+], ids=["answer", "models", "error_answer"])
+async def test_an_answer_nested_too_deep_to_re_encode_is_a_clean_error_never_500(
+        start_gateway: Any, caplog: pytest.LogCaptureFixture, status: int, path: str,
+        want_status: int, want_code: str) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    upstream = NotHTTP(http_answer(status, DEEP))
+    async with upstream.serving() as url:
+        _, base = await start_gateway(settings_for(url))
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as s:
+            method = s.get if path.endswith("models") else s.post
+            kwargs = {} if path.endswith("models") else {"json": chat_body(stream=False)}
+            async with method(base.removesuffix("/api/v1") + path, headers=AUTH,
+                              **kwargs) as r:  # type: ignore[operator]
+                got, raw = r.status, await r.read()
+    assert got == want_status, raw
+    err = error_of(raw)
+    assert err["code"] == want_code or err["type"] == want_code, err
+    assert b'"a"' not in raw  # nothing of the answer is echoed
+    [line] = access_lines(caplog, path)
+    assert line["status"] == want_status
+
+
 async def test_an_unreachable_upstream_is_502_after_bounded_retries(
         start_gateway: Any, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="gateway.access")
