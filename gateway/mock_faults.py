@@ -1,6 +1,10 @@
 """What the mock upstream answers when asked to fail (``gateway/mock_upstream.py`` documents
-the options): error statuses shaped as OpenAI's or xAI's, echoes of the key it was sent into
-any field or header, error events inside a stream, and answers too long to hold.
+the options): error statuses shaped as xAI's (the default) or OpenAI's, echoes of the key it was
+sent into any field or header, error events inside a stream, and answers too long to hold.
+
+xAI's error body is ``{"code": "<a gRPC status, in words>", "error": "<message>"}``: a string
+``error``, and a ``code`` that is a phrase, not an identifier (``XAI_CODES``). OpenAI's is
+``{"error": {"message", "type", "param", "code"}}``.
 """
 
 from __future__ import annotations
@@ -10,19 +14,38 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+XAI_CODES = {400: "Client specified an invalid argument",
+             401: "The request does not have valid authentication credentials",
+             403: "The caller does not have permission to execute the specified operation",
+             404: "Some requested entity was not found",
+             429: "Some resource has been exhausted",
+             500: "Internal error",
+             503: "The service is currently unavailable"}
+"""xAI's ``code`` for a status, when the mock is given none (``error_code``)."""
 
-def error(status: int, message: str, type_: str = "invalid_request_error",
-           code: str | None = None) -> web.Response:
-    return web.json_response({"error": {"message": message, "type": type_, "param": None,
-                                        "code": code}}, status=status)
+
+def error_body(shape: str, status: int, err: dict[str, Any]) -> dict[str, Any]:
+    """``err`` (OpenAI's fields) as the body of an error answer in ``shape``."""
+    if shape == "openai":
+        return {"error": err}
+    return {"code": err["code"] or XAI_CODES.get(status, "Unknown error"),
+            "error": err["message"]}
+
+
+def error(status: int, message: str, shape: str, code: str | None = None) -> web.Response:
+    """An error answer in ``shape`` (``xai`` or ``openai``)."""
+    err = {"message": message, "type": "invalid_request_error", "param": None, "code": code}
+    return web.json_response(error_body(shape, status, err), status=status)
 
 
 def echoed_key(request: web.Request) -> str:
     return request.headers.get("Authorization", "").removeprefix("Bearer ")
 
 
-def refusal(request: web.Request, status: int, opts: dict[str, Any]) -> web.Response:
-    """The answer to ``status``, shaped and leaking as the options ask."""
+def refusal(request: web.Request, status: int, opts: dict[str, Any], shape: str
+            ) -> web.Response:
+    """The answer to ``status``, shaped (``shape`` unless ``error_shape`` says) and leaking as
+    the options ask."""
     echo = opts.get("echo_auth") or []
     key = echoed_key(request)
     headers = {str(k): str(v) for k, v in (opts.get("error_headers") or {}).items()}
@@ -43,15 +66,19 @@ def refusal(request: web.Request, status: int, opts: dict[str, Any]) -> web.Resp
                 "server_error" if status >= 500 else "invalid_request_error",
         "param": None, "code": opts.get("error_code")}
     err.update({name: key for name in echo if name in err})
-    body: dict[str, Any] = {"error": err}
-    if opts.get("error_shape") == "xai":
-        body = {"error": err["message"], "code": err["code"]}
+    body = error_body(str(opts.get("error_shape", shape)), status, err)
     return web.json_response(body, status=status, headers=headers)
 
 
-def no_vision(model: str) -> web.Response:
-    return error(400, f"Model {model} does not support image input",
-                  code="model_not_vision_capable")
+def no_vision(model: str, shape: str) -> web.Response:
+    return error(400, f"Model {model} does not support image input", shape,
+                 code="model_not_vision_capable")
+
+
+def no_model(model: str, shape: str) -> web.Response:
+    """xAI's answer for a model it does not serve: 404."""
+    return error(404, f"The model {model} does not exist or your team does not have access to "
+                      f"it.", shape, code=None if shape == "xai" else "model_not_found")
 
 
 def chat_error_event(sequence_number: int) -> bytes:

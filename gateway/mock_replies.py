@@ -1,9 +1,10 @@
-"""What the mock upstream says: chat replies (text, tool calls, structured output, reasoning),
-Responses API objects and events, and generated images. Pure functions, no I/O.
+"""What the mock upstream says: chat replies (text, tool calls, structured output, reasoning)
+and their chunks, and generated images. Pure functions, no I/O. (The Responses API's objects
+and events, built from the same ``ChatReply``, are ``mock_responses``'.)
 
 The shapes follow the xAI / OpenAI references closely enough that the OpenAI SDK parses them:
-chat chunks as in https://docs.x.ai/docs/guides/streaming-response, Responses API events as in
-the SDK's ``openai/types/responses/response_*_event.py``.
+chat chunks as in https://docs.x.ai/docs/guides/streaming-response, in xAI's style by default
+or OpenAI's on request (``reply_chunks`` says how they differ).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import orjson
 
 CREATED = 1700000000
 REASONING_MODELS = ("grok-3-mini*",)
-"""Models that stream ``reasoning_content`` before their answer (as xAI's grok-3-mini does)."""
+"""Models that stream ``reasoning_content`` before their answer. xAI: "In Chat Completions,
+only grok-3-mini returns message.reasoning_content" (https://docs.x.ai/docs/guides/reasoning);
+grok-3, grok-4 and grok-4-fast-reasoning reason without returning it."""
 VISION_MODELS = ("grok-4*", "*vision*")
 """Models the mock accepts image parts for; others answer 400, as xAI does."""
 DEFAULT_REASONING = "The user asks a question. Let me think it through step by step."
@@ -54,13 +57,20 @@ class ChatReply:
     def finish_reason(self) -> str:
         return "tool_calls" if self.tool_calls else "stop"
 
-    def usage(self) -> dict[str, Any]:
-        completion = len(self.content) + len(self.reasoning) + sum(
+    @property
+    def tokens(self) -> int:
+        """Completion tokens: one per fragment (reasoning, content, tool-argument)."""
+        return len(self.content) + len(self.reasoning) + sum(
             len(c["arguments"]) for c in self.tool_calls)
+
+    def usage(self, spent: int | None = None) -> dict[str, Any]:
+        """The usage object; with ``spent``, the running count after that many tokens."""
+        completion = self.tokens if spent is None else spent
         usage: dict[str, Any] = {"prompt_tokens": 12, "completion_tokens": completion,
                                  "total_tokens": 12 + completion}
         if self.reasoning:
-            usage["completion_tokens_details"] = {"reasoning_tokens": len(self.reasoning)}
+            usage["completion_tokens_details"] = {
+                "reasoning_tokens": min(len(self.reasoning), completion)}
         return usage
 
     def message(self) -> dict[str, Any]:
@@ -128,7 +138,8 @@ _TOKENS = re.compile(r"[A-Za-z0-9_.\-]+|[^A-Za-z0-9_.\-]+")
 
 
 def json_fragments(value: Any) -> list[str]:
-    """JSON text cut the way xAI streams tool arguments: ``{"``, ``location``, ``": "``, ..."""
+    """JSON text cut into token-like fragments: ``{"``, ``location``, ``": "``, ... (how
+    OpenAI streams tool arguments, and how the mock streams structured output)."""
     return _TOKENS.findall(json.dumps(value, ensure_ascii=False))
 
 
@@ -195,102 +206,57 @@ def chat_completion(model: str, reply: ChatReply, cid: str) -> dict[str, Any]:
 
 
 def reply_chunks(model: str, reply: ChatReply, include_usage: bool,
-                 cid: str = "chatcmpl-mock") -> Iterator[bytes]:
+                 cid: str = "chatcmpl-mock", style: str = "xai") -> Iterator[bytes]:
     """The JSON of each chunk, in order: reasoning, then tool-call or content deltas, then the
-    finish chunk, then (with ``include_usage``) the usage chunk."""
+    finish chunk, then (with ``include_usage``) a usage chunk with no choices.
+
+    ``style="xai"`` streams as xAI does (https://docs.x.ai/docs/guides/streaming-response, and
+    the chunks recorded from xAI in vercel/ai's ``packages/xai/src/__fixtures__``): each tool
+    call whole in one delta (``@ai-sdk/xai`` accepts nothing else), and the running ``usage``
+    on every chunk, so that a reader must take the last one rather than add them up.
+    ``"openai"``: tool arguments in fragments after a delta that names the call, and usage only
+    in the ``include_usage`` chunk."""
     base = {"id": cid, "object": "chat.completion.chunk", "created": CREATED, "model": model,
             "system_fingerprint": "fp_mock"}
+    xai = style == "xai"
     first = True
+    spent = 0
 
-    def chunk(delta: dict[str, Any]) -> bytes:
-        nonlocal first
+    def chunk(delta: dict[str, Any], tokens: int = 1) -> bytes:
+        nonlocal first, spent
         if first:
             delta = {**delta, "role": "assistant"}
             first = False
-        return orjson.dumps({**base, "choices": [
-            {"index": 0, "delta": delta, "finish_reason": None}]})
+        spent += tokens
+        obj = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+        if xai:
+            obj["usage"] = reply.usage(spent)
+        return orjson.dumps(obj)
 
     for piece in reply.reasoning:
         yield chunk({"reasoning_content": piece})
     for index, call in enumerate(reply.tool_calls):
+        if xai:
+            yield chunk({"tool_calls": [
+                {"index": index, "id": call["id"], "type": "function",
+                 "function": {"name": call["name"], "arguments": "".join(call["arguments"])}}]},
+                len(call["arguments"]))
+            continue
         # The first delta names the call; the rest carry argument fragments only.
         yield chunk({"content": None, "tool_calls": [
             {"index": index, "id": call["id"], "type": "function",
-             "function": {"name": call["name"], "arguments": ""}}]})
+             "function": {"name": call["name"], "arguments": ""}}]}, 0)
         for fragment in call["arguments"]:
             yield chunk({"tool_calls": [{"index": index, "function": {"arguments": fragment}}]})
     for word in reply.content:
         yield chunk({"content": word})
-    yield orjson.dumps({**base, "choices": [
-        {"index": 0, "delta": {}, "finish_reason": reply.finish_reason}]})
+    finish: dict[str, Any] = {**base, "choices": [
+        {"index": 0, "delta": {}, "finish_reason": reply.finish_reason}]}
+    if xai:
+        finish["usage"] = reply.usage()
+    yield orjson.dumps(finish)
     if include_usage:
         yield orjson.dumps({**base, "choices": [], "usage": reply.usage()})
-
-
-# --- the Responses API -----------------------------------------------------------------------
-
-def response_object(model: str, text: str, rid: str = "resp_mock", msg_id: str = "msg_mock",
-                    *, status: str = "completed", words: int = 0) -> dict[str, Any]:
-    """A Responses API ``response`` object; ``in_progress`` ones have no output and no usage."""
-    done = status == "completed"
-    output = [{"type": "message", "id": msg_id, "status": "completed", "role": "assistant",
-               "content": [_output_text(text)]}] if done else []
-    return {"id": rid, "object": "response", "created_at": CREATED, "status": status,
-            "completed_at": CREATED + 1 if done else None,
-            "model": model, "output": output, "error": None, "incomplete_details": None,
-            "instructions": None, "metadata": {}, "parallel_tool_calls": True,
-            "temperature": None, "top_p": None, "tool_choice": "auto", "tools": [],
-            "text": {"format": {"type": "text"}},
-            "usage": {"input_tokens": 12, "input_tokens_details": {"cached_tokens": 0,
-                                                                "cache_write_tokens": 0},
-                      "output_tokens": words, "output_tokens_details": {"reasoning_tokens": 0},
-                      "total_tokens": 12 + words} if done else None}
-
-
-def _output_text(text: str) -> dict[str, Any]:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-
-
-@functools.lru_cache(maxsize=256)
-def named_event(name: str, obj_json: bytes) -> bytes:
-    return b"event: " + name.encode() + b"\ndata: " + obj_json + b"\n\n"
-
-
-def responses_events(model: str, words: list[str], rid: str = "resp_mock",
-                     msg_id: str = "msg_mock") -> list[bytes]:
-    """The named events of one streamed text answer, numbered from 0 as OpenAI numbers them."""
-    text = "".join(words)
-    seq = iter(range(1 << 30))
-
-    def event(name: str, **fields: Any) -> bytes:
-        return named_event(name, orjson.dumps({"type": name, **fields,
-                                               "sequence_number": next(seq)}))
-
-    pending = response_object(model, text, rid, msg_id, status="in_progress")
-    where = {"item_id": msg_id, "output_index": 0, "content_index": 0}
-    out = [event("response.created", response=pending),
-           event("response.in_progress", response=pending),
-           event("response.output_item.added", output_index=0,
-                 item={"type": "message", "id": msg_id, "status": "in_progress",
-                       "role": "assistant", "content": []}),
-           event("response.content_part.added", **where, part=_output_text(""))]
-    out += [event("response.output_text.delta", **where, delta=w, logprobs=[]) for w in words]
-    final = response_object(model, text, rid, msg_id, words=len(words))
-    out += [event("response.output_text.done", **where, text=text, logprobs=[]),
-            event("response.content_part.done", **where, part=_output_text(text)),
-            event("response.output_item.done", output_index=0, item=final["output"][0]),
-            event("response.completed", response=final)]
-    return out
-
-
-def responses_error_event(sequence_number: int) -> bytes:
-    """The Responses API's mid-stream error: the documented flat fields, and the nested
-    ``error`` object the service sends (and the SDK raises ``APIError`` on)."""
-    err = {"type": "server_error", "code": "mock_failure", "message": "mock mid-stream failure",
-           "param": None}
-    return named_event("error", orjson.dumps({
-        "type": "error", "code": err["code"], "message": err["message"], "param": None,
-        "error": err, "sequence_number": sequence_number}))
 
 
 # --- images ------------------------------------------------------------------------------------
@@ -326,6 +292,7 @@ def encode_event(obj_json: bytes, fmt: str) -> bytes:
 
 
 def chat_chunks(model: str, words: list[str], include_usage: bool, fmt: str = "oneline",
-                cid: str = "chatcmpl-mock") -> list[bytes]:
-    chunks = reply_chunks(model, ChatReply(content=words), include_usage, cid)
+                cid: str = "chatcmpl-mock", style: str = "xai") -> list[bytes]:
+    """The events of a plain text answer of ``words``, as the mock streams them."""
+    chunks = reply_chunks(model, ChatReply(content=words), include_usage, cid, style)
     return [encode_event(c, fmt) for c in chunks]

@@ -1,10 +1,18 @@
 """A real HTTP server that behaves like the xAI API, for the tests, the embedded default and the
 load scripts. It can also misbehave on request, so every failure path can be driven for real.
 
+It speaks xAI's dialect by default, so that tests see what production will: each tool call whole
+in one chunk, the running ``usage`` on every chunk, ``reasoning_content`` from grok-3-mini, 404
+for a model it does not serve (``MODELS``), and xAI's error body ``{"code", "error": "<message>"}``.
+``style: "openai"`` (per request, or ``create_mock_app(style=...)`` for the whole mock) gives
+OpenAI's instead: tool arguments in fragments, usage only in the ``include_usage`` chunk, and
+``{"error": {"message", "type", "param", "code"}}``.
+
 Behaviour is asked for in the request body, under ``"mock"`` (the gateway forwards bodies as
 they are; with the OpenAI SDK pass ``extra_body={"mock": {...}}``):
 
 ===================  ======================================================================
+``style``            ``xai`` (the default) or ``openai``: the dialect, as above
 ``chunks``           number of content chunks (default: one per word of ``text``)
 ``text``             the content to stream (default: a short sentence)
 ``chunk_bytes``      pad each chunk's content to about this many bytes (load tests)
@@ -14,7 +22,7 @@ they are; with the OpenAI SDK pass ``extra_body={"mock": {...}}``):
 ``pause_after``      with ``pause``: stop for ``pause`` seconds after this many chunks
 ``hold_until_open``  with ``pause_after``: stop there until this many streams are open at
                      once (at most ``pause`` seconds), a barrier for concurrency tests
-``status``           answer with this HTTP status and an OpenAI-shaped error body
+``status``           answer with this HTTP status and an error body (the style's shape)
 ``disconnect_after`` abort the connection after this many chunks
 ``hang_after``       send this many chunks, then nothing, forever
 ``no_done``          end the stream cleanly but without ``data: [DONE]``
@@ -27,8 +35,8 @@ they are; with the OpenAI SDK pass ``extra_body={"mock": {...}}``):
 ``format``           ``oneline`` (default), ``multiline`` (xAI docs: unprefixed JSON lines),
                      ``multidata`` (every JSON line its own ``data:``), ``crlf``, ``cr``
 ``split``            write the body in pieces of this many bytes (awkward offsets)
-``tool_calls``       with ``tools`` in the body: how many calls to make (default 1); their
-                     arguments stream as fragments (``{"``, ``location``, ``": "``, ...)
+``tool_calls``       with ``tools`` in the body: how many calls to make (default 1); each
+                     streams whole (``openai``: arguments as ``{"``, ``location``, ...)
 ``tool_arguments``   the arguments object (default: generated from the tool's JSON schema)
 ``json``             with ``response_format``: the JSON value to stream (default: generated
                      from the ``json_schema``)
@@ -39,7 +47,7 @@ they are; with the OpenAI SDK pass ``extra_body={"mock": {...}}``):
                      ``type``, ``code``, ``param`` (of ``status``'s error body, or of the
                      ``error_after`` event), or a header name of ``status``'s answer
                      (``Retry-After``, ``retry-after-ms``, ``Location``)
-``error_shape``      with ``status``: ``xai`` for xAI's own ``{"error": "<message>", "code"}``
+``error_shape``      with ``status``: ``xai`` or ``openai``, whatever the ``style``
 ``error_code``       with ``status`` or ``error_after``: the error's ``code``
 ``error_headers``    with ``status``: more headers for that answer (``{"Retry-After": "7"}``)
 ``error_text_bytes`` with ``status``: a plain-text body of this many bytes instead of JSON,
@@ -52,10 +60,12 @@ they are; with the OpenAI SDK pass ``extra_body={"mock": {...}}``):
 
 Routes (under ``/v1`` and the root): ``chat/completions`` (streamed or not; tool calls,
 structured output, reasoning, image parts for vision models), ``responses`` (the Responses API,
-plain or as named events; ``error_after`` sends its own ``event: error``), ``models``,
+plain or as named events; function ``tools`` and ``text.format`` as chat's ``tools`` and
+``response_format``; ``error_after`` sends its own ``event: error``), ``models``,
 ``models/{id}`` and ``images/generations`` (``b64_json`` or ``url``; never streams).
 
-``MockState`` (``app[MOCK_STATE]``) records what the mock saw, for tests to assert on.
+``MockState`` (``app[MOCK_STATE]``, from ``mock_stream``) records what the mock saw, for tests
+to assert on.
 """
 
 from __future__ import annotations
@@ -64,9 +74,7 @@ import asyncio
 import contextlib
 import functools
 import itertools
-import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -81,62 +89,24 @@ from .mock_replies import (
     encode_event,
     images_result,
     reply_chunks,
-    response_object,
-    responses_error_event,
-    responses_events,
     seen_words,
     sees_images,
 )
+from .mock_responses import (
+    response_object,
+    responses_error_event,
+    responses_events,
+    responses_reply,
+)
+from .mock_stream import MOCK_STATE, MockState, stream_events
 
 MODELS = ("grok-4", "grok-4-1-fast-non-reasoning", "grok-3-mini", "grok-2-vision-1212",
           "grok-2-image-1212")
+"""The models the mock serves (a test may add to ``MockState.models``); any other answers 404,
+as xAI does."""
+STYLES = ("xai", "openai")
 DEFAULT_TEXT = "Ah, the meaning of life is forty-two, as everyone knows."
 CREATED = 1700000000
-
-
-@dataclass
-class MockState:
-    requests: list[dict[str, Any]] = field(default_factory=list)
-    open_streams: int = 0
-    peak_open_streams: int = 0  # the most streams open at once
-    completed_streams: int = 0
-    disconnects: int = 0  # streams whose client (the gateway) went away before the end
-    last_disconnect: float = 0.0  # time.monotonic() of the last one
-    max_records: int = 1000
-    tags: dict[str, int] = field(default_factory=dict)  # requests seen per ``tag`` option
-    answer_bytes_sent: int = 0  # of ``answer_bytes`` answers, what the socket took
-    _open_waiters: list[tuple[int, asyncio.Future[None]]] = field(default_factory=list,
-                                                                  repr=False)
-
-    def stream_opened(self) -> None:
-        self.open_streams += 1
-        self.peak_open_streams = max(self.peak_open_streams, self.open_streams)
-        if self._open_waiters:
-            for target, waiter in self._open_waiters:
-                if target <= self.open_streams and not waiter.done():
-                    waiter.set_result(None)
-            self._open_waiters = [w for w in self._open_waiters if not w[1].done()]
-
-    async def wait_until_open(self, target: int, timeout: float) -> None:
-        """Return once ``target`` streams are open at the same time, or after ``timeout``."""
-        if self.open_streams >= target:
-            return
-        waiter = asyncio.get_running_loop().create_future()
-        self._open_waiters.append((target, waiter))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(waiter, timeout)
-
-    def note_disconnect(self) -> None:
-        self.disconnects += 1
-        self.last_disconnect = time.monotonic()
-
-    def record(self, request: web.Request, body: Any, raw: bytes = b"") -> None:
-        if len(self.requests) < self.max_records:
-            self.requests.append({"path": request.path, "method": request.method,
-                                  "headers": dict(request.headers), "body": body, "raw": raw})
-
-
-MOCK_STATE = web.AppKey("mock_state", MockState)
 _ids = itertools.count(1)
 
 
@@ -150,6 +120,18 @@ async def _body(request: web.Request) -> dict[str, Any]:
         raise web.HTTPBadRequest(text='{"error":{"message":"not an object"}}',
                                  content_type="application/json")
     return body
+
+
+def _style(request: web.Request, opts: dict[str, Any]) -> str:
+    style = opts.get("style")
+    return style if style in STYLES else request.app[MOCK_STATE].style
+
+
+def _no_model(request: web.Request, opts: dict[str, Any], model: Any) -> web.Response:
+    """The answer for a request without a model (400) or with one the mock does not serve."""
+    if not isinstance(model, str):
+        return mock_faults.error(400, "model is required", _style(request, opts))
+    return mock_faults.no_model(model, _style(request, opts))
 
 
 def _words(opts: dict[str, Any]) -> list[str]:
@@ -185,7 +167,8 @@ async def _preamble(request: web.Request) -> tuple[dict[str, Any], dict[str, Any
         seen = state.tags[tag] = state.tags.get(tag, 0) + 1
         status = (status or 503) if seen <= opts["fail_first"] else None
     if status:
-        return body, opts, mock_faults.refusal(request, int(status), opts)
+        return body, opts, mock_faults.refusal(request, int(status), opts,
+                                               _style(request, opts))
     return body, opts, None
 
 
@@ -194,10 +177,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if refusal is not None:
         return refusal
     model = body.get("model")
-    if not isinstance(model, str):
-        return mock_faults.error(400, "model is required")
+    if not isinstance(model, str) or model not in request.app[MOCK_STATE].models:
+        return _no_model(request, opts, model)
+    style = _style(request, opts)
     if count_chat_images(body.get("messages")) and not sees_images(model):
-        return mock_faults.no_vision(model)
+        return mock_faults.no_vision(model, style)
     if isinstance(opts.get("answer_bytes"), int) and not body.get("stream"):
         return await mock_faults.long_answer(request, request.app[MOCK_STATE],
                                              opts["answer_bytes"], bool(opts.get("answer_chunked")))
@@ -206,7 +190,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return web.json_response(chat_completion(model, reply, f"chatcmpl-{next(_ids)}"))
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     fmt = opts.get("format", "oneline")
-    events = [encode_event(c, fmt) for c in reply_chunks(model, reply, include_usage)]
+    events = [encode_event(c, fmt) for c in reply_chunks(model, reply, include_usage,
+                                                         style=style)]
     if opts.get("reasoning_silence") and reply.reasoning and "pause_after" not in opts:
         opts = {**opts, "pause_after": len(reply.reasoning), "pause": opts["reasoning_silence"]}
     if opts.get("echo_auth") or opts.get("error_code"):
@@ -221,17 +206,19 @@ async def responses(request: web.Request) -> web.StreamResponse:
     if refusal is not None:
         return refusal
     model = body.get("model")
-    if not isinstance(model, str):
-        return mock_faults.error(400, "model is required")
+    if not isinstance(model, str) or model not in request.app[MOCK_STATE].models:
+        return _no_model(request, opts, model)
+    style = _style(request, opts)
     images = count_input_images(body.get("input"))
     if images and not sees_images(model):
-        return mock_faults.no_vision(model)
+        return mock_faults.no_vision(model, style)
     words = seen_words(images) if images and "text" not in opts else _words(opts)
+    reply = responses_reply(body, opts, words)
     if not body.get("stream"):
         n = next(_ids)
-        return web.json_response(response_object(model, "".join(words), f"resp_mock_{n}",
-                                                 f"msg_mock_{n}", words=len(words)))
-    events = responses_events(model, words)
+        return web.json_response(response_object(model, reply, f"resp_mock_{n}",
+                                                 f"msg_mock_{n}", request=body))
+    events = responses_events(model, reply, style=style, request=body)
     if opts.get("format") in ("crlf", "cr"):
         ending = b"\r\n" if opts["format"] == "crlf" else b"\r"
         events = [e.replace(b"\n", ending) for e in events]
@@ -246,115 +233,42 @@ async def images_generations(request: web.Request) -> web.Response:
     body, opts, refusal = await _preamble(request)
     if refusal is not None:
         return refusal
+    style = _style(request, opts)
+    if "model" in body and body["model"] not in request.app[MOCK_STATE].models:
+        return _no_model(request, opts, body["model"])
     if body.get("stream"):
-        return mock_faults.error(400, "Image generation does not support streaming")
+        return mock_faults.error(400, "Image generation does not support streaming", style)
     prompt = body.get("prompt")
     if not isinstance(prompt, str) or not prompt:
-        return mock_faults.error(400, "prompt is required")
+        return mock_faults.error(400, "prompt is required", style)
     n = body.get("n", 1)
     if not isinstance(n, int) or not 1 <= n <= 10:
-        return mock_faults.error(400, "n must be an integer from 1 to 10")
+        return mock_faults.error(400, "n must be an integer from 1 to 10", style)
     return web.json_response(images_result(prompt, n, str(body.get("response_format", "url"))))
-
-
-_PACING = ("pause_after", "disconnect_after", "hang_after")
-_BATCH_BYTES = 64 * 1024
-
-
-async def _write_batched(response: web.StreamResponse, events: list[bytes]) -> None:
-    batch: list[bytes] = []
-    size = 0
-    for event in events:
-        batch.append(event)
-        size += len(event)
-        if size >= _BATCH_BYTES:
-            await response.write(b"".join(batch))
-            batch, size = [], 0
-    if batch:
-        await response.write(b"".join(batch))
-
-
-async def stream_events(request: web.Request, events: list[bytes], opts: dict[str, Any],
-                        done: bytes | None = b"data: [DONE]\n\n",
-                        error_event: Callable[[int], bytes] = mock_faults.chat_error_event
-                        ) -> web.StreamResponse:
-    """Write ``events`` as an SSE response, misbehaving as ``opts`` asks. ``error_event(n)`` is
-    the API's own mid-stream error, sent as the ``n``-th event for ``error_after``."""
-    state = request.app[MOCK_STATE]
-    fmt = opts.get("format", "oneline")
-    if done is not None and not opts.get("no_done"):
-        events = events + [encode_event(done[6:-2], fmt) if fmt in ("crlf", "cr") else done]
-    for name in ("error_after", "malformed_after"):
-        after = opts.get(name)
-        if isinstance(after, int):
-            bad = error_event(after) if name == "error_after" else b"data: {this is not json\n\n"
-            events = events[:after] + [bad]
-    inject = opts.get("inject_after")
-    if isinstance(inject, int):
-        events = events[:inject] + [bytes.fromhex(str(opts.get("inject_hex", "")))] \
-            + events[inject:]
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                           "Cache-Control": "no-cache"})
-    await response.prepare(request)
-    state.stream_opened()
-    finished = False
-    try:
-        if opts.get("first_token_delay"):
-            await asyncio.sleep(float(opts["first_token_delay"]))
-        delay = float(opts.get("chunk_delay", 0))
-        split = opts.get("split")
-        if not (delay or split or any(k in opts for k in _PACING)):
-            # A burst: events leave back to back, as from a fast upstream, in writes of up to
-            # 64 KiB, so that the mock is not what limits a load test.
-            await _write_batched(response, events)
-            events = []
-        for i, event in enumerate(events):
-            if i and delay:
-                await asyncio.sleep(delay)
-            if i == opts.get("pause_after"):
-                if isinstance(opts.get("hold_until_open"), int):
-                    await state.wait_until_open(opts["hold_until_open"],
-                                                float(opts.get("pause", 1)))
-                else:
-                    await asyncio.sleep(float(opts.get("pause", 1)))
-            if i == opts.get("disconnect_after"):
-                assert request.transport is not None
-                request.transport.abort()
-                return response
-            if i == opts.get("hang_after"):
-                await asyncio.sleep(3600)
-            if isinstance(split, int) and split > 0:
-                for j in range(0, len(event), split):
-                    await response.write(event[j:j + split])
-            else:
-                await response.write(event)
-        await response.write_eof()
-        finished = True
-        state.completed_streams += 1
-        return response
-    finally:
-        state.open_streams -= 1
-        if not finished and not opts.get("disconnect_after"):
-            state.note_disconnect()
 
 
 async def list_models(request: web.Request) -> web.Response:
     request.app[MOCK_STATE].record(request, None)
     return web.json_response({"object": "list", "data": [
-        {"id": m, "object": "model", "created": CREATED, "owned_by": "xai"} for m in MODELS]})
+        {"id": m, "object": "model", "created": CREATED, "owned_by": "xai"}
+        for m in request.app[MOCK_STATE].models]})
 
 
 async def get_model(request: web.Request) -> web.Response:
     model = request.match_info["model"]
-    if model not in MODELS:
-        return mock_faults.error(404, f"The model {model} does not exist", code="model_not_found")
+    if model not in request.app[MOCK_STATE].models:
+        return mock_faults.no_model(model, request.app[MOCK_STATE].style)
     return web.json_response({"id": model, "object": "model", "created": CREATED,
                               "owned_by": "xai"})
 
 
-def create_mock_app() -> web.Application:
+def create_mock_app(style: str = "xai") -> web.Application:
+    """The mock, speaking xAI's dialect or (``style="openai"``) OpenAI's unless a request's
+    ``style`` option says otherwise."""
+    if style not in STYLES:
+        raise ValueError(f"mock style must be one of {STYLES}, not {style!r}")
     app = web.Application(client_max_size=64 * 1024 * 1024)
-    app[MOCK_STATE] = MockState()
+    app[MOCK_STATE] = MockState(style=style, models=MODELS)
     for prefix in ("/v1", ""):
         app.router.add_post(f"{prefix}/chat/completions", chat_completions)
         app.router.add_get(f"{prefix}/models", list_models)
@@ -371,10 +285,10 @@ mock, not the gateway, would be what a load test measures."""
 
 
 @contextlib.asynccontextmanager
-async def run_mock_upstream(host: str = "127.0.0.1", port: int = 0
+async def run_mock_upstream(host: str = "127.0.0.1", port: int = 0, style: str = "xai"
                             ) -> AsyncIterator[tuple[web.Application, str]]:
     """Serve the mock on ``host:port`` (0: a free port); yields the app and its base URL."""
-    app = create_mock_app()
+    app = create_mock_app(style)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=BACKLOG)

@@ -51,7 +51,7 @@ def chat_body(*, stream: bool | None, messages: list[dict[str, Any]] = HI,
 
 def mock_events(text: str, model: str = "grok-4") -> list[bytes]:
     """The events the mock upstream streams for a reply of ``text`` when nothing goes wrong
-    (one word a chunk), ``[DONE]`` last."""
+    (one word a chunk, in its default xAI style: the running usage on each), ``[DONE]`` last."""
     words = text.split(" ")
     words = [w + " " for w in words[:-1]] + [words[-1]]
     return chat_chunks(model, words, False) + [b"data: [DONE]\n\n"]

@@ -32,11 +32,31 @@ class Cities(BaseModel):
 
 # --- tool calls ---------------------------------------------------------------------------------
 
-async def test_tool_call_deltas_are_relayed_incrementally_byte_for_byte(
+async def test_a_tool_call_sent_whole_as_xai_does_is_relayed_byte_for_byte(
         gateway: Any, mock_upstream: Upstream) -> None:
     _, base = gateway
     body = chat_body(stream=True, messages=USER, fields={"tools": [WEATHER_TOOL]},
                      tool_arguments=ARGS)
+    direct = await post(f"{mock_upstream.url}/chat/completions", body)
+    relayed = await post(f"{base}/api/v1/chat/completions", body)
+    assert relayed.status == 200
+    assert relayed.body == direct.body
+    chunks = [d for d in relayed.data() if d != "[DONE]"]
+    calls = [c["choices"][0]["delta"]["tool_calls"] for c in chunks
+             if c["choices"][0]["delta"].get("tool_calls")]
+    assert len(calls) == 1  # one delta: index, id, type, name and all the arguments
+    (call,) = calls[0]
+    assert call["index"] == 0 and call["id"] == "call_mock_1" and call["type"] == "function"
+    assert call["function"]["name"] == "get_weather"
+    assert json.loads(call["function"]["arguments"]) == ARGS
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+async def test_tool_call_deltas_are_relayed_incrementally_byte_for_byte(
+        gateway: Any, mock_upstream: Upstream) -> None:
+    _, base = gateway
+    body = chat_body(stream=True, messages=USER, fields={"tools": [WEATHER_TOOL]},
+                     tool_arguments=ARGS, style="openai")
     direct = await post(f"{mock_upstream.url}/chat/completions", body)
     relayed = await post(f"{base}/api/v1/chat/completions", body)
     assert relayed.status == 200
@@ -50,16 +70,20 @@ async def test_tool_call_deltas_are_relayed_incrementally_byte_for_byte(
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
 
-async def test_sdk_accumulates_parallel_tool_calls_async(gateway: Any) -> None:
+@pytest.mark.parametrize(("style", "deltas"), [("xai", 2), ("openai", 24)])
+async def test_sdk_accumulates_parallel_tool_calls_async(gateway: Any, style: str,
+                                                         deltas: int) -> None:
     _, base = gateway
     client = async_sdk(base)
     async with client.chat.completions.stream(
             model="grok-4", messages=USER, tools=[WEATHER_TOOL],  # type: ignore[list-item]
-            extra_body={"mock": {"tool_calls": 2, "tool_arguments": ARGS}}) as stream:
+            extra_body={"mock": {"tool_calls": 2, "tool_arguments": ARGS,
+                                 "style": style}}) as stream:
         kinds = [event.type async for event in stream]
         final = await stream.get_final_completion()
     await client.close()
-    assert kinds.count("tool_calls.function.arguments.delta") > 10
+    # xAI: each call whole, one delta each; OpenAI: the arguments in fragments.
+    assert kinds.count("tool_calls.function.arguments.delta") == deltas
     choice = final.choices[0]
     assert choice.finish_reason == "tool_calls"
     calls = choice.message.tool_calls or []
@@ -171,20 +195,23 @@ async def test_reasoning_content_in_a_plain_answer_sync(gateway: Any) -> None:
 
 # --- usage -------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("style", ["xai", "openai"])
 @pytest.mark.parametrize("model", ["grok-4", "grok-3-mini"])
-async def test_usage_chunk_reaches_the_sdk_sync_and_async(gateway: Any, model: str) -> None:
+async def test_usage_chunk_reaches_the_sdk_sync_and_async(gateway: Any, model: str,
+                                                           style: str) -> None:
     _, base = gateway
+    mock = {"mock": {"style": style}}
 
     def use(client: OpenAI) -> list[Any]:
         return list(client.chat.completions.create(
             model=model, messages=USER, stream=True,  # type: ignore[arg-type]
-            stream_options={"include_usage": True}))
+            stream_options={"include_usage": True}, extra_body=mock))
 
     chunks = await in_thread(base, use)
     client = async_sdk(base)
     stream = await client.chat.completions.create(
         model=model, messages=USER, stream=True,  # type: ignore[arg-type]
-        stream_options={"include_usage": True})
+        stream_options={"include_usage": True}, extra_body=mock)
     async_chunks = [c async for c in stream]
     await client.close()
     for got in (chunks, async_chunks):
@@ -192,10 +219,20 @@ async def test_usage_chunk_reaches_the_sdk_sync_and_async(gateway: Any, model: s
         assert last.choices == []
         assert last.usage is not None
         assert last.usage.total_tokens == last.usage.prompt_tokens + last.usage.completion_tokens
-        assert all(c.usage is None for c in got[:-1])
+        if style == "openai":
+            assert all(c.usage is None for c in got[:-1])
+        else:  # xAI: the running count on every chunk, the last one whole
+            counts = [c.usage.completion_tokens for c in got if c.usage is not None]
+            assert len(counts) == len(got)
+            assert counts == sorted(counts) and counts[0] == 1
+            assert counts[-2] == counts[-1] == last.usage.completion_tokens
 
 
 async def test_no_usage_chunk_unless_asked(gateway: Any) -> None:
     _, base = gateway
-    raw = await post(f"{base}/api/v1/chat/completions", chat_body(stream=True, messages=USER))
+    raw = await post(f"{base}/api/v1/chat/completions",
+                     chat_body(stream=True, messages=USER, style="openai"))
     assert not any("usage" in d for d in raw.data() if d != "[DONE]")
+    raw = await post(f"{base}/api/v1/chat/completions", chat_body(stream=True, messages=USER))
+    chunks = [d for d in raw.data() if d != "[DONE]"]
+    assert all(c["choices"] for c in chunks)  # xAI: usage on each chunk, but no usage chunk

@@ -141,12 +141,13 @@ async def test_a_huge_model_name_is_refused_and_never_sizes_a_log_line_or_the_me
 
 
 async def test_a_model_name_that_does_not_look_like_one_is_counted_as_other_in_the_metrics(
-        gateway: Any) -> None:
+        gateway: Any, mock_upstream: Upstream) -> None:
     """Token counts carry the model as a label only when it looks like a model name (64
     characters at most, letters, digits and ``._:/-``); anything else the upstream accepted
     is counted under ``other``, so that no client string becomes a label."""
     _, base = gateway
     odd = ["x" * 200, "grok 4 with spaces", "grok-4\n# HELP injected"]
+    mock_upstream.state.models += tuple(odd)  # an upstream that serves them
     for model in ["grok-4", *odd]:
         status, _, _ = await post(base, chat_body(stream=False, model=model))
         assert status == 200, model

@@ -106,11 +106,12 @@ async def test_a_4xx_error_field_echoing_the_key_reaches_no_client_log_or_metric
         base: str, mock_upstream: Upstream, caplog: pytest.LogCaptureFixture, status: int,
         field: str, stream: bool) -> None:
     """The fields that are not echoed pass as they came: the message (it describes the
-    client's request) and a code that is an identifier."""
+    client's request) and a code that is an identifier. (OpenAI's error shape: xAI's has no
+    ``type`` or ``param``.)"""
     caplog.set_level(logging.DEBUG)
     answer = await post(base, chat_body(stream=stream, status=status, echo_auth=[field],
                                         message="the request was refused",
-                                        error_code="context_length"))
+                                        error_code="context_length", error_shape="openai"))
     assert answer.status == status
     code = ("rate_limit_exceeded" if status == 429 else f"upstream_http_{status}") \
         if field == "code" else "context_length"
@@ -202,7 +203,7 @@ async def test_a_5xx_message_with_a_stack_trace_and_a_host_reaches_only_one_log_
     trace = ('Traceback (most recent call last):\n  File "/srv/xai/router.py", line 88\n'
              "ConnectionError: inference-7.internal.x.ai:8443 refused")
     answer = await post(base, chat_body(stream=stream, status=status, message=trace,
-                                        echo_auth=["param"]))
+                                        echo_auth=["param"], error_shape="openai"))
     assert answer.status == status
     assert answer.error() == {"message": f"The upstream failed (HTTP {status})",
                               "type": "upstream_error", "param": None,
