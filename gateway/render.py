@@ -30,8 +30,9 @@ escapes, so a region holding neither ``"error"`` nor ``\\u`` holds no ``error`` 
 one that does not hold an operator secret's bytes holds no string with the secret in it. The
 byte checks only send a region to the exact path; they never decide what an event is. Usage is
 found the same way: each payload that spells ``"usage"`` is parsed, last first, until one
-carries it. ``tests/guarantees/test_render_fuzz.py`` holds every split of every stream to the
-bytes of a reference that parses every event.
+carries it; a read of one event (a paced stream's, with usage on every chunk as xAI sends it)
+takes its usage from the very parse that validated it. ``tests/guarantees/test_render_fuzz.py``
+holds every split of every stream to the bytes of a reference that parses every event.
 """
 
 from __future__ import annotations
@@ -209,9 +210,14 @@ class StreamRenderer:
             for secret in self.secret_bytes:
                 if secret in region:
                     return None
-            if not _each_one_json_value(payloads, k):
-                return None
-            if b'"usage"' in region and not self._usage_in(payloads, k):
+            if k == 1:  # the common read of a paced stream: one parse validates and reads
+                usage = _one_json_value(payloads[0], b'"usage"' in region)
+                if usage is _UNDECIDED:
+                    return None
+                if usage:
+                    self.usage = usage
+            elif not _each_one_json_value(payloads, k) or (
+                    b'"usage"' in region and not self._usage_in(payloads, k)):
                 return None
         self.seq += k
         self.events += n
@@ -319,22 +325,42 @@ _VALIDATOR = simdjson.Parser()
 _FIRST_BYTE = operator.itemgetter(0)
 
 
+_UNDECIDED: Any = object()
+
+
+def _one_json_value(payload: bytes, spells_usage: bool) -> Any:
+    """``_each_one_json_value`` for one payload and, from the same parse, when the payload
+    spells ``"usage"``, its top-level usage as ``_note_usage`` would take it: the non-empty
+    object, else None. ``_UNDECIDED`` sends the exact path to decide: not one valid value, not
+    an object, or ``"usage"`` spelled twice (a duplicate key: orjson and clients take the last,
+    simdjson the first). With usage on every chunk, as xAI streams, this halves the cost of a
+    read (one parse, not a validation then an orjson parse)."""
+    if payload[:1] == b"\xef":
+        return _UNDECIDED
+    try:
+        doc = _VALIDATOR.parse(payload)
+    except Exception:  # noqa: BLE001 (invalid, or past simdjson's limits)
+        return _UNDECIDED
+    if not spells_usage:
+        return None  # the proxy goes with this frame: the parser is free again
+    if not isinstance(doc, simdjson.Object) or payload.count(b'"usage"') != 1:
+        return _UNDECIDED
+    usage = doc.get("usage")
+    return usage.as_dict() if isinstance(usage, simdjson.Object) and len(usage) else None
+
+
 def _each_one_json_value(payloads: list[bytes], k: int) -> bool:
     """Whether each of the first ``k`` payloads is one valid JSON value, UTF-8 included,
     checked one by one so that no value can start in one event and end in the next. simdjson
-    validates without building Python objects (about 0.2 us an event; orjson takes 0.6); it
-    also skips a leading UTF-8 BOM, which a client's parser refuses, so none may start so."""
+    validates without building Python objects (about 0.2 us an event; orjson takes 0.6), each
+    proxy dropped at once so that the parser is reused; it also skips a leading UTF-8 BOM,
+    which a client's parser refuses, so none may start so."""
+    if k < len(payloads):
+        payloads = payloads[:k]
+    if b"\xef" in bytes(map(_FIRST_BYTE, payloads)):  # type: ignore[arg-type]
+        return False
     try:
-        if k == 1:
-            if payloads[0][:1] == b"\xef":
-                return False
-            _VALIDATOR.parse(payloads[0])  # its proxy is dropped at once: the parser is reused
-        else:
-            if k < len(payloads):
-                payloads = payloads[:k]
-            if b"\xef" in bytes(map(_FIRST_BYTE, payloads)):  # type: ignore[arg-type]
-                return False
-            _DISCARD.extend(map(_VALIDATOR.parse, payloads))  # type: ignore[arg-type]
+        _DISCARD.extend(map(_VALIDATOR.parse, payloads))  # type: ignore[arg-type]
     except Exception:  # noqa: BLE001 (invalid, or past simdjson's limits: the exact path decides)
         return False
     return True

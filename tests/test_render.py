@@ -84,6 +84,17 @@ def test_an_empty_usage_does_not_undo_the_counts_before_it(burst: bool) -> None:
     assert renderer.usage == {"prompt_tokens": 5}
 
 
+@pytest.mark.parametrize("read", [
+    b'data: {"usage": {"completion_tokens": 1}, "usage": {"completion_tokens": 9}}\n\n',
+    b'data: {"usage": {"completion_tokens": 1}, "usage": {}}\n\n',
+    b'data: {"usage": {"completion_tokens": 9}, "usage": null}\n\n',
+], ids=["last_counts", "last_empty", "last_null"])
+def test_a_duplicate_usage_key_is_read_as_clients_read_it_the_last_one_wins(read: bytes) -> None:
+    renderer, reference = StreamRenderer(CHAT), StreamRenderer(CHAT, fast=False)
+    assert renderer.feed(read) == reference.feed(read) == (read, False, None)
+    assert renderer.usage == reference.usage == (orjson.loads(read[6:]).get("usage") or None)
+
+
 def test_done_in_the_middle_of_a_burst_ends_the_stream_there() -> None:
     renderer = StreamRenderer(CHAT)
     out, done, failure = renderer.feed(chunk() + DONE + chunk("after"))
