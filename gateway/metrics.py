@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from typing import Any
+from typing import Any, TypeGuard
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -59,6 +59,10 @@ _MAX_TOKEN_SERIES = 2000
 _MODEL_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/\-]{0,63}")
 """What a model name looks like (``grok-4-fast-reasoning``, ``ft:gpt-4o:org::id``): anything
 else, a 300 KB string for one, is counted as ``other``."""
+
+
+def _is_count(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class _RouteSeries:
@@ -115,7 +119,9 @@ class Metrics:
             "that presented too many unknown keys, key -).", ("key", "limit"), registry=r)
         self.tokens = Counter(
             "gateway_tokens", "Tokens reported by the upstream's usage, by key name, model and "
-            "type (prompt, completion, reasoning).", ("key", "model", "type"), registry=r)
+            "type: prompt, completion (every output token, reasoning included, whichever way "
+            "the upstream counts), reasoning (the part of completion spent reasoning).",
+            ("key", "model", "type"), registry=r)
         self.loop_lag = Histogram(
             "gateway_event_loop_lag_seconds", "How late a timer set for a quarter of a second "
             "runs: the time every callback of this worker waits behind the others (each "
@@ -180,12 +186,18 @@ class Metrics:
     def _count_tokens(self, key: str, model: str, usage: dict[str, Any]) -> None:
         # Chat Completions name them prompt/completion, the Responses API input/output.
         details = usage.get("completion_tokens_details") or usage.get("output_tokens_details")
-        for kind, count in (
-                ("prompt", usage.get("prompt_tokens", usage.get("input_tokens"))),
-                ("completion", usage.get("completion_tokens", usage.get("output_tokens"))),
-                ("reasoning", details.get("reasoning_tokens")
-                 if isinstance(details, dict) else None)):
-            if not isinstance(count, int) or isinstance(count, bool) or count <= 0:
+        prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+        completion = usage.get("completion_tokens", usage.get("output_tokens"))
+        reasoning = details.get("reasoning_tokens") if isinstance(details, dict) else None
+        if _is_count(prompt) and _is_count(completion) and _is_count(reasoning) \
+                and reasoning > 0 and prompt + completion + reasoning == usage.get("total_tokens"):
+            # xAI's chat completions leave reasoning out of completion_tokens (prompt +
+            # completion + reasoning = total); OpenAI's, and xAI's Responses API, count it in.
+            # "completion" is every output token either way.
+            completion += reasoning
+        for kind, count in (("prompt", prompt), ("completion", completion),
+                            ("reasoning", reasoning)):
+            if not _is_count(count) or count <= 0:
                 continue
             child = self._tokens.get((key, model, kind))
             if child is None:

@@ -23,7 +23,7 @@ CREATED = 1700000000
 REASONING_MODELS = ("grok-3-mini*",)
 """Models that stream ``reasoning_content`` before their answer. xAI: "In Chat Completions,
 only grok-3-mini returns message.reasoning_content" (https://docs.x.ai/docs/guides/reasoning);
-grok-3, grok-4 and grok-4-fast-reasoning reason without returning it."""
+among the models the mock serves (``mock_upstream.MODELS``), only grok-3-mini streams it."""
 VISION_MODELS = ("grok-4*", "*vision*")
 """Models the mock accepts image parts for; others answer 400, as xAI does."""
 DEFAULT_REASONING = "The user asks a question. Let me think it through step by step."
@@ -58,19 +58,31 @@ class ChatReply:
         return "tool_calls" if self.tool_calls else "stop"
 
     @property
-    def tokens(self) -> int:
-        """Completion tokens: one per fragment (reasoning, content, tool-argument)."""
-        return len(self.content) + len(self.reasoning) + sum(
-            len(c["arguments"]) for c in self.tool_calls)
+    def answer_tokens(self) -> int:
+        """Tokens of the answer itself: one per content or tool-argument fragment."""
+        return len(self.content) + sum(len(c["arguments"]) for c in self.tool_calls)
 
-    def usage(self, spent: int | None = None) -> dict[str, Any]:
-        """The usage object; with ``spent``, the running count after that many tokens."""
-        completion = self.tokens if spent is None else spent
+    @property
+    def tokens(self) -> int:
+        """Every output token: the answer's and one per reasoning fragment."""
+        return self.answer_tokens + len(self.reasoning)
+
+    def usage(self, style: str = "xai", spent: tuple[int, int] | None = None
+              ) -> dict[str, Any]:
+        """The usage object; with ``spent`` (reasoning, answer), the running count after that
+        many tokens of each.
+
+        The dialects count reasoning differently. xAI leaves it out of ``completion_tokens``:
+        prompt + completion + reasoning = total, as every grok-3-mini stream recorded in
+        vercel/ai's ``packages/xai/src/__fixtures__`` adds up (``xai-text.chunks.txt``:
+        12 + 1 + 290 = 303). OpenAI counts it within ``completion_tokens``
+        (``completion_tokens_details.reasoning_tokens`` is a part of it)."""
+        reasoning, answer = (len(self.reasoning), self.answer_tokens) if spent is None else spent
+        completion = answer if style == "xai" else answer + reasoning
         usage: dict[str, Any] = {"prompt_tokens": 12, "completion_tokens": completion,
-                                 "total_tokens": 12 + completion}
+                                 "total_tokens": 12 + answer + reasoning}
         if self.reasoning:
-            usage["completion_tokens_details"] = {
-                "reasoning_tokens": min(len(self.reasoning), completion)}
+            usage["completion_tokens_details"] = {"reasoning_tokens": reasoning}
         return usage
 
     def message(self) -> dict[str, Any]:
@@ -197,12 +209,13 @@ def count_input_images(items: Any) -> int:
 
 # --- chat completion chunks -------------------------------------------------------------------
 
-def chat_completion(model: str, reply: ChatReply, cid: str) -> dict[str, Any]:
+def chat_completion(model: str, reply: ChatReply, cid: str, style: str = "xai"
+                    ) -> dict[str, Any]:
     return {"id": cid, "object": "chat.completion", "created": CREATED, "model": model,
             "system_fingerprint": "fp_mock",
             "choices": [{"index": 0, "finish_reason": reply.finish_reason,
                          "message": reply.message()}],
-            "usage": reply.usage()}
+            "usage": reply.usage(style)}
 
 
 def reply_chunks(model: str, reply: ChatReply, include_usage: bool,
@@ -210,31 +223,45 @@ def reply_chunks(model: str, reply: ChatReply, include_usage: bool,
     """The JSON of each chunk, in order: reasoning, then tool-call or content deltas, then the
     finish chunk, then (with ``include_usage``) a usage chunk with no choices.
 
-    ``style="xai"`` streams as xAI does (https://docs.x.ai/docs/guides/streaming-response, and
-    the chunks recorded from xAI in vercel/ai's ``packages/xai/src/__fixtures__``): each tool
-    call whole in one delta (``@ai-sdk/xai`` accepts nothing else), and the running ``usage``
-    on every chunk, so that a reader must take the last one rather than add them up.
-    ``"openai"``: tool arguments in fragments after a delta that names the call, and usage only
-    in the ``include_usage`` chunk."""
+    ``style="xai"`` streams as xAI does. Each tool call comes whole in one delta (``@ai-sdk/xai``
+    accepts nothing else), and a content chunk has no ``finish_reason`` key at all, as in the
+    chunks recorded from xAI in vercel/ai's ``packages/xai/src/__fixtures__``
+    (``xai-text.chunks.txt``, ``xai-tool-call.chunks.txt``). Usage depends on the request:
+    with ``include_usage`` (those recordings, which the AI SDK asks for) only the final
+    ``choices: []`` chunk carries it; without it, every chunk carries the running ``usage``, as
+    in xAI's streaming guide (https://docs.x.ai/docs/guides/streaming-response), so that a
+    reader must take the last one rather than add them up. xAI's ``completion_tokens`` leaves
+    reasoning out (``ChatReply.usage``).
+
+    ``"openai"``: tool arguments in fragments after a delta that names the call,
+    ``"finish_reason": null`` on every chunk before the last, and usage (reasoning counted in
+    ``completion_tokens``) only in the ``include_usage`` chunk."""
     base = {"id": cid, "object": "chat.completion.chunk", "created": CREATED, "model": model,
             "system_fingerprint": "fp_mock"}
     xai = style == "xai"
+    running = xai and not include_usage
     first = True
-    spent = 0
+    reasoning = answer = 0
 
-    def chunk(delta: dict[str, Any], tokens: int = 1) -> bytes:
-        nonlocal first, spent
+    def chunk(delta: dict[str, Any], tokens: int = 1, thought: bool = False) -> bytes:
+        nonlocal first, reasoning, answer
         if first:
             delta = {**delta, "role": "assistant"}
             first = False
-        spent += tokens
-        obj = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
-        if xai:
-            obj["usage"] = reply.usage(spent)
+        if thought:
+            reasoning += tokens
+        else:
+            answer += tokens
+        choice: dict[str, Any] = {"index": 0, "delta": delta}
+        if not xai:
+            choice["finish_reason"] = None
+        obj = {**base, "choices": [choice]}
+        if running:
+            obj["usage"] = reply.usage(style, (reasoning, answer))
         return orjson.dumps(obj)
 
     for piece in reply.reasoning:
-        yield chunk({"reasoning_content": piece})
+        yield chunk({"reasoning_content": piece}, thought=True)
     for index, call in enumerate(reply.tool_calls):
         if xai:
             yield chunk({"tool_calls": [
@@ -252,11 +279,11 @@ def reply_chunks(model: str, reply: ChatReply, include_usage: bool,
         yield chunk({"content": word})
     finish: dict[str, Any] = {**base, "choices": [
         {"index": 0, "delta": {}, "finish_reason": reply.finish_reason}]}
-    if xai:
-        finish["usage"] = reply.usage()
+    if running:
+        finish["usage"] = reply.usage(style)
     yield orjson.dumps(finish)
     if include_usage:
-        yield orjson.dumps({**base, "choices": [], "usage": reply.usage()})
+        yield orjson.dumps({**base, "choices": [], "usage": reply.usage(style)})
 
 
 # --- images ------------------------------------------------------------------------------------

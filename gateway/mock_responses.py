@@ -21,8 +21,13 @@ from .mock_replies import CREATED, ChatReply, chat_reply
 
 def responses_reply(body: dict[str, Any], opts: dict[str, Any], words: list[str]) -> ChatReply:
     """What to answer: the request's function tools (flat in the Responses API, nested under
-    ``function`` in chat) and ``text.format`` handed to the chat decision. No reasoning: on
-    this API xAI returns it only encrypted, on request."""
+    ``function`` in chat) and ``text.format`` handed to the chat decision.
+
+    The mock sends no reasoning on this API, for any model. xAI does: streams recorded from
+    grok-4.3 and grok-code-fast-1 (vercel/ai ``packages/xai/src/responses/__fixtures__/``
+    ``issue-17936-stream.chunks.txt``, ``xai-text-streaming.1.chunks.txt``) open with a
+    ``reasoning`` output item and its ``response.reasoning_summary_text.delta`` events before
+    the message; the mock has no such item, no summary events and no ``reasoning_tokens``."""
     tools = [{"type": "function", "function": t} for t in body.get("tools") or []
              if isinstance(t, dict) and t.get("type") == "function"]
     chat: dict[str, Any] = {"model": body.get("model"), "tools": tools,

@@ -2,17 +2,19 @@
 load scripts. It can also misbehave on request, so every failure path can be driven for real.
 
 It speaks xAI's dialect by default, so that tests see what production will: each tool call whole
-in one chunk, the running ``usage`` on every chunk, ``reasoning_content`` from grok-3-mini, 404
-for a model it does not serve (``MODELS``), and xAI's error body ``{"code", "error": "<message>"}``.
+in one chunk, the usage in the final ``include_usage`` chunk when asked for and the running
+``usage`` on every chunk when not, ``completion_tokens`` without the reasoning tokens,
+``reasoning_content`` from grok-3-mini, 404 for a model it does not serve (``MODELS``), and xAI's
+error body ``{"code", "error": "<message>"}`` (``mock_replies.reply_chunks`` gives the evidence).
 ``style: "openai"`` (per request, or ``create_mock_app(style=...)`` for the whole mock) gives
 OpenAI's instead: tool arguments in fragments, usage only in the ``include_usage`` chunk, and
-``{"error": {"message", "type", "param", "code"}}``.
+``{"error": {"message", "type", "param", "code"}}``. Any other ``style`` is answered 400.
 
 Behaviour is asked for in the request body, under ``"mock"`` (the gateway forwards bodies as
 they are; with the OpenAI SDK pass ``extra_body={"mock": {...}}``):
 
 ===================  ======================================================================
-``style``            ``xai`` (the default) or ``openai``: the dialect, as above
+``style``            ``xai`` (the default) or ``openai``: the dialect, as above (else 400)
 ``chunks``           number of content chunks (default: one per word of ``text``)
 ``text``             the content to stream (default: a short sentence)
 ``chunk_bytes``      pad each chunk's content to about this many bytes (load tests)
@@ -123,6 +125,7 @@ async def _body(request: web.Request) -> dict[str, Any]:
 
 
 def _style(request: web.Request, opts: dict[str, Any]) -> str:
+    """The request's dialect (``_preamble`` has refused any ``style`` not in ``STYLES``)."""
     style = opts.get("style")
     return style if style in STYLES else request.app[MOCK_STATE].style
 
@@ -155,6 +158,11 @@ async def _preamble(request: web.Request) -> tuple[dict[str, Any], dict[str, Any
     body = await _body(request)
     state.record(request, body, await request.read())  # read once: aiohttp keeps the bytes
     opts = body.get("mock") or {}
+    if "style" in opts and opts["style"] not in STYLES:
+        # A misspelt style ("OpenAI") would otherwise test the default dialect unnoticed.
+        return body, opts, mock_faults.error(
+            400, f"mock style must be one of {', '.join(STYLES)}, not {opts['style']!r}",
+            state.style)
     if opts.get("headers_delay"):
         try:
             await asyncio.sleep(float(opts["headers_delay"]))
@@ -187,7 +195,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                                              opts["answer_bytes"], bool(opts.get("answer_chunked")))
     reply = chat_reply(body, opts, _words(opts))
     if not body.get("stream"):
-        return web.json_response(chat_completion(model, reply, f"chatcmpl-{next(_ids)}"))
+        return web.json_response(chat_completion(model, reply, f"chatcmpl-{next(_ids)}",
+                                                 style))
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     fmt = opts.get("format", "oneline")
     events = [encode_event(c, fmt) for c in reply_chunks(model, reply, include_usage,

@@ -30,9 +30,10 @@ escapes, so a region holding neither ``"error"`` nor ``\\u`` holds no ``error`` 
 one that does not hold an operator secret's bytes holds no string with the secret in it. The
 byte checks only send a region to the exact path; they never decide what an event is. Usage is
 found the same way: each payload that spells ``"usage"`` is parsed, last first, until one
-carries it; a read of one event (a paced stream's, with usage on every chunk as xAI sends it)
-takes its usage from the very parse that validated it. ``tests/guarantees/test_render_fuzz.py``
-holds every split of every stream to the bytes of a reference that parses every event.
+carries it; a read of one event (a paced stream's, with usage on every chunk as xAI sends
+it unasked) takes its usage from the very parse that validated it.
+``tests/guarantees/test_render_fuzz.py`` holds every split of every stream to the bytes of a
+reference that parses every event.
 """
 
 from __future__ import annotations
@@ -333,8 +334,9 @@ def _one_json_value(payload: bytes, spells_usage: bool) -> Any:
     spells ``"usage"``, its top-level usage as ``_note_usage`` would take it: the non-empty
     object, else None. ``_UNDECIDED`` sends the exact path to decide: not one valid value, not
     an object, or ``"usage"`` spelled twice (a duplicate key: orjson and clients take the last,
-    simdjson the first). With usage on every chunk, as xAI streams, this halves the cost of a
-    read (one parse, not a validation then an orjson parse)."""
+    simdjson the first). With usage on every chunk (xAI's, when the client does not ask for
+    ``include_usage``), this halves the cost of a read: one parse, not a validation and then
+    an orjson parse."""
     if payload[:1] == b"\xef":
         return _UNDECIDED
     try:

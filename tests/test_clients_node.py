@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import urllib.request
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -35,6 +35,29 @@ CLIENTS = {"openai": ("openai", ""), "ai-sdk-openai-chat": ("ai-sdk-openai", "ch
            "ai-sdk-openai-responses": ("ai-sdk-openai", "responses."),
            "ai-sdk-xai-chat": ("ai-sdk-xai", "chat."),
            "ai-sdk-xai-responses": ("ai-sdk-xai", "responses.")}
+
+
+class Expected(NamedTuple):
+    """What a client's user sees, as the README's Clients table says."""
+
+    unauthorized: str  # the class of the error shown for a 401
+    rate_limited: str  # ... for a 429
+    mid_stream: str  # ... for an error mid-stream ("Object": the frame's error object as parsed)
+    broken_finish: str | None  # the finishReason reported after it (None: none)
+    tools_finish: str  # the finishReason of a tool-call answer
+
+
+AI_SDK_OPENAI = Expected("APICallError", "APICallError", "Object", "error", "tool-calls")
+EXPECTED = {
+    "openai": Expected("AuthenticationError", "RateLimitError", "APIError", None, "tool_calls"),
+    "ai-sdk-openai-chat": AI_SDK_OPENAI,
+    "ai-sdk-openai-responses": AI_SDK_OPENAI,
+    # @ai-sdk/xai's chat model has no schema for an error event: the frame fails validation.
+    "ai-sdk-xai-chat": Expected("APICallError", "APICallError", "TypeValidationError", "other",
+                                "tool-calls"),
+    "ai-sdk-xai-responses": Expected("APICallError", "APICallError", "Object", "other",
+                                     "tool-calls"),
+}
 
 
 def node() -> str:
@@ -97,12 +120,17 @@ def case(seen: dict[str, dict[str, Any]], client: str, name: str) -> dict[str, A
     return result
 
 
-def error_messages(result: dict[str, Any]) -> list[str]:
-    """Every error the user was shown: thrown, or (AI SDK) as error parts of the stream."""
+def shown(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every error the user was shown (class, message, status): thrown, or (AI SDK) as error
+    parts of the stream."""
     errors = list(result.get("errors", []))
     if "thrown" in result:
         errors.append(result["thrown"])
-    return [e["message"] for e in errors]
+    return errors
+
+
+def error_messages(result: dict[str, Any]) -> list[str]:
+    return [e["message"] for e in shown(result)]
 
 
 ALL = list(CLIENTS)
@@ -114,6 +142,7 @@ def test_a_stream_arrives_whole_and_in_order(seen: Any, client: str) -> None:
     assert error_messages(result) == []
     assert len(result["deltas"]) > 3  # streamed in pieces, not one block at the end
     assert "".join(result["deltas"]) == DEFAULT_TEXT
+    assert result["finishReason"] == "stop"
 
 
 @pytest.mark.parametrize("client", ALL)
@@ -122,7 +151,7 @@ def test_a_tool_call_reaches_the_user_with_its_name_and_parsed_arguments(
     result = case(seen, client, "tools")
     assert "thrown" not in result, result
     assert result["calls"] == [{"name": "get_weather", "input": WEATHER_ARGS}]
-    assert result["finishReason"] in ("tool_calls", "tool-calls")
+    assert result["finishReason"] == EXPECTED[client].tools_finish
 
 
 @pytest.mark.parametrize("client", ALL)
@@ -132,27 +161,25 @@ def test_a_structured_object_is_parsed_against_its_schema(
     result = case(seen, client, how)
     assert "thrown" not in result, result
     assert result["object"] == CITIES
+    if how == "streamedObject":  # in partial objects (AI SDK) or deltas (openai), not one block
+        assert result["partials"] > 1
 
 
 @pytest.mark.parametrize("client", ALL)
-def test_a_bad_key_shows_the_gateways_401_message(seen: Any, client: str) -> None:
-    result = case(seen, client, "unauthorized")
+@pytest.mark.parametrize(("name", "status", "message"), [
+    ("unauthorized", 401, "Invalid authentication token"),  # not only "Unauthorized"
+    ("rateLimited", 429,  # not only "Too Many Requests"
+     "Rate limit reached: this key may send 1 request in a row, then 1 a minute"),
+])
+def test_an_error_before_the_stream_shows_the_gateways_message_and_status(
+        seen: Any, client: str, name: str, status: int, message: str) -> None:
+    result = case(seen, client, name)
     assert result["deltas"] == []
-    messages = error_messages(result)
-    assert len(messages) == 1
-    assert "Invalid authentication token" in messages[0]  # not only "Unauthorized"
-    assert (result.get("thrown") or result["errors"][0])["status"] == 401
-
-
-@pytest.mark.parametrize("client", ALL)
-def test_a_rate_limited_key_shows_the_gateways_429_message(seen: Any, client: str) -> None:
-    result = case(seen, client, "rateLimited")
-    assert result["deltas"] == []
-    messages = error_messages(result)
-    assert len(messages) == 1
-    assert "Rate limit reached: this key may send 1 request in a row, then 1 a minute" \
-        in messages[0]  # not only "Too Many Requests"
-    assert (result.get("thrown") or result["errors"][0])["status"] == 429
+    (error,) = shown(result)
+    expected = EXPECTED[client]
+    assert error["name"] == (expected.unauthorized if status == 401 else expected.rate_limited)
+    assert error["status"] == status
+    assert message in error["message"]
 
 
 @pytest.mark.parametrize("client", ALL)
@@ -168,8 +195,9 @@ def test_a_mid_stream_failure_is_an_error_not_a_short_answer(
     assert messages, f"{client} ended a broken stream without an error: {result}"
     # @ai-sdk/xai's chat model shows the gateway's frame inside a TypeValidationError (the
     # frame is not a chunk of its schema); the message is in it all the same.
-    assert any(message in m for m in messages), messages
-    assert result.get("finishReason") != "stop"  # AI SDK: not reported as a finished answer
+    assert [e["name"] for e in shown(result)] == [EXPECTED[client].mid_stream], result
+    assert message in messages[0], messages
+    assert result["finishReason"] == EXPECTED[client].broken_finish  # never "stop"
 
 
 AI_SDK = [c for c in CLIENTS if c.startswith("ai-sdk-")]
@@ -183,4 +211,6 @@ def test_ai_sdk_text_stream_alone_ends_quietly_and_the_error_goes_to_on_error(
     result = case(seen, client, "midStreamTextStream")
     assert "thrown" not in result
     assert "".join(result["deltas"]) == "Ah, the meaning "
-    assert any("mock mid-stream failure" in m for m in error_messages(result))
+    (error,) = shown(result)
+    assert error["name"] == EXPECTED[client].mid_stream
+    assert "mock mid-stream failure" in error["message"]

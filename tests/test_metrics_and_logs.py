@@ -16,6 +16,9 @@ from typing import Any
 import aiohttp
 import pytest
 
+from gateway.metrics import Metrics
+from gateway.request_info import RequestInfo
+
 from clients import chat_body, scrape, value
 from conftest import KEY, Upstream, settings_for
 from processes import ThreadedMockUpstream
@@ -103,8 +106,8 @@ async def test_metrics_and_access_log_record_every_kind_of_request(
     assert value(after, "gateway_upstream_errors_total", kind="error") == 1
     assert value(after, "gateway_client_disconnects_total", route=route) == 1
     # Tokens from the stream's usage chunk (5 words), the plain answer's usage (3 words) and
-    # the running usage of the first chunk that the failed stream sent (1 word: xAI puts the
-    # running usage on every chunk).
+    # the running usage of the first chunk that the failed stream sent (1 word: without
+    # include_usage, xAI puts the running usage on every chunk).
     assert value(after, "gateway_tokens_total", key="alice", model="grok-4",
                  type="prompt") == 36
     assert value(after, "gateway_tokens_total", key="alice", model="grok-4",
@@ -155,6 +158,33 @@ async def test_a_responses_stream_logs_and_counts_the_usage_of_its_completed_eve
                  type="completion") == 4
     assert value(samples, "gateway_tokens_total", key="alice", model="grok-4",
                  type="prompt") == line["usage"]["input_tokens"] > 0
+
+
+# Usage objects as upstreams send them: xAI's chat completions leave reasoning out of
+# completion_tokens, its Responses API and OpenAI count it in (the first two recorded from xAI
+# in vercel/ai: packages/xai/src/__fixtures__/xai-text.chunks.txt and
+# packages/xai/src/responses/__fixtures__/issue-17936-stream.chunks.txt).
+@pytest.mark.parametrize(("usage", "completion", "reasoning"), [
+    ({"prompt_tokens": 12, "completion_tokens": 1, "total_tokens": 303,
+      "completion_tokens_details": {"reasoning_tokens": 290}}, 291, 290),
+    ({"input_tokens": 197, "output_tokens": 199, "total_tokens": 396,
+      "output_tokens_details": {"reasoning_tokens": 198}}, 199, 198),
+    ({"prompt_tokens": 12, "completion_tokens": 291, "total_tokens": 303,
+      "completion_tokens_details": {"reasoning_tokens": 290}}, 291, 290),
+    ({"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17}, 5, 0),
+])
+def test_completion_tokens_are_every_output_token_however_the_upstream_counts_reasoning(
+        usage: dict[str, Any], completion: int, reasoning: int) -> None:
+    metrics = Metrics()
+    metrics.observe(RequestInfo("r", "/v1/chat/completions", "127.0.0.1", status=200,
+                                model="grok-3-mini", usage=usage))
+
+    def count(kind: str) -> float | None:
+        return metrics.registry.get_sample_value(
+            "gateway_tokens_total", {"key": "-", "model": "grok-3-mini", "type": kind})
+
+    assert count("completion") == completion
+    assert count("reasoning") == (reasoning or None)
 
 
 async def test_access_log_off(mock_upstream: Upstream, start_gateway: Any,

@@ -1,6 +1,8 @@
 """What the gateway makes of xAI's own dialect, which the mock upstream speaks by default: a 404
-for a model xAI does not serve, xAI's error body (``{"code", "error": "<message>"}``) and the
-running ``usage`` on every chunk, each as an OpenAI-SDK client and the operator see it."""
+for a model xAI does not serve, xAI's error body (``{"code", "error": "<message>"}``), the
+running ``usage`` on every chunk (no ``include_usage``) or in the final chunk only (with it), and
+``completion_tokens`` that leave reasoning out, each as an OpenAI-SDK client and the operator
+see it."""
 
 from __future__ import annotations
 
@@ -79,29 +81,114 @@ def _access_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
 
 
 @pytest.mark.parametrize("split", [None, 9])  # whole events, and events cut mid-way
-async def test_usage_on_every_chunk_is_counted_once_the_last_one(
-        gateway: Any, mock_upstream: Upstream, caplog: pytest.LogCaptureFixture,
-        split: int | None) -> None:
-    caplog.set_level(logging.INFO, logger="gateway.access")
-    _, base = gateway
-    mock: dict[str, Any] = {"chunks": 5} if split is None else {"chunks": 5, "split": split}
-    body = chat_body(stream=True, messages=USER, **mock)
-    direct = await post(f"{mock_upstream.url}/chat/completions", body)
-    running = [d["usage"]["completion_tokens"] for d in direct.data() if d != "[DONE]"]
-    assert running == [1, 2, 3, 4, 5, 5]  # the upstream's running count, on every chunk
-    raw = await post(f"{base}/api/v1/chat/completions", body, headers=AUTH)
-    assert raw.status == 200 and raw.body == direct.body
+async def _access_line(caplog: pytest.LogCaptureFixture) -> dict[str, Any]:
     for _ in range(100):  # the access line is written as the response ends
         if _access_lines(caplog):
             break
         await asyncio.sleep(0.02)
     (line,) = _access_lines(caplog)
-    assert line["usage"] == {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17}
+    return line
+
+
+async def _tokens(base: str, model: str) -> dict[str, float]:
     samples = await scrape(base)
-    assert value(samples, "gateway_tokens_total", key="alice", model="grok-4",
-                 type="prompt") == 12
-    assert value(samples, "gateway_tokens_total", key="alice", model="grok-4",
-                 type="completion") == 5
+    return {kind: value(samples, "gateway_tokens_total", key="alice", model=model, type=kind)
+            for kind in ("prompt", "completion", "reasoning")}
+
+
+@pytest.mark.parametrize("split", [None, 9])  # whole events, and events cut mid-way
+async def test_usage_on_every_chunk_is_counted_once_the_last_one(
+        gateway: Any, mock_upstream: Upstream, caplog: pytest.LogCaptureFixture,
+        split: int | None) -> None:
+    """Without ``stream_options.include_usage``, xAI puts the running usage on every chunk
+    (its streaming guide's example)."""
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    _, base = gateway
+    mock: dict[str, Any] = {"chunks": 5} if split is None else {"chunks": 5, "split": split}
+    body = chat_body(stream=True, messages=USER, **mock)
+    assert "stream_options" not in body
+    direct = await post(f"{mock_upstream.url}/chat/completions", body)
+    running = [d["usage"]["completion_tokens"] for d in direct.data() if d != "[DONE]"]
+    assert running == [1, 2, 3, 4, 5, 5]  # the upstream's running count, on every chunk
+    raw = await post(f"{base}/api/v1/chat/completions", body, headers=AUTH)
+    assert raw.status == 200 and raw.body == direct.body
+    line = await _access_line(caplog)
+    assert line["usage"] == {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17}
+    assert await _tokens(base, "grok-4") == {"prompt": 12, "completion": 5, "reasoning": 0}
+
+
+async def test_with_include_usage_xai_sends_the_usage_in_the_final_chunk_only(
+        gateway: Any, mock_upstream: Upstream, caplog: pytest.LogCaptureFixture) -> None:
+    """As the streams recorded from xAI with ``include_usage`` (vercel/ai's xai fixtures): no
+    usage and no ``finish_reason`` key on the content chunks, the finish reason alone on the
+    next, the usage in a last chunk with no choices."""
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    _, base = gateway
+    body = chat_body(stream=True, messages=USER, fields={
+        "stream_options": {"include_usage": True}}, chunks=3)
+    direct = await post(f"{mock_upstream.url}/chat/completions", body)
+    *content, finish, last, done = direct.data()
+    assert done == "[DONE]" and len(content) == 3
+    assert all("usage" not in c and c["choices"][0].keys() == {"index", "delta"}
+               for c in content)
+    assert "usage" not in finish and finish["choices"] == [
+        {"index": 0, "delta": {}, "finish_reason": "stop"}]
+    assert last["choices"] == [] and last["usage"] == {
+        "prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}
+    raw = await post(f"{base}/api/v1/chat/completions", body, headers=AUTH)
+    assert raw.status == 200 and raw.body == direct.body
+    assert (await _access_line(caplog))["usage"] == last["usage"]
+    assert await _tokens(base, "grok-4") == {"prompt": 12, "completion": 3, "reasoning": 0}
+
+
+@pytest.mark.parametrize("include_usage", [True, False])
+async def test_grok_3_mini_reasoning_tokens_count_as_completion_and_as_reasoning(
+        gateway: Any, mock_upstream: Upstream, caplog: pytest.LogCaptureFixture,
+        include_usage: bool) -> None:
+    """xAI's ``completion_tokens`` leave reasoning out (prompt + completion + reasoning =
+    total, as every grok-3-mini stream recorded in vercel/ai's xai fixtures adds up); the
+    gateway's ``completion`` tokens are every output token, reasoning included, as for an
+    upstream that counts it in (OpenAI's dialect, xAI's Responses API). The access log keeps
+    the upstream's own numbers."""
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    _, base = gateway
+    fields = {"stream_options": {"include_usage": True}} if include_usage else None
+    body = chat_body(stream=True, messages=USER, model="grok-3-mini", fields=fields,
+                     reasoning="one two three four", chunks=5)
+    direct = await post(f"{mock_upstream.url}/chat/completions", body)
+    usage = [d for d in direct.data() if d != "[DONE]"][-1]["usage"]
+    assert usage == {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 21,
+                     "completion_tokens_details": {"reasoning_tokens": 4}}
+    raw = await post(f"{base}/api/v1/chat/completions", body, headers=AUTH)
+    assert raw.status == 200 and raw.body == direct.body
+    assert (await _access_line(caplog))["usage"] == usage
+    assert await _tokens(base, "grok-3-mini") == {"prompt": 12, "completion": 9,
+                                                  "reasoning": 4}
+
+
+async def test_the_openai_dialect_counts_reasoning_within_completion_tokens(
+        gateway: Any) -> None:
+    _, base = gateway
+    body = chat_body(stream=True, messages=USER, model="grok-3-mini", fields={
+        "stream_options": {"include_usage": True}}, style="openai",
+        reasoning="one two three four", chunks=5)
+    raw = await post(f"{base}/api/v1/chat/completions", body, headers=AUTH)
+    assert raw.data()[-2]["usage"] == {"prompt_tokens": 12, "completion_tokens": 9,
+                                       "total_tokens": 21,
+                                       "completion_tokens_details": {"reasoning_tokens": 4}}
+    assert await _tokens(base, "grok-3-mini") == {"prompt": 12, "completion": 9,
+                                                  "reasoning": 4}
+
+
+@pytest.mark.parametrize("path", ["chat/completions", "responses", "images/generations"])
+async def test_the_mock_answers_400_to_a_style_it_does_not_speak(
+        mock_upstream: Upstream, path: str) -> None:
+    body = {"model": "grok-4", "messages": USER, "input": "hi", "prompt": "A cat",
+            "mock": {"style": "OpenAI"}}
+    direct = await post(f"{mock_upstream.url}/{path}", body)
+    assert direct.status == 400
+    assert direct.json() == {"code": "Client specified an invalid argument",
+                             "error": "mock style must be one of xai, openai, not 'OpenAI'"}
 
 
 @pytest.mark.parametrize(("model", "reasons"), [("grok-3-mini", True), ("grok-4", False),

@@ -81,11 +81,13 @@ function casesFor(api, model, badModel, spentModel, MOCK) {
       return { object };
     }),
 
-    [`${api}.streamedObject`]: () => withMock(MOCK.object, async (partial) => {
+    // `partials`: how many partial objects the user saw before the whole one (streamed, not
+    // one block at the end).
+    [`${api}.streamedObject`]: () => withMock(MOCK.object, async () => {
       const result = streamObject({ model, messages: PROMPT, schema: CITIES, maxRetries: 0, onError: () => {} });
       let partials = 0;
       for await (const _ of result.partialObjectStream) partials += 1;
-      return { object: await result.object, partials, ...partial };
+      return { object: await result.object, partials };
     }),
 
     [`${api}.unauthorized`]: () => stream(badModel),

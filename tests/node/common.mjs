@@ -74,25 +74,29 @@ export async function mockFetch(url, init) {
   return fetch(url, init);
 }
 
+// What the user was shown: the error's class (`name`), message and status. The AI SDK's errors
+// carry their class in `name` ("AI_APICallError"), since its bundle may rename a class
+// ("_TypeValidationError"); openai's in the constructor's name. A plain object ("Object") is
+// an error event's payload as the provider parsed it.
 export function describeError(error) {
   if (error == null || typeof error !== "object") return { name: typeof error, message: String(error) };
+  const aiSdkName = typeof error.name === "string" && error.name.startsWith("AI_") ? error.name.slice(3) : null;
   return {
-    name: error.constructor?.name ?? "Object",
+    name: aiSdkName ?? error.constructor?.name ?? "Object",
     message: String(error.message ?? JSON.stringify(error)),
     status: error.status ?? error.statusCode ?? null,
   };
 }
 
 // Runs each case in turn and prints {case: result}. A result is what the case returned, or
-// {thrown: {name, message, status}} (plus what it had gathered in `partial` by then).
+// {thrown: {name, message, status}}.
 export async function runCases(cases) {
   const results = {};
   for (const [name, run] of Object.entries(cases)) {
-    const partial = {};
     try {
-      results[name] = await run(partial);
+      results[name] = await run();
     } catch (error) {
-      results[name] = { ...partial, thrown: describeError(error) };
+      results[name] = { thrown: describeError(error) };
     }
   }
   process.stdout.write(JSON.stringify(results) + "\n");

@@ -14,9 +14,10 @@ const TOOLS = [{
   function: { name: "get_weather", description: "Current weather for a place", parameters: WEATHER_SCHEMA },
 }];
 
-// The text deltas of a stream, in order; an error thrown while reading is recorded with them.
+// The text deltas of a stream, in order, and the finish_reason it ended with (null: none came);
+// an error thrown while reading is recorded with them.
 async function streamText(apiKey, mock) {
-  const out = { deltas: [] };
+  const out = { deltas: [], finishReason: null };
   try {
     // Unknown body parameters (here "mock") go to the server as they are.
     const stream = await client(apiKey).chat.completions.create({
@@ -25,6 +26,7 @@ async function streamText(apiKey, mock) {
     for await (const chunk of stream) {
       const delta = chunk.choices[0]?.delta?.content;
       if (delta) out.deltas.push(delta);
+      if (chunk.choices[0]?.finish_reason) out.finishReason = chunk.choices[0].finish_reason;
     }
   } catch (error) {
     out.thrown = describeError(error);
@@ -57,13 +59,16 @@ await runCases({
   },
 
   // The stream helper parses only a response_format it can parse itself: a zod schema's.
+  // `partials`: the content deltas it reported before the whole object.
   streamedObject: async () => {
     const stream = client().chat.completions.stream({
       model: env.model, messages: PROMPT, mock: MOCK.object,
       response_format: zodResponseFormat(z.object({ cities: z.array(z.string()), count: z.number().int() }), "cities"),
     });
+    let partials = 0;
+    stream.on("content.delta", () => { partials += 1; });
     const final = await stream.finalChatCompletion();
-    return { object: final.choices[0].message.parsed };
+    return { object: final.choices[0].message.parsed, partials };
   },
 
   unauthorized: () => streamText(env.badKey),
