@@ -19,7 +19,7 @@ from .config import check_upstream_key, load_settings
 from .settings import ConfigError, Limits, Settings
 
 if TYPE_CHECKING:
-    from redis.asyncio import Redis
+    from .redisclient import RedisClient
 
 log = logging.getLogger("gateway")
 
@@ -83,7 +83,7 @@ def keys(args: argparse.Namespace) -> int:
 
 async def _keys(args: argparse.Namespace, settings: Settings) -> int:
     from .keystore import KeyStoreError
-    from .redisclient import REDIS_ERRORS, connect, safe_url
+    from .redisclient import REDIS_ERRORS, close, connect, describe
 
     assert settings.redis is not None
     # An operator's command, not the hot path: a longer timeout than the gateway's own.
@@ -96,14 +96,14 @@ async def _keys(args: argparse.Namespace, settings: Settings) -> int:
         print(f"gateway keys: {e}", file=sys.stderr)
         return 1
     except REDIS_ERRORS as e:
-        print(f"gateway keys: Redis at {safe_url(settings.redis.url)} failed: "
+        print(f"gateway keys: Redis at {describe(settings.redis)} failed: "
               f"{type(e).__name__}: {e}", file=sys.stderr)
         return 1
     finally:
-        await client.aclose()
+        await close(client)
 
 
-async def _keys_add(args: argparse.Namespace, settings: Settings, client: Redis) -> None:
+async def _keys_add(args: argparse.Namespace, settings: Settings, client: RedisClient) -> None:
     from .keystore import KeyStoreError, add_key
 
     assert settings.redis is not None
@@ -126,7 +126,7 @@ async def _keys_add(args: argparse.Namespace, settings: Settings, client: Redis)
           "kept anywhere and cannot be shown again.", file=sys.stderr)
 
 
-async def _keys_list(args: argparse.Namespace, settings: Settings, client: Redis) -> None:
+async def _keys_list(args: argparse.Namespace, settings: Settings, client: RedisClient) -> None:
     from .keystore import list_keys
 
     assert settings.redis is not None
@@ -144,7 +144,7 @@ async def _keys_list(args: argparse.Namespace, settings: Settings, client: Redis
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
-async def _keys_revoke(args: argparse.Namespace, settings: Settings, client: Redis) -> None:
+async def _keys_revoke(args: argparse.Namespace, settings: Settings, client: RedisClient) -> None:
     from .keystore import KeyStoreError, revoke_key
 
     assert settings.redis is not None

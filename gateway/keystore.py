@@ -1,7 +1,9 @@
 """Client keys kept in Redis, so that an operator can add, list and revoke keys at run time on
 every gateway instance at once (``gateway keys ...``).
 
-Layout, under one hash tag so that it works on Redis Cluster and one MULTI covers both::
+Layout, under one hash tag so that it works on Redis Cluster and one MULTI covers both (on a
+cluster the whole store sits on one shard, so ``list`` reads every key with one ``HGETALL``;
+lookups are cached per process, so that shard sees one ``HGET`` per key and cache period)::
 
     <prefix>:{keys}:records  hash  sha256 of a key -> JSON record (name, limits, models, created)
     <prefix>:{keys}:names    hash  key name -> sha256 of the key (names are unique; revoke by name)
@@ -31,12 +33,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-import redis.asyncio as aioredis
 from redis.exceptions import WatchError
 
 from .auth import KeyStore, digest
 from .errors import ServiceUnavailable
-from .redisclient import REDIS_ERRORS, RedisBatcher, RedisBreaker
+from .redisclient import REDIS_ERRORS, RedisBatcher, RedisBreaker, RedisClient
 from .request_info import ClientKey
 from .settings import Limits, RedisSettings
 
@@ -107,7 +108,7 @@ def check_name(name: str) -> None:
                             "or '-', starting with a letter or digit")
 
 
-async def add_key(client: aioredis.Redis, prefix: str, name: str, limits: Limits,
+async def add_key(client: RedisClient, prefix: str, name: str, limits: Limits,
                   models: frozenset[str] | None = None) -> tuple[str, StoredKey]:
     """Create a key; return it (the only time it exists in the clear) and its record."""
     check_name(name)
@@ -130,14 +131,14 @@ async def add_key(client: aioredis.Redis, prefix: str, name: str, limits: Limits
     return raw_key, stored
 
 
-async def list_keys(client: aioredis.Redis, prefix: str) -> list[StoredKey]:
+async def list_keys(client: RedisClient, prefix: str) -> list[StoredKey]:
     records, _ = store_keys(prefix)
     found = await client.hgetall(records)
     keys = [StoredKey.from_record(_text(sha), raw) for sha, raw in found.items()]
     return sorted(keys, key=lambda k: k.name)
 
 
-async def revoke_key(client: aioredis.Redis, prefix: str, name: str) -> StoredKey:
+async def revoke_key(client: RedisClient, prefix: str, name: str) -> StoredKey:
     """Delete a key by name; every instance refuses it within ``key_cache_seconds``."""
     records, names = store_keys(prefix)
     try:
@@ -162,7 +163,7 @@ async def revoke_key(client: aioredis.Redis, prefix: str, name: str) -> StoredKe
 class RedisKeyStore:
     """Keys from another store (the config) first, then from Redis, with a short local cache."""
 
-    def __init__(self, first: KeyStore, client: aioredis.Redis, settings: RedisSettings,
+    def __init__(self, first: KeyStore, client: RedisClient, settings: RedisSettings,
                  breaker: RedisBreaker) -> None:
         self._first = first
         self._batch = RedisBatcher(client)
@@ -188,11 +189,11 @@ class RedisKeyStore:
             return None
         if known is None and cached_only:
             return None  # a throttled client's guess: not worth a round trip
-        if self._breaker.up:
+        if self._breaker.up_for(self._records):
             try:
                 raw = await self._batch.execute("HGET", self._records, sha)
             except REDIS_ERRORS as exc:
-                self._breaker.failed(exc)
+                self._breaker.failed(exc, self._records)
             else:
                 if raw:
                     found = StoredKey.from_record(sha, raw).client_key()

@@ -18,6 +18,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 XAI_URL = "https://api.x.ai/v1"
 DEMO_KEY = "sk-gateway-demo"
@@ -97,6 +98,15 @@ class RedisSettings:
     lease_seconds: float = 10.0
     # How long a key looked up in Redis is trusted before it is looked up again (revocation delay).
     key_cache_seconds: float = 2.0
+    # "single" (url: the server), "cluster" (url: any one node; the rest are discovered) or
+    # "sentinel" (sentinels + service_name find the primary; url is not used).
+    mode: str = "single"
+    ca_file: str = ""  # rediss://: verify against this CA bundle instead of the system's
+    sentinels: tuple[str, ...] = ()  # "host:port" of each sentinel
+    service_name: str = ""  # the primary's name as the sentinels know it
+    username: str = ""  # sentinel mode: the data nodes' ACL user and password (elsewhere:
+    password: str = ""  # in the URL)
+    sentinel_password: str = ""  # sentinel mode: the sentinels' own password, if any
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +226,7 @@ def _build(data: Mapping[str, Any]) -> Settings:
         _check(redis.key_cache_seconds >= 0, "redis.key_cache_seconds", "must not be negative")
         _check(bool(redis.key_prefix) and not any(c in redis.key_prefix for c in "{} \t\n"),
                "redis.key_prefix", "must be non-empty, without braces or spaces")
+        _check_redis_mode(redis)
     _check_limits(limits, "limits")
     for name in ("keepalive_seconds", "connect_timeout_seconds", "first_byte_timeout_seconds",
                  "idle_timeout_seconds"):
@@ -265,6 +276,31 @@ def _check_limits(limits: Limits, where: str) -> None:
     _check(limits.burst >= 1, f"{where}.burst", "must be at least 1")
     _check(limits.max_concurrent_streams >= 1, f"{where}.max_concurrent_streams",
            "must be at least 1")
+
+
+def _check_redis_mode(redis: RedisSettings) -> None:
+    _check(redis.mode in ("single", "cluster", "sentinel"), "redis.mode",
+           f'must be "single", "cluster" or "sentinel", got {redis.mode!r}')
+    if redis.mode == "cluster":
+        _check(redis.url.startswith(("redis://", "rediss://")), "redis.url",
+               "must be a redis:// or rediss:// URL of one cluster node (mode = cluster)")
+        _check(urlsplit(redis.url).path.strip("/") in ("", "0"), "redis.url",
+               "a cluster has only database 0 (mode = cluster)")
+    if redis.mode == "sentinel":
+        _check(bool(redis.sentinels), "redis.sentinels",
+               'must list the sentinels as "host:port" (mode = sentinel)')
+        for address in redis.sentinels:
+            host, _, port = address.rpartition(":")
+            _check(bool(host) and port.isdigit() and 0 < int(port) < 65536, "redis.sentinels",
+                   f'{address!r} is not "host:port"')
+        _check(bool(redis.service_name), "redis.service_name",
+               "must name the primary the sentinels watch (mode = sentinel)")
+    else:
+        for name in ("sentinels", "service_name", "username", "password", "sentinel_password"):
+            _check(not getattr(redis, name), f"redis.{name}",
+                   "is for mode = sentinel only (elsewhere the user and password go in the URL)")
+    _check(not redis.ca_file or (redis.mode != "sentinel" and redis.url.startswith("rediss://")),
+           "redis.ca_file", "needs a rediss:// URL (TLS; not offered with mode = sentinel)")
 
 
 def _list(data: Mapping[str, Any], name: str) -> list[Any]:

@@ -2,6 +2,7 @@
 sustains from gateway processes.
 
     python scripts/bench_limiter.py [--redis-url URL | --own-redis] [--seconds 3] [--procs 4]
+    python scripts/bench_limiter.py --cluster [--seconds 3] [--procs 4]
 
 Measures, with real servers on loopback:
 
@@ -13,6 +14,12 @@ Measures, with real servers on loopback:
 3. the limiter's cost per gateway request: the same requests through a real gateway (mock
    upstream in-process) with the memory limiter and with the Redis limiter, sequential
    latency and concurrent throughput.
+
+4. with ``--cluster`` only: the same checks through a private 3-primary Redis Cluster
+   (``[redis] mode = "cluster"``) against a private single Redis: checks per second from 1 and
+   from ``--procs`` processes, the gateway's CPU per check, and Redis' CPU per check summed over
+   the primaries. On a host with few cores the servers and the clients share them: the ratio,
+   not the absolute numbers, is what carries over.
 
 All keys live under a fresh ``gwbench:<random>`` prefix and are deleted at the end.
 ``--own-redis`` starts a private redis-server on a free port instead (clean server-side numbers
@@ -39,7 +46,7 @@ from aiohttp import web
 from gateway.app import create_app
 from gateway.ratelimit.memory import MemoryLimiter
 from gateway.ratelimit.redis import RedisLimiter
-from gateway.redisclient import connect
+from gateway.redisclient import close, connect
 from gateway.request_info import ClientKey
 from gateway.settings import RedisSettings, Settings
 
@@ -67,8 +74,9 @@ async def sequential_checks(limiter: Any, n: int) -> list[float]:
     return timings
 
 
-async def concurrent_checks(url: str, prefix: str, seconds: float, concurrency: int) -> int:
-    settings = RedisSettings(url=url, key_prefix=prefix, timeout_seconds=2)
+async def concurrent_checks(url: str, prefix: str, seconds: float, concurrency: int,
+                            mode: str = "single") -> int:
+    settings = RedisSettings(url=url, key_prefix=prefix, timeout_seconds=2, mode=mode)
     client = connect(settings)
     limiter = RedisLimiter(client, settings)
     stop = time.monotonic() + seconds
@@ -86,23 +94,24 @@ async def concurrent_checks(url: str, prefix: str, seconds: float, concurrency: 
         await asyncio.gather(*(worker(w) for w in range(concurrency)))
     finally:
         await limiter.close()
-        await client.aclose()
+        await close(client)
     return done
 
 
-def _process_checks(args: tuple[str, str, float, int, float]) -> int:
-    url, prefix, seconds, concurrency, start_at = args
+def _process_checks(args: tuple[str, str, float, int, float, str]) -> int:
+    url, prefix, seconds, concurrency, start_at, mode = args
     _use_uvloop()
     time.sleep(max(0.0, start_at - time.time()))
-    return asyncio.run(concurrent_checks(url, prefix, seconds, concurrency))
+    return asyncio.run(concurrent_checks(url, prefix, seconds, concurrency, mode))
 
 
-def many_processes(url: str, prefix: str, seconds: float, procs: int, concurrency: int) -> float:
+def many_processes(url: str, prefix: str, seconds: float, procs: int, concurrency: int,
+                   mode: str = "single") -> float:
     start_at = time.time() + 1.0  # every process starts checking at once
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(procs) as pool:
         counts = pool.map(_process_checks,
-                          [(url, prefix, seconds, concurrency, start_at)] * procs)
+                          [(url, prefix, seconds, concurrency, start_at, mode)] * procs)
     return sum(counts) / seconds
 
 
@@ -190,7 +199,7 @@ async def main_async(args: argparse.Namespace, prefix: str) -> None:
         ping.append(time.perf_counter() - started)
     print(f"   redis PING          {summary(ping)}   (the round trip alone)")
     await limiter.close()
-    await client.aclose()
+    await close(client)
 
     print("2. checks per second one Redis sustains (concurrent script calls)")
     before = await evalsha_stats(args.redis_url)
@@ -217,15 +226,82 @@ async def main_async(args: argparse.Namespace, prefix: str) -> None:
     print(f"   => the Redis limiter adds {us(cost)} (mean), {us(cost50)} (p50) per request")
 
 
-async def evalsha_stats(url: str) -> tuple[int, int]:
-    """(calls, microseconds) Redis has spent in EVALSHA so far."""
-    client = aioredis.Redis.from_url(url)
+async def evalsha_stats(*urls: str) -> tuple[int, int]:
+    """(calls, microseconds) the Redis servers have spent in EVALSHA so far, summed."""
+    calls = usec = 0
+    for url in urls:
+        client = aioredis.Redis.from_url(url)
+        try:
+            stats = await client.info("commandstats")
+        finally:
+            await client.aclose()
+        entry = stats.get("cmdstat_evalsha", {})
+        calls, usec = calls + int(entry.get("calls", 0)), usec + int(entry.get("usec", 0))
+    return calls, usec
+
+
+async def one_deployment(urls: list[str], mode: str, prefix: str, args: argparse.Namespace
+                         ) -> None:
+    settings = RedisSettings(url=urls[0], key_prefix=prefix, timeout_seconds=2, mode=mode)
+    client = connect(settings)
+    limiter = RedisLimiter(client, settings)
+    await sequential_checks(limiter, 200)  # loads the script, learns the slots
+    seq = await sequential_checks(limiter, args.checks)
+    await limiter.close()
+    await close(client)
+    before, cpu = await evalsha_stats(*urls), time.process_time()
+    done = await concurrent_checks(urls[0], prefix, args.seconds, args.concurrency, mode)
+    cpu, after = time.process_time() - cpu, await evalsha_stats(*urls)
+    calls, usec = after[0] - before[0], after[1] - before[1]
+    print(f"   {mode:8} sequential {summary(seq)}")
+    print(f"   {mode:8} 1 process x {args.concurrency}: {done / args.seconds:8,.0f} checks/s, "
+          f"gateway CPU {us(cpu / done)}/check, Redis CPU {usec / max(calls, 1):6.1f} µs/check")
+
+
+def start_cluster(primaries: int = 3) -> tuple[list[subprocess.Popen[bytes]], list[str]]:
+    """A private Redis Cluster of ``primaries`` nodes and no replicas, in a temporary folder."""
+    import tempfile
+    folder = tempfile.mkdtemp(prefix="gwbench-cluster-")
+    procs, urls = [], []
+    for i in range(primaries):
+        port, bus = _free_port(), _free_port()
+        os.mkdir(f"{folder}/{i}")
+        procs.append(subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--cluster-enabled", "yes", "--cluster-port", str(bus),
+             "--dir", f"{folder}/{i}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        urls.append(f"redis://127.0.0.1:{port}/0")
+    for url in urls:
+        _wait_port(int(url.rsplit(":", 1)[1].split("/")[0]))
+    subprocess.run(["redis-cli", "--cluster", "create",
+                    *(u.removeprefix("redis://").removesuffix("/0") for u in urls),
+                    "--cluster-replicas", "0", "--cluster-yes"],
+                   check=True, capture_output=True, timeout=60)
+    for _ in range(250):
+        info = subprocess.run(["redis-cli", "-u", urls[0], "cluster", "info"],
+                              capture_output=True, text=True).stdout
+        if "cluster_state:ok" in info:
+            return procs, urls
+        time.sleep(0.05)
+    raise SystemExit("the cluster did not come up")
+
+
+def cluster_vs_single(args: argparse.Namespace, prefix: str) -> None:
+    print("4. a 3-primary Redis Cluster vs one Redis (both private, on this host)")
+    single, single_url = start_redis()
+    nodes, urls = start_cluster()
     try:
-        stats = await client.info("commandstats")
+        for deployment, mode in (([single_url], "single"), (urls, "cluster")):
+            asyncio.run(one_deployment(deployment, mode, prefix, args))
+            if args.procs > 1:
+                rate = many_processes(deployment[0], prefix, args.seconds, args.procs,
+                                      args.concurrency, mode)
+                print(f"   {mode:8} {args.procs} processes x {args.concurrency}: "
+                      f"{rate:8,.0f} checks/s")
     finally:
-        await client.aclose()
-    entry = stats.get("cmdstat_evalsha", {})
-    return int(entry.get("calls", 0)), int(entry.get("usec", 0))
+        for proc in [single, *nodes]:
+            proc.kill()
+            proc.wait()
 
 
 async def cleanup(url: str, prefix: str) -> None:
@@ -247,9 +323,14 @@ def main() -> None:
     parser.add_argument("--procs", type=int, default=min(4, os.cpu_count() or 1))
     parser.add_argument("--own-redis", action="store_true",
                         help="start a private redis-server on a free port")
+    parser.add_argument("--cluster", action="store_true",
+                        help="only section 4: a private 3-primary cluster vs a private Redis")
     args = parser.parse_args()
     prefix = f"gwbench:{uuid.uuid4().hex[:10]}"
     _use_uvloop()
+    if args.cluster:
+        cluster_vs_single(args, prefix)
+        return
     server = None
     if args.own_redis:
         server, args.redis_url = start_redis()
@@ -267,21 +348,32 @@ def main() -> None:
             server.wait()
 
 
-def start_redis() -> tuple[subprocess.Popen[bytes], str]:
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                             "--save", "", "--appendonly", "no"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
+        return int(s.getsockname()[1])
+
+
+def _wait_port(port: int) -> None:
     for _ in range(250):
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
-                return proc, url
+                return
         time.sleep(0.02)
-    proc.kill()
-    raise SystemExit("redis-server did not start")
+    raise SystemExit(f"redis-server on port {port} did not start")
+
+
+def start_redis() -> tuple[subprocess.Popen[bytes], str]:
+    port = _free_port()
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                             "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_port(port)
+    except SystemExit:
+        proc.kill()
+        raise
+    return proc, f"redis://127.0.0.1:{port}/0"
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
 """The Redis limiter: each key's limits hold exactly across every process sharing one Redis.
 
 One check is one call of ``token_bucket.lua`` (one round trip, atomic, Redis ``TIME`` as the
-clock): it checks the key's concurrency cap, then takes a token, and for a stream adds a lease
-to the key's streams set. Checks issued at the same moment share their round trip (see
-``RedisBatcher``). The scripts are package data registered with ``register_script`` and run by
-SHA; after ``NOSCRIPT`` (a ``SCRIPT FLUSH``, a Redis restart) they are loaded again, as
-``register_script`` does, at the cost of one extra round trip, once.
+clock; on a cluster, on the primary that holds the key's slot): it checks the key's concurrency
+cap, then takes a token, and for a stream adds a lease to the key's streams set. Checks issued
+at the same moment share their round trip (see ``RedisBatcher``). The scripts are package data
+registered with ``register_script`` and run by SHA; after ``NOSCRIPT`` (a ``SCRIPT FLUSH``, a
+Redis restart, a promoted replica) they are loaded again, at the cost of one extra round trip,
+once.
 
 Leases: a stream's lease expires ``lease_seconds`` after it was last renewed. One background task
 per limiter renews every lease this process holds, in one pipeline, every ``lease_seconds / 3``;
@@ -28,11 +29,10 @@ import time
 from importlib.resources import files
 from typing import Any, cast
 
-import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
 from ..errors import ServiceUnavailable
-from ..redisclient import REDIS_ERRORS, RedisBatcher, RedisBreaker
+from ..redisclient import REDIS_ERRORS, RedisBatcher, RedisBreaker, RedisClient, ping
 from ..request_info import ClientKey
 from ..settings import RedisSettings
 from . import Decision
@@ -58,7 +58,7 @@ def key_names(prefix: str, name: str) -> tuple[str, str]:
 
 
 class RedisLimiter:
-    def __init__(self, client: aioredis.Redis, settings: RedisSettings,
+    def __init__(self, client: RedisClient, settings: RedisSettings,
                  breaker: RedisBreaker | None = None) -> None:
         self._client = client
         self._settings = settings
@@ -101,16 +101,19 @@ class RedisLimiter:
         return self._breaker.outages
 
     async def ping(self) -> None:
-        """Ask Redis directly (readiness checks); a failure opens the breaker like any other."""
+        """Ask Redis directly (readiness checks; a cluster's every primary). A failure opens the
+        breaker like any other, but on a cluster, where it cannot say which shard failed: the
+        requests find that out themselves."""
         try:
-            await self._batch.execute("PING")
+            await ping(self._client)
         except REDIS_ERRORS as exc:
-            self._breaker.failed(exc)
+            if self._settings.mode != "cluster":
+                self._breaker.failed(exc)
             raise
 
     async def acquire(self, key: ClientKey, *, stream: bool) -> Decision:
-        if self._breaker.up:
-            bucket, streams = key_names(self._settings.key_prefix, key.name)
+        bucket, streams = key_names(self._settings.key_prefix, key.name)
+        if self._breaker.up_for(bucket):
             lease = f"{self._instance}:{next(self._ids)}" if stream else ""
             try:
                 # Cancelled on its way (the client left), a lease taken stays untracked and
@@ -120,7 +123,7 @@ class RedisLimiter:
                                                int(stream), key.max_concurrent_streams,
                                                self._lease_ms, lease)
             except REDIS_ERRORS as exc:
-                self._breaker.failed(exc)
+                self._breaker.failed(exc, bucket)
             else:
                 allowed, remaining, reset_us, retry_us, refused_by = (int(v) for v in reply)
                 if allowed and stream:
@@ -148,12 +151,12 @@ class RedisLimiter:
         held.discard(lease)
         if not held:
             del self._held[streams]
-        if self._breaker.up:
+        if self._breaker.up_for(streams):
             try:
                 await self._batch.execute("ZREM", streams, lease)
                 return
             except REDIS_ERRORS as exc:
-                self._breaker.failed(exc)
+                self._breaker.failed(exc, streams)
         self._unreleased.setdefault(streams, {})[lease] = time.monotonic()
 
     async def _take_token(self, *keys_then_args: Any) -> Any:
@@ -166,10 +169,11 @@ class RedisLimiter:
 
     async def _reload_take(self) -> None:
         """One SCRIPT LOAD, however many checks met NOSCRIPT together: a burst after a SCRIPT
-        FLUSH must not cost a load (and a connection) per check."""
+        FLUSH must not cost a load (and a connection) per check. Not through the batcher: on a
+        cluster it goes to every primary (a promoted replica has no scripts), which a pipeline
+        cannot do."""
         if self._reloading is None or self._reloading.done():
-            self._reloading = asyncio.ensure_future(
-                self._batch.execute("SCRIPT", "LOAD", self._take.script))
+            self._reloading = asyncio.ensure_future(self._client.script_load(self._take.script))
         sha = await asyncio.shield(self._reloading)
         self._take.sha = sha.decode() if isinstance(sha, bytes) else sha
 
@@ -186,7 +190,11 @@ class RedisLimiter:
             try:
                 lost = await self.renew_leases()
             except REDIS_ERRORS as exc:
-                self._breaker.failed(exc)
+                # On a cluster the renewals of all shards travel together: which one failed is
+                # for the requests to find out (leases outlast a failover; the next round
+                # retries).
+                if self._settings.mode != "cluster":
+                    self._breaker.failed(exc)
                 continue
             if lost:
                 # Their streams still run but no longer count (Redis lost the set, e.g. it
@@ -237,7 +245,9 @@ class RedisLimiter:
         for streams, leases in unreleased:
             pipe.zrem(streams, *leases)
         for streams, leases in held:
-            pipe.evalsha(self._renew.sha, 1, streams, self._lease_ms, *leases)
+            # Not pipe.evalsha: redis-py refuses that method in a cluster pipeline, but routes
+            # the command by its key like any other.
+            pipe.execute_command("EVALSHA", self._renew.sha, 1, streams, self._lease_ms, *leases)
         return await pipe.execute(raise_on_error=False)  # type: ignore[no-any-return]
 
     async def close(self) -> None:
