@@ -65,9 +65,10 @@ def mock_upstream(args: argparse.Namespace) -> int:
     from .mock_upstream import BACKLOG, create_mock_app
 
     _use_uvloop()
-    web.run_app(create_mock_app(), host=args.host, port=args.port, handler_cancellation=True,
-                backlog=BACKLOG, access_log=None, print=lambda msg: log.info(
-                    "mock upstream on http://%s:%d/v1", args.host, args.port))
+    web.run_app(create_mock_app(args.style), host=args.host, port=args.port,
+                handler_cancellation=True, backlog=BACKLOG, access_log=None,
+                print=lambda msg: log.info("mock upstream (%s) on http://%s:%d/v1", args.style,
+                                           args.host, args.port))
     return 0
 
 
@@ -173,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("mock-upstream", help="run the built-in xAI-like mock upstream")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8090)
+    p.add_argument("--style", choices=("xai", "openai"), default="xai",
+                   help="the dialect it speaks unless a request's mock options say otherwise: "
+                        "xAI's (each tool call whole, xAI's error body) or OpenAI's")
     p.set_defaults(func=mock_upstream)
     p = sub.add_parser("keys", help="add, list or revoke client keys kept in Redis")
     p.add_argument("--config", help="TOML settings file; its [redis] says where the keys are")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import openai
 import pytest
+import requests
 from openai import AsyncOpenAI
 
 from gateway.settings import DEMO_KEY
@@ -118,3 +119,25 @@ def test_the_mock_upstream_is_imported_only_when_it_runs() -> None:
          "print('gateway.mock_upstream' in sys.modules, 'gateway.mock_replies' in sys.modules)"],
         cwd=ROOT, env=clean_environ(), capture_output=True, text=True, timeout=30)
     assert result.stdout.split() == ["False", "False"], result.stderr
+
+
+@pytest.mark.parametrize("style, error", [("xai", {"code": "Some requested entity was not found"}),
+                                          ("openai", {"type": "invalid_request_error"})])
+def test_the_mock_upstream_speaks_the_style_it_is_started_with(style: str, error: dict[str, str]
+                                                                ) -> None:
+    port = free_port()
+    proc = spawn([sys.executable, "-m", "gateway", "mock-upstream", "--port", str(port),
+                  "--style", style], cwd=ROOT, env=clean_environ(), stdin=subprocess.DEVNULL,
+                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: accepts(port), 20, f"gateway mock-upstream on port {port}")
+        answer = requests.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=10,
+                               json={"model": "grok-99", "messages": [{"role": "user",
+                                                                        "content": "hi"}]})
+        assert answer.status_code == 404
+        body = answer.json()
+        inner = body["error"] if isinstance(body["error"], dict) else body
+        assert error.items() <= inner.items(), body
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
