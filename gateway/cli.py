@@ -19,7 +19,7 @@ from .config import check_upstream_key, load_settings
 from .settings import ConfigError, Limits, Settings
 
 if TYPE_CHECKING:
-    from .redisclient import RedisClient
+    from .redis_topology import RedisClient
 
 log = logging.getLogger("gateway")
 
@@ -84,11 +84,11 @@ def keys(args: argparse.Namespace) -> int:
 
 async def _keys(args: argparse.Namespace, settings: Settings) -> int:
     from .keystore import KeyStoreError
-    from .redisclient import REDIS_ERRORS, close, connect, describe
+    from .redis_topology import REDIS_ERRORS, close, connect, describe
 
     assert settings.redis is not None
     # An operator's command, not the hot path: a longer timeout than the gateway's own.
-    client = connect(settings.redis, timeout=max(settings.redis.timeout_seconds, 5.0))
+    client = connect(settings.redis, timeout=max(settings.redis.timeout_seconds, 5.0), retries=1)
     command = {"add": _keys_add, "list": _keys_list, "revoke": _keys_revoke}[args.keys_command]
     try:
         await command(args, settings, client)

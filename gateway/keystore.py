@@ -37,7 +37,8 @@ from redis.exceptions import WatchError
 
 from .auth import KeyStore, digest
 from .errors import ServiceUnavailable
-from .redisclient import REDIS_ERRORS, RedisBatcher, RedisBreaker, RedisClient
+from .redis_topology import REDIS_ERRORS, RedisClient
+from .redisclient import RedisBatcher, RedisBreaker
 from .request_info import ClientKey
 from .settings import Limits, RedisSettings
 

@@ -31,26 +31,31 @@ def limiter_state(limiter: Any) -> str:
     return state if isinstance(state, str) else "memory"
 
 
-async def redis_problem(limiter: Any) -> str | None:
-    """Why Redis counts as unreachable, or None.
+async def redis_check(limiter: Any) -> tuple[bool, str]:
+    """(whether Redis lets the gateway serve, what the readiness check says about it).
 
     The limiter's state is how the hot path sees Redis: its circuit breaker opens on the first
     failed call and closes when a ping succeeds. If the limiter also offers ``ping()``, Redis
-    is asked directly as well.
+    is asked directly as well. On a cluster with some primaries down the gateway is ready, and
+    degraded: keys on the primaries that answer are served from Redis, the others under the
+    failure policy (``ping()`` names how many answer); it is not ready when none answers.
     """
     state = limiter_state(limiter)
-    if state in ("fallback", "unavailable"):
-        return f"unreachable (rate limits: {state})"
-    if state != "redis":
-        return f"not in use (rate limits: {state})"
+    if state not in ("redis", "fallback", "unavailable"):
+        return False, f"not in use (rate limits: {state})"
+    partly_up = bool(getattr(limiter, "partly_up", False))
+    if state != "redis" and not partly_up:
+        return False, f"unreachable (rate limits: {state})"
     ping = getattr(limiter, "ping", None)
     if callable(ping):
         try:
             async with asyncio.timeout(PROBE_TIMEOUT_SECONDS):
-                await ping()
+                note = await ping()
         except Exception as e:  # any failure means "not ready"; the kind is the reason
-            return f"unreachable ({type(e).__name__})"
-    return None
+            return False, f"unreachable ({type(e).__name__})"
+        if isinstance(note, str):
+            return True, note
+    return True, "ok"
 
 
 class UpstreamProbe:

@@ -1,13 +1,15 @@
 """The app's Redis client, the circuit breaker that the rate limiter and key store share, and
-the auto-pipelining that carries their commands.
+the auto-pipelining that carries their commands (the client itself, per ``[redis] mode``, comes
+from ``redis_topology``).
 
 Redis sits on every request's path (a key lookup, a rate-limit check), so a slow or dead Redis
 must cost little and never stall the event loop:
 
 - Timeouts are short (``[redis] timeout_seconds`` for connecting and for each reply).
-- No retries after a timeout. redis-py 8 retries a failed command ten times with backoff by
-  default, which would turn one timeout into many. Only a connection error is retried, once and
-  at once: after a Redis restart, a pooled connection fails on first use and a fresh one works.
+- No command is sent twice. A reply lost on its way back (a reset connection, a timeout) may
+  belong to a script that ran: the command fails, its caller applies the failure policy, and
+  the breaker opens. Redis restarted (a stale pooled connection) costs the same, for one round
+  trip: the breaker's probe pings at once.
 - Once a call fails, the breaker opens: callers stop trying Redis and apply the failure policy
   immediately, while one background task pings Redis (at once, then every ``PROBE_SECONDS``) and
   closes the breaker when it answers. A dead or blackholed Redis so costs one timeout to the
@@ -20,14 +22,9 @@ must cost little and never stall the event loop:
   100 in flight redis-py's pool refuses outright ("Too many connections"); its blocking pool
   instead lets some waiters starve past any timeout.
 
-Three deployments, one client type per ``[redis] mode`` (``connect``), all behind the same
-commands: ``single`` (``Redis``), ``cluster`` (redis-py's ``RedisCluster``: it routes each command
-by its key's slot, follows MOVED and ASK, and finds a promoted replica by reloading the slot map
-after a connection error, which the breaker's probe meets) and ``sentinel`` (a ``Redis`` whose
-pool asks the sentinels for the primary on every new connection; ``follow_sentinel_primary``
-makes it notice a failover at once). Every command the gateway sends names keys of one hash
-tag, so none spans slots; on a cluster the batcher sends one pipeline per primary, and the
-breaker opens for the failing primary's keys only.
+On a cluster every command names keys of one hash tag (none spans slots); the batcher keeps one
+queue and one sender per primary (a slow primary delays only its own keys), follows MOVED and
+ASK itself, and the breaker opens for the failing primary's keys only.
 """
 
 from __future__ import annotations
@@ -36,144 +33,57 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
-from urllib.parse import urlsplit
 
-import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisClusterException, RedisError
+from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
+from redis.exceptions import AskError, ClusterError, MovedError, TryAgainError
 
+from .redis_topology import (
+    PROBE_SECONDS,
+    REDIS_ERRORS,
+    RedisClient,
+    close,
+    connect,
+    describe,
+    follow_sentinel_primary,
+    node_of,
+    ping,
+    primaries_answering,
+)
 from .settings import RedisSettings
 
 log = logging.getLogger("gateway.redis")
 
-PROBE_SECONDS = 1.0
-"""How often an open breaker pings Redis to find out whether it answers again."""
-
 MAX_BATCH = 512
 """Commands per pipeline at most; more wait for the next round trip."""
 
-REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, RedisClusterException, OSError)
-"""What a Redis call raises when Redis is down, slow or refusing (``TimeoutError`` is an
-``OSError``; a cluster none of whose nodes answers raises ``RedisClusterException``)."""
+SLOT_BUSY: tuple[type[BaseException], ...] = (AskError, TryAgainError, ClusterError)
+"""A slot being migrated, still so after ``REDIRECT_ATTEMPTS`` (``MovedError`` is an
+``AskError``; ``ClusterError`` is redis-py's "TTL exhausted"): retry shortly. Not a node
+failure: it applies the failure policy to the one command, and opens no breaker."""
 
+REDIRECT_ATTEMPTS = 20
+TRY_AGAIN_SECONDS = 0.05
+"""A command redirected (MOVED, ASK) or told TRYAGAIN is sent again up to ``REDIRECT_ATTEMPTS``
+times, after ``TRY_AGAIN_SECONDS`` when Redis said TRYAGAIN or it bounced more than once: a
+multi-key script on a migrating slot gets TRYAGAIN until the slot's keys have all moved."""
 
-RedisClient = aioredis.Redis | RedisCluster
-"""What ``connect`` returns: the commands the gateway uses are the same on both."""
-
-
-def connect(settings: RedisSettings, *, timeout: float | None = None) -> RedisClient:
-    """A client for ``[redis] mode`` with short timeouts and no retries beyond one after a
-    connection error; nothing is sent until it is first used. ``rediss://`` verifies the server
-    against the system CAs, or ``ca_file``."""
-    seconds = settings.timeout_seconds if timeout is None else timeout
-    options: dict[str, Any] = {
-        "socket_timeout": seconds, "socket_connect_timeout": seconds, "client_name": "gateway",
-        "retry": Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-    }
-    if settings.ca_file:
-        options["ssl_ca_certs"] = settings.ca_file
-    if settings.mode == "cluster":
-        # No retries: a cluster pipeline retries a connection error by closing every
-        # connection to every node, failing the pipelines in flight to the healthy ones. A dead
-        # node is the breaker's to handle (its probe reloads the slot map; MOVED and ASK are
-        # still followed, being no errors).
-        options["retry"] = Retry(NoBackoff(), 0)
-        # A slot map with a hole (a shard with no primary yet) still serves the other slots.
-        return RedisCluster.from_url(settings.url, require_full_coverage=False, **options)
-    if settings.mode == "sentinel":
-        sentinels = [(host, int(port)) for host, _, port in
-                     (address.rpartition(":") for address in settings.sentinels)]
-        sentinel = Sentinel(sentinels, sentinel_kwargs={
-            "socket_timeout": seconds, "socket_connect_timeout": seconds,
-            "password": settings.sentinel_password or None})
-        return sentinel.master_for(settings.service_name, username=settings.username or None,
-                                   password=settings.password or None, **options)
-    return aioredis.Redis.from_url(settings.url, **options)
-
-
-async def ping(client: RedisClient) -> None:
-    """Every primary answers: a cluster with a primary down is not up, whichever node is the
-    client's default (where a plain PING goes)."""
-    if isinstance(client, RedisCluster):
-        await client.ping(target_nodes=RedisCluster.PRIMARIES)
-    else:
-        await client.ping()
-
-
-def node_of(client: RedisClient, key: Any) -> str | None:
-    """The name (``host:port``) of the cluster primary that serves ``key`` as the client last
-    saw the slots; None outside cluster mode, or when no node serves it."""
-    if not isinstance(client, RedisCluster) or key is None:
-        return None
-    try:
-        node = client.get_node_from_key(key)
-    except REDIS_ERRORS:
-        return None
-    return None if node is None else node.name
+_Item = tuple[tuple[Any, ...], asyncio.Future[Any]]
 
 
 def first_key(command: tuple[Any, ...]) -> Any:
     """The key a command of the gateway's names first: ``EVALSHA sha numkeys key ...``,
-    ``ZREM key ...``, ``HGET key ...``; None for ``PING``."""
-    if command[0] in ("EVALSHA", "EVAL"):
-        return command[3] if int(command[2]) > 0 else None
-    return command[1] if len(command) > 1 else None
-
-
-async def close(client: RedisClient) -> None:
-    """Close the client, and in sentinel mode its connections to the sentinels too."""
-    await client.aclose()
-    pool = getattr(client, "connection_pool", None)
-    if isinstance(pool, SentinelConnectionPool):
-        for sentinel in pool.sentinel_manager.sentinels:
-            await sentinel.aclose()
-
-
-async def follow_sentinel_primary(client: RedisClient, seconds: float = PROBE_SECONDS) -> None:
-    """Sentinel mode: ask the sentinels for the primary every ``seconds``; when it changed, the
-    pool drops its connections to the old one (idle ones at once, busy ones when released).
-
-    redis-py asks only when it opens a connection, and after ``SENTINEL FAILOVER`` the old
-    primary keeps accepting writes until the sentinels demote it (about 8 s later): pooled
-    connections would go on counting there, apart from every other gateway.
-    """
-    pool = getattr(client, "connection_pool", None)
-    if not isinstance(pool, SentinelConnectionPool):
-        return
-    known = None
-    while True:
-        try:
-            primary = await pool.get_master_address()  # closes the idle connections if it moved
-            if known is not None and primary != known:
-                # The busy ones: closed when released (redis-py >= 7), or at once (older).
-                mark = getattr(pool, "update_active_connections_for_reconnect", None)
-                await (mark() if mark is not None else pool.disconnect(inuse_connections=True))
-            known = primary
-        except Exception as exc:  # no sentinel answers, or none names a primary: ask again
-            log.debug("sentinels: %s: %s", type(exc).__name__, exc)
-        await asyncio.sleep(seconds)
-
-
-def describe(settings: RedisSettings) -> str:
-    """Where Redis is, for log lines and messages: never a password."""
-    if settings.mode == "sentinel":
-        return (f"sentinel service {settings.service_name!r} "
-                f"(sentinels {', '.join(settings.sentinels)})")
-    where = safe_url(settings.url)
-    return f"{where} (cluster)" if settings.mode == "cluster" else where
+    ``ZREM key ...``, ``HGET key ...``."""
+    return command[3] if command[0] == "EVALSHA" else command[1]
 
 
 class RedisBatcher:
-    """Auto-pipelining: ``await batcher.execute(*command)`` queues the command; one task sends
-    whatever has queued as one pipeline (``transaction=False``: each command, each script, stays
-    atomic on its own), waits for the replies, then sends what queued meanwhile. A command
-    waits at most for the batch in flight plus its own: two round trips.
+    """Auto-pipelining: ``await batcher.execute(*command)`` queues the command; one task (per
+    cluster primary) sends whatever has queued as one pipeline (``transaction=False``: each
+    command, each script, stays atomic on its own), waits for the replies, then sends what
+    queued meanwhile. A command waits at most for the batch in flight plus its own: two round
+    trips, and a redirect's.
 
     A caller that is cancelled leaves its command in the batch (it may already be on the wire);
     its reply is dropped.
@@ -181,91 +91,148 @@ class RedisBatcher:
 
     def __init__(self, client: RedisClient) -> None:
         self._client = client
-        self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
-        self._sender: asyncio.Task[None] | None = None
+        self._queues: dict[str | None, list[_Item]] = {}
+        self._senders: dict[str | None, asyncio.Task[None]] = {}
+        self._redirects: set[asyncio.Task[None]] = set()
 
     async def execute(self, *command: Any) -> Any:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._queue.append((command, future))
-        if self._sender is None:
-            self._sender = loop.create_task(self._send_all())
+        node = node_of(self._client, first_key(command))
+        self._queues.setdefault(node, []).append((command, future))
+        if node not in self._senders:
+            self._senders[node] = loop.create_task(self._send_all(node))
         return await future
 
-    async def _send_all(self) -> None:
+    async def _send_all(self, node: str | None) -> None:
+        queue = self._queues[node]
         try:
-            while self._queue:
-                batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
-                await self._send(batch)
+            while queue:
+                batch = queue[:MAX_BATCH]
+                del queue[:MAX_BATCH]
+                await self._send_pipeline(batch)
         finally:
-            self._sender = None
+            # No await between the empty queue and here: a command queued later starts a
+            # sender of its own.
+            del self._senders[node]
+            if not queue:
+                del self._queues[node]
 
-    async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
-        """On a cluster, one pipeline per primary, all at once: a dead node fails only the
-        commands for its slots."""
-        if not isinstance(self._client, RedisCluster):
-            return await self._send_pipeline(batch)
-        by_node: dict[str | None, list[tuple[tuple[Any, ...], asyncio.Future[Any]]]] = {}
-        for item in batch:
-            by_node.setdefault(node_of(self._client, first_key(item[0])), []).append(item)
-        await asyncio.gather(*(self._send_pipeline(items) for items in by_node.values()))
-
-    async def _send_pipeline(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]
-                             ) -> None:
+    async def _send_pipeline(self, batch: list[_Item]) -> None:
         try:
-            replies = await self._execute([command for command, _ in batch])
+            replies = await self._pipeline([command for command, _ in batch])
         except asyncio.CancelledError:
             for _, future in batch:
                 future.cancel()
             raise
         except Exception as exc:  # Redis down or slow: every caller decides what that means
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
-            return
+            replies = [exc] * len(batch)
+        redirected = [(item, reply) for item, reply in zip(batch, replies, strict=True)
+                      if isinstance(reply, (AskError, TryAgainError))]
+        if redirected:  # followed apart: this primary's next batch need not wait for it
+            task = asyncio.get_running_loop().create_task(self._follow(redirected))
+            self._redirects.add(task)
+            task.add_done_callback(self._redirects.discard)
         for (_, future), reply in zip(batch, replies, strict=True):
-            if future.done():
-                continue  # its caller is gone
-            if isinstance(reply, Exception):
-                future.set_exception(reply)
-            else:
-                future.set_result(reply)
+            if not isinstance(reply, (AskError, TryAgainError)):
+                _resolve(future, reply)
 
-    async def _execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """One pipeline. On a cluster a connection error is retried once, at once, here (the
-        client itself has no retries, see ``connect``): a slot map refresh recycles the
-        connections to every node, and one may close under a pipeline."""
-        retries = 1 if isinstance(self._client, RedisCluster) else 0
-        while True:
+    async def _pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """One pipeline (on a cluster, redirects are left in the replies)."""
+        if isinstance(self._client, RedisCluster):
             pipe = self._client.pipeline(transaction=False)
             for command in commands:
                 pipe.execute_command(*command)
-            try:
-                return await pipe.execute(raise_on_error=False)
-            except RedisConnectionError:
-                if not retries:
-                    raise
-                retries -= 1
+            # redis-py would follow an ASK with ASKING on one pooled connection and the
+            # command on another, where it gets MOVED back: "TTL exhausted" for a whole
+            # migration. _follow sends the two on one connection.
+            return await pipe.execute(raise_on_error=False, allow_redirections=False)
+        single = self._client.pipeline(transaction=False)
+        for command in commands:
+            single.execute_command(*command)
+        return await single.execute(raise_on_error=False)  # type: ignore[no-any-return]
+
+    async def _follow(self, redirected: Sequence[tuple[_Item, BaseException]]) -> None:
+        """Send redirected commands again until they get a true answer: after MOVED to the new
+        owner (the slot map patched), after ASK as ``ASKING`` + the command on one connection
+        to the node that imports the slot, after TRYAGAIN a moment later."""
+        pending = list(redirected)
+        try:
+            await self._follow_rounds(pending)
+        except asyncio.CancelledError:
+            for (_, future), _reply in pending:
+                future.cancel()
+            raise
+
+    async def _follow_rounds(self, pending: list[tuple[_Item, BaseException]]) -> None:
+        """``_follow``'s rounds; ``pending`` holds what is still unanswered."""
+        assert isinstance(self._client, RedisCluster)
+        for attempt in range(REDIRECT_ATTEMPTS):
+            if attempt > 1 or any(isinstance(r, TryAgainError) for _, r in pending):
+                await asyncio.sleep(TRY_AGAIN_SECONDS)
+            asks: dict[str, list[_Item]] = {}
+            again: list[_Item] = []
+            for item, reply in pending:
+                if isinstance(reply, MovedError):
+                    await self._client.nodes_manager.move_slot(reply)
+                    again.append(item)
+                elif isinstance(reply, AskError):
+                    asks.setdefault(f"{reply.host}:{reply.port}", []).append(item)
+                else:
+                    again.append(item)
+            groups = [*asks.values(), again] if again else list(asks.values())
+            answers = await asyncio.gather(
+                *(self._asking(name, items) for name, items in asks.items()),
+                *([self._pipeline([command for command, _ in again])] if again else []),
+                return_exceptions=True)
+            pending.clear()
+            for items, replies in zip(groups, answers, strict=True):
+                for item, reply in zip(items, _spread(replies, len(items)), strict=True):
+                    if isinstance(reply, (AskError, TryAgainError)):
+                        pending.append((item, reply))
+                    else:
+                        _resolve(item[1], reply)
+            if not pending:
+                return
+        for (_, future), reply in pending:
+            _resolve(future, reply)
+
+    async def _asking(self, name: str, items: list[_Item]) -> list[Any]:
+        """``ASKING`` and each command, in one pipeline on one connection to node ``name``:
+        ASKING lets the next command on its connection in, and only that one."""
+        assert isinstance(self._client, RedisCluster)
+        node: ClusterNode | None = self._client.get_node(node_name=name)
+        if node is None:
+            raise ClusterError(f"ASK to {name}, a node the slot map does not know yet")
+        commands: list[PipelineCommand] = []
+        for command, _ in items:
+            commands += [PipelineCommand(len(commands), "ASKING"),
+                         PipelineCommand(len(commands) + 1, *command)]
+        await node.execute_pipeline(commands)
+        return [command.result for command in commands[1::2]]
 
     async def close(self) -> None:
-        if self._sender is not None:
-            self._sender.cancel()
+        for task in [*self._senders.values(), *self._redirects]:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._sender
-        for _, future in self._queue:
-            future.cancel()
-        self._queue.clear()
+                await task
+        for queue in self._queues.values():
+            for _, future in queue:
+                future.cancel()
+        self._queues.clear()
 
 
-def safe_url(url: str) -> str:
-    """The URL without its password, for log lines."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    user = f"{parts.username}:***@" if parts.username else ":***@"
-    return parts._replace(netloc=f"{user}{host}{port}").geturl()
+def _spread(replies: list[Any] | BaseException, count: int) -> list[Any]:
+    return [replies] * count if isinstance(replies, BaseException) else replies
+
+
+def _resolve(future: asyncio.Future[Any], reply: Any) -> None:
+    if future.done():
+        return  # its caller is gone
+    if isinstance(reply, BaseException):
+        future.set_exception(reply)
+    else:
+        future.set_result(reply)
 
 
 class RedisBreaker:
@@ -276,7 +243,8 @@ class RedisBreaker:
     the probe task alone, so no request ever waits on a Redis that is known to be down.
 
     On a cluster a failure for a key opens the breaker for that key's primary only: the keys
-    on the other shards stay exact while a dead primary's replica is promoted.
+    on the other shards stay exact while a dead primary's replica is promoted. A slot being
+    migrated (``SLOT_BUSY``) opens nothing.
     """
 
     def __init__(self, client: RedisClient, settings: RedisSettings,
@@ -300,8 +268,16 @@ class RedisBreaker:
         return self._down_nodes is not None and node_of(self._client, key) not in \
             self._down_nodes
 
+    @property
+    def partly_up(self) -> bool:
+        """On a cluster: some primaries are down, and the others serve their keys."""
+        return not self.up and self._down_nodes is not None
+
     def failed(self, exc: BaseException, key: Any = None) -> None:
         """A call failed: for ``key`` (its cluster primary), or for Redis as a whole."""
+        if isinstance(exc, SLOT_BUSY):
+            log.debug("a slot is being migrated (%s: %s): retry shortly", type(exc).__name__, exc)
+            return
         node = node_of(self._client, key)
         if not self.up:
             if node is not None and self._down_nodes is not None:
@@ -320,6 +296,12 @@ class RedisBreaker:
                     "from cache only. Retrying every %gs.", where,
                     type(exc).__name__, exc, policy, self._probe_seconds)
         self._probe = asyncio.get_running_loop().create_task(self._probe_until_up())
+
+    def failed_somewhere(self, exc: BaseException) -> None:
+        """A call that names no one key failed (a readiness ping): Redis as a whole, except on
+        a cluster, where it cannot say which shard failed; the requests find that out."""
+        if self._settings.mode != "cluster":
+            self.failed(exc)
 
     async def _probe_until_up(self) -> None:
         while True:
@@ -343,6 +325,21 @@ class RedisBreaker:
             self._probe = None
 
 
+async def redis_health(client: RedisClient) -> str | None:
+    """None when every primary answers; on a cluster with some down, how many answer; raises
+    when none does."""
+    if not isinstance(client, RedisCluster):
+        await ping(client)
+        return None
+    answering, primaries = await primaries_answering(client)
+    if answering == 0:
+        raise ClusterError(f"none of the cluster's {primaries} primaries answers")
+    if answering < primaries:
+        return (f"degraded: {answering} of {primaries} primaries answer (keys on them are "
+                "served from Redis)")
+    return None
+
+
 @contextlib.asynccontextmanager
 async def open_redis(settings: RedisSettings
                      ) -> AsyncIterator[tuple[RedisClient, RedisBreaker]]:
@@ -353,7 +350,7 @@ async def open_redis(settings: RedisSettings
     """
     client = connect(settings)
     breaker = RedisBreaker(client, settings)
-    follower = asyncio.get_running_loop().create_task(follow_sentinel_primary(client))
+    follower = asyncio.get_running_loop().create_task(follow_sentinel_primary(client, settings))
     try:
         try:
             await ping(client)

@@ -89,7 +89,9 @@ class UpstreamSettings:
 
 @dataclass(frozen=True, slots=True)
 class RedisSettings:
-    url: str = "redis://127.0.0.1:6379/0"
+    # The URL, passwords: repr=False, so that no repr of the settings (a log line, a traceback's
+    # locals) shows a secret.
+    url: str = field(default="redis://127.0.0.1:6379/0", repr=False)
     key_prefix: str = "gw"
     # What to do when Redis does not answer: keep limiting per process, or refuse with 503.
     failure_policy: str = "fail_open"
@@ -105,8 +107,9 @@ class RedisSettings:
     sentinels: tuple[str, ...] = ()  # "host:port" of each sentinel
     service_name: str = ""  # the primary's name as the sentinels know it
     username: str = ""  # sentinel mode: the data nodes' ACL user and password (elsewhere:
-    password: str = ""  # in the URL)
-    sentinel_password: str = ""  # sentinel mode: the sentinels' own password, if any
+    password: str = field(default="", repr=False)  # in the URL)
+    # sentinel mode: the sentinels' own password, if any
+    sentinel_password: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,8 +294,11 @@ def _check_redis_mode(redis: RedisSettings) -> None:
                'must list the sentinels as "host:port" (mode = sentinel)')
         for address in redis.sentinels:
             host, _, port = address.rpartition(":")
-            _check(bool(host) and port.isdigit() and 0 < int(port) < 65536, "redis.sentinels",
-                   f'{address!r} is not "host:port"')
+            # Never echoed whole: "user:password@host" would put a password in the error.
+            shown = f"***@{address.rpartition('@')[2]}" if "@" in address else address
+            _check("@" not in address and bool(host) and port.isdigit()
+                   and 0 < int(port) < 65536, "redis.sentinels",
+                   f'{shown!r} is not "host:port" (a password goes in sentinel_password)')
         _check(bool(redis.service_name), "redis.service_name",
                "must name the primary the sentinels watch (mode = sentinel)")
     else:

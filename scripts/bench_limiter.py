@@ -30,13 +30,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import multiprocessing
 import os
 import socket
 import statistics
 import subprocess
+import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
@@ -46,7 +49,7 @@ from aiohttp import web
 from gateway.app import create_app
 from gateway.ratelimit.memory import MemoryLimiter
 from gateway.ratelimit.redis import RedisLimiter
-from gateway.redisclient import close, connect
+from gateway.redis_topology import close, connect
 from gateway.request_info import ClientKey
 from gateway.settings import RedisSettings, Settings
 
@@ -258,50 +261,16 @@ async def one_deployment(urls: list[str], mode: str, prefix: str, args: argparse
           f"gateway CPU {us(cpu / done)}/check, Redis CPU {usec / max(calls, 1):6.1f} µs/check")
 
 
-def start_cluster(primaries: int = 3) -> tuple[list[subprocess.Popen[bytes]], list[str]]:
-    """A private Redis Cluster of ``primaries`` nodes and no replicas, in a temporary folder."""
-    import tempfile
-    folder = tempfile.mkdtemp(prefix="gwbench-cluster-")
-    procs, urls = [], []
-    for i in range(primaries):
-        port, bus = _free_port(), _free_port()
-        os.mkdir(f"{folder}/{i}")
-        procs.append(subprocess.Popen(
-            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--cluster-enabled", "yes", "--cluster-port", str(bus),
-             "--dir", f"{folder}/{i}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        urls.append(f"redis://127.0.0.1:{port}/0")
-    for url in urls:
-        _wait_port(int(url.rsplit(":", 1)[1].split("/")[0]))
-    subprocess.run(["redis-cli", "--cluster", "create",
-                    *(u.removeprefix("redis://").removesuffix("/0") for u in urls),
-                    "--cluster-replicas", "0", "--cluster-yes"],
-                   check=True, capture_output=True, timeout=60)
-    for _ in range(250):
-        info = subprocess.run(["redis-cli", "-u", urls[0], "cluster", "info"],
-                              capture_output=True, text=True).stdout
-        if "cluster_state:ok" in info:
-            return procs, urls
-        time.sleep(0.05)
-    raise SystemExit("the cluster did not come up")
-
-
 def cluster_vs_single(args: argparse.Namespace, prefix: str) -> None:
     print("4. a 3-primary Redis Cluster vs one Redis (both private, on this host)")
-    single, single_url = start_redis()
-    nodes, urls = start_cluster()
-    try:
-        for deployment, mode in (([single_url], "single"), (urls, "cluster")):
+    with private_redis(1) as single, private_redis(3, cluster=True) as nodes:
+        for deployment, mode in ((single, "single"), (nodes, "cluster")):
             asyncio.run(one_deployment(deployment, mode, prefix, args))
             if args.procs > 1:
                 rate = many_processes(deployment[0], prefix, args.seconds, args.procs,
                                       args.concurrency, mode)
                 print(f"   {mode:8} {args.procs} processes x {args.concurrency}: "
                       f"{rate:8,.0f} checks/s")
-    finally:
-        for proc in [single, *nodes]:
-            proc.kill()
-            proc.wait()
 
 
 async def cleanup(url: str, prefix: str) -> None:
@@ -331,21 +300,18 @@ def main() -> None:
     if args.cluster:
         cluster_vs_single(args, prefix)
         return
-    server = None
-    if args.own_redis:
-        server, args.redis_url = start_redis()
-    try:
-        asyncio.run(main_async(args, prefix))
-        if args.procs > 1:
-            rate = many_processes(args.redis_url, prefix, args.seconds, args.procs,
-                                  args.concurrency)
-            print(f"   {args.procs} processes x {args.concurrency} tasks "
-                  f"{rate:10,.0f} checks/s   (section 2, several gateway workers)")
-    finally:
-        asyncio.run(cleanup(args.redis_url, prefix))
-        if server is not None:
-            server.kill()
-            server.wait()
+    with contextlib.ExitStack() as servers:
+        if args.own_redis:
+            args.redis_url = servers.enter_context(private_redis(1))[0]
+        try:
+            asyncio.run(main_async(args, prefix))
+            if args.procs > 1:
+                rate = many_processes(args.redis_url, prefix, args.seconds, args.procs,
+                                      args.concurrency)
+                print(f"   {args.procs} processes x {args.concurrency} tasks "
+                      f"{rate:10,.0f} checks/s   (section 2, several gateway workers)")
+        finally:
+            asyncio.run(cleanup(args.redis_url, prefix))
 
 
 def _free_port() -> int:
@@ -363,17 +329,47 @@ def _wait_port(port: int) -> None:
     raise SystemExit(f"redis-server on port {port} did not start")
 
 
-def start_redis() -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                             "--save", "", "--appendonly", "no"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        _wait_port(port)
-    except SystemExit:
-        proc.kill()
-        raise
-    return proc, f"redis://127.0.0.1:{port}/0"
+@contextlib.contextmanager
+def private_redis(count: int, cluster: bool = False) -> Iterator[list[str]]:
+    """The URLs of ``count`` private redis-servers on free ports (with ``cluster``, joined into
+    a cluster of as many primaries, no replicas), each with its folder in one temporary folder;
+    all killed and the folder removed at the end, however it ends."""
+    procs: list[subprocess.Popen[bytes]] = []
+    with tempfile.TemporaryDirectory(prefix="gwbench-") as folder:
+        try:
+            urls = []
+            for i in range(count):
+                port = _free_port()
+                os.mkdir(f"{folder}/{i}")
+                argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save",
+                        "", "--appendonly", "no", "--dir", f"{folder}/{i}"]
+                if cluster:
+                    argv += ["--cluster-enabled", "yes", "--cluster-port", str(_free_port())]
+                procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL,
+                                              stderr=subprocess.DEVNULL))
+                _wait_port(port)
+                urls.append(f"redis://127.0.0.1:{port}/0")
+            if cluster:
+                _create_cluster(urls)
+            yield urls
+        finally:
+            for proc in procs:
+                proc.kill()
+                proc.wait()
+
+
+def _create_cluster(urls: list[str]) -> None:
+    subprocess.run(["redis-cli", "--cluster", "create",
+                    *(u.removeprefix("redis://").removesuffix("/0") for u in urls),
+                    "--cluster-replicas", "0", "--cluster-yes"],
+                   check=True, capture_output=True, timeout=60)
+    for _ in range(250):
+        info = subprocess.run(["redis-cli", "-u", urls[0], "cluster", "info"],
+                              capture_output=True, text=True).stdout
+        if "cluster_state:ok" in info:
+            return
+        time.sleep(0.05)
+    raise SystemExit("the cluster did not come up")
 
 
 if __name__ == "__main__":

@@ -14,11 +14,14 @@ process starts through ``servers.spawn`` (it dies with the test run); every wait
 from __future__ import annotations
 
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Any
 
 import redis
+import redis.asyncio as aioredis
 from redis.crc import key_slot
 
 from servers import free_port, spawn, wait_until
@@ -60,8 +63,24 @@ class RedisNode:
         self.binary = binary
         self.config = config
         self.proc: subprocess.Popen[bytes] | None = None
+        self.started = False
+        """Started once: a restart keeps its port (the cluster knows it by that)."""
 
     def start(self) -> RedisNode:
+        """Start the process and wait until it answers. Ports are picked long before they are
+        bound (every node's, then the cluster is made): on a busy host one may be taken
+        meanwhile, so a first start that cannot bind moves to new free ports and tries again."""
+        for attempt in range(3):
+            if self._start_once():
+                self.started = True
+                return self
+            if self.started or attempt == 2:
+                break
+            self._move_to_free_ports()
+        raise AssertionError(f"{self.binary} on port {self.port} did not start: "
+                             f"{(self.folder / 'log').read_text(errors='replace')[-2000:]}")
+
+    def _start_once(self) -> bool:
         argv = [self.binary]
         if self.config:  # sentinels rewrite their file: it must be theirs and writable
             path = self.folder / "node.conf"
@@ -75,10 +94,19 @@ class RedisNode:
             argv += ["--save", "", "--appendonly", "no", "--repl-diskless-sync-delay", "0"]
         argv += self.args
         with open(self.folder / "log", "ab") as log:
-            self.proc = spawn(argv, stdout=log, stderr=subprocess.STDOUT)
-        wait_until(lambda: self.proc is not None and self.proc.poll() is None
-                   and _answers(self.port), 10, f"{self.binary} on port {self.port}", 0.05)
-        return self
+            proc = self.proc = spawn(argv, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 10
+        while proc.poll() is None and time.monotonic() < deadline:
+            if _answers(self.port):
+                return True
+            time.sleep(0.05)
+        self.kill()
+        return False
+
+    def _move_to_free_ports(self) -> None:
+        self.port = free_port()
+        if "--cluster-port" in self.args:
+            self.args[self.args.index("--cluster-port") + 1] = str(free_port())
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -145,6 +173,15 @@ class LocalCluster:
                     ports.add(node.port)
         return ports
 
+    def kill_shard(self, primary: int) -> None:
+        """Kill the primary on port ``primary`` and its replicas: its slots stay unserved."""
+        for node in self.alive():
+            with suppress(redis.RedisError), node.client() as client:
+                info = client.info("replication")
+            if node.port == primary or (info.get("role") == "slave"
+                                        and int(info.get("master_port", 0)) == primary):
+                node.kill()
+
     def node(self, port: int) -> RedisNode:
         return next(n for n in self.nodes if n.port == port)
 
@@ -182,6 +219,18 @@ def tag_slot(tag: str) -> int:
     return key_slot(tag.encode())
 
 
+def name_on_slot(slot: int, stem: str) -> str:
+    """A key name (``<stem>-<n>``) whose hash tag is on cluster slot ``slot``."""
+    return next(n for n in (f"{stem}-{i}" for i in range(1_000_000)) if tag_slot(n) == slot)
+
+
+async def on_node(port: int, *command: Any) -> Any:
+    """One command to one node, as an operator's redis-cli would send it (without blocking
+    the test's event loop)."""
+    async with aioredis.Redis(host="127.0.0.1", port=port, socket_timeout=5) as node:
+        return await node.execute_command(*command)
+
+
 @contextmanager
 def local_cluster(folder: Path) -> Iterator[LocalCluster]:
     cluster = LocalCluster(folder)
@@ -207,10 +256,8 @@ class LocalSentinels:
     def __init__(self, folder: Path, data_args: list[str] | None = None) -> None:
         self.primary = RedisNode(folder, list(data_args or ()))
         self.replica = RedisNode(folder, list(data_args or ()))
-        config = SENTINEL_CONFIG.format(service=self.SERVICE, primary=self.primary.port,
-                                        timeout=NODE_TIMEOUT_MS)
-        self.sentinels = [RedisNode(folder, [], binary="redis-sentinel", config=config)
-                          for _ in range(3)]
+        # Their config names the primary's port: written once the primary runs (see start).
+        self.sentinels = [RedisNode(folder, [], binary="redis-sentinel") for _ in range(3)]
 
     @property
     def addresses(self) -> list[str]:
@@ -220,7 +267,10 @@ class LocalSentinels:
         self.primary.start()
         self.replica.args += ["--replicaof", "127.0.0.1", str(self.primary.port)]
         self.replica.start()
+        config = SENTINEL_CONFIG.format(service=self.SERVICE, primary=self.primary.port,
+                                        timeout=NODE_TIMEOUT_MS)
         for sentinel in self.sentinels:
+            sentinel.config = config
             sentinel.start()
         # SENTINEL FAILOVER needs no quorum: a replica seen in sync is enough.
         wait_until(self.replica_ready, 30, "the sentinels to see the replica in sync", 0.1)

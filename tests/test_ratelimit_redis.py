@@ -24,7 +24,8 @@ from redis.exceptions import ResponseError
 
 from gateway.appkeys import LIMITER
 from gateway.ratelimit.redis import RedisLimiter, key_names
-from gateway.redisclient import RedisBatcher, connect
+from gateway.redis_topology import connect
+from gateway.redisclient import RedisBatcher
 from gateway.request_info import ClientKey
 from gateway.settings import RedisSettings
 
@@ -333,7 +334,10 @@ async def test_scripts_survive_script_flush(tmp_path: Path, http: aiohttp.Client
 async def test_redis_stopped_and_restarted_under_both_policies(
         tmp_path: Path, http: aiohttp.ClientSession) -> None:
     with redis_server() as server:
-        keys = [key("steady"), key("tight", burst=3, requests_per_minute=1), key("probe")]
+        # "probe" refills slowly: its bucket, the sign a check went through Redis, lives a second
+        # (at 100 tokens a second it would be gone 11 ms after the check).
+        keys = [key("steady"), key("tight", burst=3, requests_per_minute=1),
+                key("probe", requests_per_minute=60)]
         open_cfg = config(server.url, "gwtest", keys, failure_policy="fail_open")
         closed_cfg = config(server.url, "gwtest", keys, failure_policy="fail_closed")
         async with gateway_processes([open_cfg, closed_cfg], 2, tmp_path) as (fail_open,

@@ -3,13 +3,17 @@ and every mistake named before start-up."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytest
 
 from gateway.config import load_settings
-from gateway.redisclient import describe
-from gateway.settings import ConfigError, Settings
+from gateway.redis_topology import describe, safe_url
+from gateway.redisclient import open_redis
+from gateway.settings import ConfigError, RedisSettings, Settings
+
+from servers import free_port
 
 
 def test_single_is_the_default_and_sentinel_mode_comes_from_the_environment() -> None:
@@ -51,3 +55,39 @@ def test_invalid_redis_modes_name_the_setting(redis: dict[str, Any], setting: st
     with pytest.raises(ConfigError) as info:
         Settings.from_mapping({"redis": redis})
     assert info.value.setting == setting
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("redis://:hunter2@h:6379/0", "redis://:***@h:6379/0"),
+    ("rediss://gw:hunter2@h:6380/0", "rediss://gw:***@h:6380/0"),
+    ("redis://hunter2@h:6379/0", "redis://***@h:6379/0"),
+    ("redis://h:6379/0?password=hunter2", "redis://h:6379/0?password=***"),
+    ("redis://h:6379/0?username=gw&password=hunter2&ssl_cert_reqs=none",
+     "redis://h:6379/0?username=gw&password=***&ssl_cert_reqs=none"),
+    ("redis://h:6379/0", "redis://h:6379/0"),
+])
+def test_safe_url_hides_a_password_in_the_userinfo_and_in_the_query(url: str, shown: str) -> None:
+    assert safe_url(url) == shown
+
+
+def test_no_repr_of_the_settings_and_no_config_error_shows_a_password() -> None:
+    s = Settings.from_mapping({"redis": {"mode": "sentinel", "sentinels": ["h:26379"],
+                                         "service_name": "gw", "password": "data-hunter2",
+                                         "sentinel_password": "sentinel-hunter2"}})
+    assert s.redis is not None and "hunter2" not in repr(s) + repr(s.redis)
+    s = Settings.from_mapping({"redis": {"url": "redis://gw:url-hunter2@h:6379/0"}})
+    assert "hunter2" not in repr(s)
+    with pytest.raises(ConfigError) as info:
+        Settings.from_mapping({"redis": {"mode": "sentinel", "service_name": "gw",
+                                         "sentinels": ["gw:entry-hunter2@h:26379"]}})
+    assert info.value.setting == "redis.sentinels" and "hunter2" not in str(info.value)
+
+
+async def test_an_unreachable_redis_is_logged_without_the_password_in_its_query(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    url = f"redis://127.0.0.1:{free_port()}/0?password=query-hunter2"
+    async with open_redis(RedisSettings(url=url, timeout_seconds=0.5)) as (_, breaker):
+        assert not breaker.up
+    assert "is not answering" in caplog.text and "127.0.0.1" in caplog.text
+    assert "hunter2" not in caplog.text

@@ -2,7 +2,10 @@
 
 - ``GET /healthz``: the process answers (liveness; nothing else is checked).
 - ``GET /readyz``: 200 when Redis (if configured) and the upstream are reachable, else 503; the
-  body names each check's result, so an operator sees why.
+  body names each check's result, so an operator sees why. On a Redis Cluster with a primary
+  down it is 200, its redis check saying ``degraded: 2 of 3 primaries answer ...`` (keys on
+  those are served from Redis, the others' under the failure policy); 503 only when no primary
+  answers.
 - ``GET /metrics``: the Prometheus text format (``gateway.metrics``); with ``--workers`` any
   worker answers for all of them.
 """
@@ -18,7 +21,7 @@ from aiohttp import web
 
 from ..appkeys import LIMITER, METRICS, SETTINGS, UPSTREAM, UPSTREAM_PROBE
 from ..metrics import CONTENT_TYPE
-from ..readiness import UpstreamProbe, limiter_state, redis_problem
+from ..readiness import UpstreamProbe, limiter_state, redis_check
 
 LOOP_LAG_SECONDS = 0.25
 """How often the event loop's lateness is sampled (``gateway_event_loop_lag_seconds``)."""
@@ -38,9 +41,8 @@ async def readyz(request: web.Request) -> web.Response:
     if app[SETTINGS].redis is None:
         checks["redis"] = "not configured"
     else:
-        problem = await redis_problem(app[LIMITER])
-        checks["redis"] = problem or "ok"
-        ready = ready and problem is None
+        redis_ready, checks["redis"] = await redis_check(app[LIMITER])
+        ready = ready and redis_ready
     problem = await app[UPSTREAM_PROBE].check(app[UPSTREAM])
     checks["upstream"] = problem or "ok"
     ready = ready and problem is None

@@ -9,9 +9,15 @@ Redis restart, a promoted replica) they are loaded again, at the cost of one ext
 once.
 
 Leases: a stream's lease expires ``lease_seconds`` after it was last renewed. One background task
-per limiter renews every lease this process holds, in one pipeline, every ``lease_seconds / 3``;
-``release`` removes a lease the moment its stream ends. A process that dies (``kill -9``) stops
-renewing, and its slots come back within ``lease_seconds``.
+per limiter renews every lease this process holds every ``lease_seconds / 3``, through the
+batcher (one pipeline per primary on a cluster: a shard that is down costs only its own
+renewals); ``release`` removes a lease the moment its stream ends. A process that dies
+(``kill -9``) stops renewing, and its slots come back within ``lease_seconds``.
+
+No check is sent twice by redis-py (see ``gateway.redis_topology.connect``): a plain check whose
+reply was lost counts as failed (the failure policy; its token may be spent). A stream's check
+is sent once more after a lost connection: it names its lease, and ``token_bucket.lua`` admits
+a lease already in the set without taking a second token.
 
 When Redis does not answer (see ``gateway.redisclient``), ``failure_policy`` decides:
 ``fail_open`` limits with a per-process ``MemoryLimiter`` until Redis is back, ``fail_closed``
@@ -29,10 +35,13 @@ import time
 from importlib.resources import files
 from typing import Any, cast
 
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 
 from ..errors import ServiceUnavailable
-from ..redisclient import REDIS_ERRORS, RedisBatcher, RedisBreaker, RedisClient, ping
+from ..redis_topology import REDIS_ERRORS, RedisClient, node_of
+from ..redisclient import RedisBatcher, RedisBreaker, redis_health
 from ..request_info import ClientKey
 from ..settings import RedisSettings
 from . import Decision
@@ -77,7 +86,8 @@ class RedisLimiter:
         # (unless they expired meanwhile), so a blip does not hold slots for a whole lease.
         self._unreleased: dict[str, dict[str, float]] = {}  # streams set -> lease -> ended at
         self._renewer: asyncio.Task[None] | None = None
-        self._reloading: asyncio.Future[Any] | None = None
+        # (script, cluster primary) -> its SCRIPT LOAD in flight
+        self._reloading: dict[tuple[str, str | None], asyncio.Future[Any]] = {}
         self.fallback_decisions = 0
         """Checks decided by the in-memory fallback (fail_open) while Redis was down."""
         self.refused_unavailable = 0
@@ -100,15 +110,19 @@ class RedisLimiter:
         """Times Redis stopped answering since start-up."""
         return self._breaker.outages
 
-    async def ping(self) -> None:
-        """Ask Redis directly (readiness checks; a cluster's every primary). A failure opens the
-        breaker like any other, but on a cluster, where it cannot say which shard failed: the
-        requests find that out themselves."""
+    @property
+    def partly_up(self) -> bool:
+        """On a cluster: some primaries are down, the others serve their keys."""
+        return self._breaker.partly_up
+
+    async def ping(self) -> str | None:
+        """Ask Redis directly (readiness checks): None when every primary answers; on a cluster
+        with some down, a note saying how many answer; raises when none does. A failure opens
+        the breaker (``RedisBreaker.failed_somewhere``)."""
         try:
-            await ping(self._client)
+            return await redis_health(self._client)
         except REDIS_ERRORS as exc:
-            if self._settings.mode != "cluster":
-                self._breaker.failed(exc)
+            self._breaker.failed_somewhere(exc)
             raise
 
     async def acquire(self, key: ClientKey, *, stream: bool) -> Decision:
@@ -118,10 +132,16 @@ class RedisLimiter:
             try:
                 # Cancelled on its way (the client left), a lease taken stays untracked and
                 # unrenewed: it expires within lease_seconds.
-                reply = await self._take_token(bucket, streams,
-                                               repr(key.requests_per_minute / 60.0), key.burst,
-                                               int(stream), key.max_concurrent_streams,
-                                               self._lease_ms, lease)
+                args = (bucket, streams, repr(key.requests_per_minute / 60.0), key.burst,
+                        int(stream), key.max_concurrent_streams, self._lease_ms, lease)
+                try:
+                    reply = await self._take_token(*args)
+                except RedisConnectionError:
+                    if not stream:
+                        raise  # it may have run: never sent twice
+                    # The lease id makes a stream's check idempotent: sent again, it is
+                    # admitted on its own lease if the first one ran (a reply lost).
+                    reply = await self._take_token(*args)
             except REDIS_ERRORS as exc:
                 self._breaker.failed(exc, bucket)
             else:
@@ -164,18 +184,27 @@ class RedisLimiter:
         try:
             return await self._batch.execute("EVALSHA", self._take.sha, 2, *keys_then_args)
         except NoScriptError:
-            await self._reload_take()
+            await self._reload(self._take, keys_then_args[0])
             return await self._batch.execute("EVALSHA", self._take.sha, 2, *keys_then_args)
 
-    async def _reload_take(self) -> None:
-        """One SCRIPT LOAD, however many checks met NOSCRIPT together: a burst after a SCRIPT
-        FLUSH must not cost a load (and a connection) per check. Not through the batcher: on a
-        cluster it goes to every primary (a promoted replica has no scripts), which a pipeline
-        cannot do."""
-        if self._reloading is None or self._reloading.done():
-            self._reloading = asyncio.ensure_future(self._client.script_load(self._take.script))
-        sha = await asyncio.shield(self._reloading)
-        self._take.sha = sha.decode() if isinstance(sha, bytes) else sha
+    async def _reload(self, script: Any, key: str) -> None:
+        """One SCRIPT LOAD per script (and cluster primary), however many commands met NOSCRIPT
+        together: a burst after a SCRIPT FLUSH must not cost a load (and a connection) per
+        check. Not through the batcher; on a cluster, on the primary of ``key`` only (a
+        promoted replica has no scripts; another primary may be down)."""
+        node = node_of(self._client, key)
+        loading = self._reloading.get((script.script, node))
+        if loading is None or loading.done():
+            loading = self._reloading[(script.script, node)] = asyncio.ensure_future(
+                self._load(script.script, node))
+        sha = await asyncio.shield(loading)
+        script.sha = sha.decode() if isinstance(sha, bytes) else sha
+
+    async def _load(self, script: str, node: str | None) -> Any:
+        if node is None or not isinstance(self._client, RedisCluster):
+            return await self._client.script_load(script)
+        return await self._client.execute_command(
+            "SCRIPT LOAD", script, target_nodes=self._client.get_node(node_name=node))
 
     def _start_renewing(self) -> None:
         if self._renewer is None or self._renewer.done():
@@ -185,48 +214,43 @@ class RedisLimiter:
         interval = self._settings.lease_seconds / 3
         while True:
             await asyncio.sleep(interval)
-            if not (self._held or self._unreleased) or not self._breaker.up:
+            if not (self._held or self._unreleased):
                 continue
-            try:
-                lost = await self.renew_leases()
-            except REDIS_ERRORS as exc:
-                # On a cluster the renewals of all shards travel together: which one failed is
-                # for the requests to find out (leases outlast a failover; the next round
-                # retries).
-                if self._settings.mode != "cluster":
-                    self._breaker.failed(exc)
-                continue
+            lost = await self.renew_leases()
             if lost:
                 # Their streams still run but no longer count (Redis lost the set, e.g. it
                 # restarted without persistence): the cap is loose until they end.
                 log.warning("%d concurrency leases were gone from Redis at renewal", lost)
 
     async def renew_leases(self) -> int:
-        """Renew every held lease, and remove those released while Redis was down, in one
-        pipeline (one round trip). Return how many held leases were gone from Redis: they are
-        no longer renewed, and their release is then a no-op."""
+        """Renew every held lease, and remove those released while Redis was down, each key's
+        in one command, all through the batcher (one pipeline per primary). Keys whose primary
+        is down are skipped, and each failure is reported to the breaker for its key only.
+        Return how many held leases were gone from Redis: they are no longer renewed, and their
+        release is then a no-op."""
         stale = time.monotonic() - self._settings.lease_seconds
-        unreleased = [(streams, [lease for lease, ended in leases.items() if ended > stale])
-                      for streams, leases in self._unreleased.items()]
-        unreleased = [(streams, leases) for streams, leases in unreleased if leases]
-        held = [(streams, sorted(leases)) for streams, leases in self._held.items() if leases]
-        self._unreleased.clear()  # sent now or expired; put back below if Redis fails
-        try:
-            results = await self._renew_pipeline(unreleased, held)
-            if any(isinstance(r, NoScriptError) for r in results):
-                # SCRIPT FLUSH or a restart: load the script again and redo it (idempotent).
-                self._renew.sha = await self._client.script_load(self._renew.script)
-                results = await self._renew_pipeline(unreleased, held)
-            for result in results:
-                if isinstance(result, BaseException):
-                    raise result
-        except BaseException:
-            now = time.monotonic()
-            for streams, leases in unreleased:
-                self._unreleased.setdefault(streams, {}).update(dict.fromkeys(leases, now))
-            raise
+        unreleased = {streams: {lease: ended for lease, ended in leases.items() if ended > stale}
+                      for streams, leases in self._unreleased.items()}
+        self._unreleased = {streams: leases for streams, leases in unreleased.items()
+                            if leases and not self._breaker.up_for(streams)}
+        to_remove = [(streams, leases) for streams, leases in unreleased.items()
+                     if leases and streams not in self._unreleased]
+        held = [(streams, sorted(leases)) for streams, leases in self._held.items()
+                if leases and self._breaker.up_for(streams)]
+        removed, renewed = await asyncio.gather(
+            asyncio.gather(*(self._batch.execute("ZREM", streams, *leases)
+                             for streams, leases in to_remove), return_exceptions=True),
+            asyncio.gather(*(self._renew_one(streams, leases) for streams, leases in held),
+                           return_exceptions=True))
+        for (streams, leases), result in zip(to_remove, removed, strict=True):
+            if isinstance(result, BaseException):
+                self._failed(result, streams)
+                self._unreleased.setdefault(streams, {}).update(leases)
         lost = 0
-        for (streams, _), gone in zip(held, results[len(unreleased):], strict=True):
+        for (streams, _), gone in zip(held, renewed, strict=True):
+            if isinstance(gone, BaseException):
+                self._failed(gone, streams)  # the next round retries; leases outlast it
+                continue
             still_held = self._held.get(streams)
             if still_held is None:
                 continue
@@ -239,16 +263,20 @@ class RedisLimiter:
                 del self._held[streams]
         return lost
 
-    async def _renew_pipeline(self, unreleased: list[tuple[str, list[str]]],
-                              held: list[tuple[str, list[str]]]) -> list[object]:
-        pipe = self._client.pipeline(transaction=False)
-        for streams, leases in unreleased:
-            pipe.zrem(streams, *leases)
-        for streams, leases in held:
-            # Not pipe.evalsha: redis-py refuses that method in a cluster pipeline, but routes
-            # the command by its key like any other.
-            pipe.execute_command("EVALSHA", self._renew.sha, 1, streams, self._lease_ms, *leases)
-        return await pipe.execute(raise_on_error=False)  # type: ignore[no-any-return]
+    def _failed(self, exc: BaseException, key: str) -> None:
+        if not isinstance(exc, REDIS_ERRORS):
+            raise exc
+        self._breaker.failed(exc, key)
+
+    async def _renew_one(self, streams: str, leases: list[str]) -> Any:
+        """renew_leases.lua for one key, loaded again once after NOSCRIPT (it is idempotent).
+        EVALSHA as a plain command: redis-py refuses pipe.evalsha in a cluster pipeline."""
+        command = ("EVALSHA", self._renew.sha, 1, streams, self._lease_ms, *leases)
+        try:
+            return await self._batch.execute(*command)
+        except NoScriptError:
+            await self._reload(self._renew, streams)
+            return await self._batch.execute("EVALSHA", self._renew.sha, *command[2:])
 
     async def close(self) -> None:
         """Stop renewing and give back any lease still held (normally none: streams drained)."""
@@ -257,12 +285,10 @@ class RedisLimiter:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._renewer
             self._renewer = None
-        if self._held and self._breaker.up:
-            pipe = self._client.pipeline(transaction=False)
-            for streams, leases in self._held.items():
-                pipe.zrem(streams, *leases)
-            with contextlib.suppress(*REDIS_ERRORS):
-                await pipe.execute()
+        held = [(streams, leases) for streams, leases in self._held.items()
+                if leases and self._breaker.up_for(streams)]
+        await asyncio.gather(*(self._batch.execute("ZREM", streams, *leases)
+                               for streams, leases in held), return_exceptions=True)
         self._held.clear()
         self._unreleased.clear()
         await self._batch.close()

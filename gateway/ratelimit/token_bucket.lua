@@ -12,7 +12,9 @@ ARGV[2]  capacity, tokens (burst)
 ARGV[3]  "1" when the request is a stream and needs a lease, "0" otherwise
 ARGV[4]  maximum simultaneous streams (max_concurrent_streams)
 ARGV[5]  lease time, milliseconds; a lease not renewed within it expires
-ARGV[6]  the id of the lease to add when a stream is admitted (unique per process and stream)
+ARGV[6]  the id of the lease to add when a stream is admitted (unique per process and stream).
+         A stream whose lease is in the set already is admitted again and takes nothing: its
+         check ran, and its reply was lost (a reset connection), so the gateway sent it again.
 
 Returns {allowed, remaining, reset_us, retry_us, refused_by}, all integers (Redis truncates Lua
 numbers in replies, hence microseconds):
@@ -54,6 +56,10 @@ end
 
 if is_stream then
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now_ms)
+  if redis.call('ZSCORE', KEYS[2], ARGV[6]) then
+    redis.call('ZADD', KEYS[2], now_ms + lease_ms, ARGV[6])
+    return {1, math.floor(tokens), until_full_us(tokens), 0, 0}
+  end
   if redis.call('ZCARD', KEYS[2]) >= max_streams then
     -- A slot frees when a stream ends, which no clock predicts: suggest a short wait.
     return {0, math.floor(tokens), until_full_us(tokens), 1000000, 2}

@@ -15,7 +15,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-import redis
+import redis.asyncio as aioredis
 
 from gateway.appkeys import LIMITER
 
@@ -83,10 +83,11 @@ async def test_rediss_with_its_ca_file_and_an_acl_user_limits_through_redis(
     app, base = await start_gateway(settings)
     status, _ = await post_chat(base)
     assert status == 200 and app[LIMITER].backend_state == "redis"
-    with redis.Redis(host="127.0.0.1", port=port, username=USER, password=PASSWORD, ssl=True,
-                     ssl_ca_certs=str(ca), socket_timeout=2) as admin:
+    admin = aioredis.Redis(host="127.0.0.1", port=port, username=USER, password=PASSWORD,
+                           ssl=True, ssl_ca_certs=str(ca), socket_timeout=2)
+    async with admin:
         # The check ran there (its bucket, refilled within milliseconds, is gone already).
-        assert admin.info("commandstats")["cmdstat_evalsha"]["calls"] >= 1
+        assert (await admin.info("commandstats"))["cmdstat_evalsha"]["calls"] >= 1
 
 
 @pytest.mark.parametrize("problem", ["an unknown CA", "a wrong password"])
