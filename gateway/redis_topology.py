@@ -162,7 +162,8 @@ async def follow_sentinel_primary(client: RedisClient, settings: RedisSettings,
             except Exception as exc:  # no sentinel answers, or none names a primary
                 log.log(logging.DEBUG if failing else logging.WARNING,
                         "sentinels: cannot find the primary of %r (%s: %s); asking again "
-                        "every %gs", settings.service_name, type(exc).__name__, exc, seconds)
+                        "every %gs", settings.service_name, type(exc).__name__, brief(exc),
+                        seconds)
                 failing = True
             switched.clear()
             with contextlib.suppress(TimeoutError):
@@ -196,6 +197,16 @@ async def _listen_for_switch(address: tuple[str, int], settings: RedisSettings,
         finally:
             await sentinel.aclose()
         await asyncio.sleep(PROBE_SECONDS)
+
+
+MAX_ERROR_CHARS = 300
+"""Of a Redis error in a log line: redis-py's text for "no sentinel answers" describes every
+sentinel connection (kilobytes a line)."""
+
+
+def brief(exc: BaseException) -> str:
+    text = str(exc)
+    return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS] + "..."
 
 
 def describe(settings: RedisSettings) -> str:

@@ -43,6 +43,7 @@ from .redis_topology import (
     PROBE_SECONDS,
     REDIS_ERRORS,
     RedisClient,
+    brief,
     close,
     connect,
     describe,
@@ -294,7 +295,7 @@ class RedisBreaker:
         where = describe(self._settings) + (f", node {node}" if node else "")
         log.warning("Redis at %s is not answering (%s: %s); %s; keys added in Redis are served "
                     "from cache only. Retrying every %gs.", where,
-                    type(exc).__name__, exc, policy, self._probe_seconds)
+                    type(exc).__name__, brief(exc), policy, self._probe_seconds)
         self._probe = asyncio.get_running_loop().create_task(self._probe_until_up())
 
     def failed_somewhere(self, exc: BaseException) -> None:

@@ -5,7 +5,10 @@
   by ``redis-cli --cluster create --cluster-replicas 1``, with a short ``cluster-node-timeout``
   so that a killed primary's replica takes over within about two seconds.
 - ``LocalSentinels``: a primary, its replica and three ``redis-sentinel`` processes watching
-  them, with a short ``down-after-milliseconds``.
+  them, with a short ``down-after-milliseconds``; the sentinels may require a password.
+
+Nodes may speak only TLS, or want a user and password: ``connection`` (redis-py's keyword
+arguments: ``ssl``, ``ssl_ca_certs``, ``username``, ``password``) says how to reach them.
 
 Nothing is written to disk but the nodes' own files in the test's temporary folder; every
 process starts through ``servers.spawn`` (it dies with the test run); every wait is bounded.
@@ -31,12 +34,13 @@ NODE_TIMEOUT_MS = 1000
 primary stays a primary."""
 
 
-def _redis(port: int) -> redis.Redis:
-    return redis.Redis(host="127.0.0.1", port=port, socket_timeout=2, socket_connect_timeout=2)
+def _redis(port: int, **connection: Any) -> redis.Redis:
+    return redis.Redis(host="127.0.0.1", port=port, socket_timeout=2, socket_connect_timeout=2,
+                       **connection)
 
 
-def _answers(port: int) -> bool:
-    client = _redis(port)
+def _answers(port: int, connection: dict[str, Any]) -> bool:
+    client = _redis(port, **connection)
     try:
         client.ping()
     except redis.AuthenticationError:
@@ -52,16 +56,18 @@ def _answers(port: int) -> bool:
 
 class RedisNode:
     """One ``redis-server`` (or ``redis-sentinel``) process with its own folder; it may be
-    killed and started again on the same port."""
+    killed and started again on the same port. With ``connection["ssl"]`` its port is a
+    ``--tls-port`` (and it has no plain one); the TLS settings are in ``args``."""
 
     def __init__(self, folder: Path, args: list[str], binary: str = "redis-server",
-                 config: str = "") -> None:
+                 config: str = "", connection: dict[str, Any] | None = None) -> None:
         self.port = free_port()
         self.folder = folder / str(self.port)
         self.folder.mkdir(parents=True)
         self.args = args
         self.binary = binary
         self.config = config
+        self.connection = dict(connection or {})
         self.proc: subprocess.Popen[bytes] | None = None
         self.started = False
         """Started once: a restart keeps its port (the cluster knows it by that)."""
@@ -87,8 +93,9 @@ class RedisNode:
             if not path.exists():
                 path.write_text(self.config)
             argv.append(str(path))
-        argv += ["--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder),
-                 "--daemonize", "no"]
+        ports = (["--port", "0", "--tls-port", str(self.port)] if self.connection.get("ssl")
+                 else ["--port", str(self.port)])
+        argv += [*ports, "--bind", "127.0.0.1", "--dir", str(self.folder), "--daemonize", "no"]
         if self.binary == "redis-server":
             # No disk, and a replica's first sync at once (not after diskless sync's 5 s wait).
             argv += ["--save", "", "--appendonly", "no", "--repl-diskless-sync-delay", "0"]
@@ -97,7 +104,7 @@ class RedisNode:
             proc = self.proc = spawn(argv, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 10
         while proc.poll() is None and time.monotonic() < deadline:
-            if _answers(self.port):
+            if _answers(self.port, self.connection):
                 return True
             time.sleep(0.05)
         self.kill()
@@ -115,24 +122,32 @@ class RedisNode:
         self.proc = None
 
     def client(self) -> redis.Redis:
-        return _redis(self.port)
+        return _redis(self.port, **self.connection)
 
 
 class LocalCluster:
-    """3 primaries and 3 replicas on loopback."""
+    """3 primaries and 3 replicas on loopback (or ``replicas=0``: 3 primaries alone).
 
-    def __init__(self, folder: Path) -> None:
+    ``args``: more for every node (TLS, ACL users); ``connection``: how to reach one (see
+    ``RedisNode``); ``cli_args``: the same for ``redis-cli --cluster create``."""
+
+    def __init__(self, folder: Path, replicas: int = 1, args: list[str] | None = None,
+                 connection: dict[str, Any] | None = None,
+                 cli_args: list[str] | None = None) -> None:
+        self.replicas = replicas
+        self.cli_args = list(cli_args or ())
         args = ["--cluster-enabled", "yes", "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
                 "--cluster-config-file", "nodes.conf",
                 # A replica may take over however long it was cut off (a test kills at once).
                 "--cluster-replica-validity-factor", "0",
                 # The other shards serve while one has no primary; with the default
                 # "yes" the whole cluster answers CLUSTERDOWN until a replica takes over.
-                "--cluster-require-full-coverage", "no"]
+                "--cluster-require-full-coverage", "no", *(args or ())]
         # The bus port is set apart: by default it is the port + 10000, past 65535 for a
         # free port above 55535.
-        self.nodes = [RedisNode(folder, [*args, "--cluster-port", str(free_port())])
-                      for _ in range(6)]
+        self.nodes = [RedisNode(folder, [*args, "--cluster-port", str(free_port())],
+                                connection=connection)
+                      for _ in range(3 * (1 + replicas))]
 
     @property
     def url(self) -> str:
@@ -142,9 +157,9 @@ class LocalCluster:
     def start(self) -> LocalCluster:
         for node in self.nodes:
             node.start()
-        subprocess.run(["redis-cli", "--cluster", "create",
+        subprocess.run(["redis-cli", *self.cli_args, "--cluster", "create",
                         *(f"127.0.0.1:{n.port}" for n in self.nodes),
-                        "--cluster-replicas", "1", "--cluster-yes"],
+                        "--cluster-replicas", str(self.replicas), "--cluster-yes"],
                        check=True, capture_output=True, timeout=60)
         self.wait_healthy()
         return self
@@ -194,7 +209,7 @@ class LocalCluster:
         live = {n.port for n in self.alive()}
         try:
             for port in live:
-                with _redis(port) as client:
+                with self.node(port).client() as client:
                     if client.cluster("info")["cluster_state"] != "ok":
                         return False
             return all(self.slot_owner(slot) in live for slot in (0, 5461, 10923, 16383))
@@ -232,8 +247,8 @@ async def on_node(port: int, *command: Any) -> Any:
 
 
 @contextmanager
-def local_cluster(folder: Path) -> Iterator[LocalCluster]:
-    cluster = LocalCluster(folder)
+def local_cluster(folder: Path, **options: Any) -> Iterator[LocalCluster]:
+    cluster = LocalCluster(folder, **options)
     try:
         yield cluster.start()
     finally:
@@ -245,19 +260,24 @@ sentinel monitor {service} 127.0.0.1 {primary} 2
 sentinel down-after-milliseconds {service} {timeout}
 sentinel failover-timeout {service} 10000
 sentinel parallel-syncs {service} 1
-"""
+{requirepass}"""
 
 
 class LocalSentinels:
-    """A primary and its replica, watched by three sentinels."""
+    """A primary and its replica, watched by three sentinels (which, given a
+    ``sentinel_password``, require it of every client and of each other)."""
 
     SERVICE = "gwprimary"
 
-    def __init__(self, folder: Path, data_args: list[str] | None = None) -> None:
+    def __init__(self, folder: Path, data_args: list[str] | None = None,
+                 sentinel_password: str = "") -> None:
+        self.sentinel_password = sentinel_password
         self.primary = RedisNode(folder, list(data_args or ()))
         self.replica = RedisNode(folder, list(data_args or ()))
         # Their config names the primary's port: written once the primary runs (see start).
-        self.sentinels = [RedisNode(folder, [], binary="redis-sentinel") for _ in range(3)]
+        self.sentinels = [RedisNode(folder, [], binary="redis-sentinel",
+                                    connection={"password": sentinel_password or None})
+                          for _ in range(3)]
 
     @property
     def addresses(self) -> list[str]:
@@ -268,7 +288,9 @@ class LocalSentinels:
         self.replica.args += ["--replicaof", "127.0.0.1", str(self.primary.port)]
         self.replica.start()
         config = SENTINEL_CONFIG.format(service=self.SERVICE, primary=self.primary.port,
-                                        timeout=NODE_TIMEOUT_MS)
+                                        timeout=NODE_TIMEOUT_MS,
+                                        requirepass=(f"requirepass {self.sentinel_password}\n"
+                                                     if self.sentinel_password else ""))
         for sentinel in self.sentinels:
             sentinel.config = config
             sentinel.start()
@@ -300,9 +322,9 @@ class LocalSentinels:
 
 
 @contextmanager
-def local_sentinels(folder: Path, data_args: list[str] | None = None
-                    ) -> Iterator[LocalSentinels]:
-    sentinels = LocalSentinels(folder, data_args)
+def local_sentinels(folder: Path, data_args: list[str] | None = None,
+                    sentinel_password: str = "") -> Iterator[LocalSentinels]:
+    sentinels = LocalSentinels(folder, data_args, sentinel_password)
     try:
         yield sentinels.start()
     finally:
