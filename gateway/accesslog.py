@@ -41,6 +41,7 @@ from typing import Any, TextIO
 
 import orjson
 
+from .errors import bounded
 from .request_info import RequestInfo
 
 log = logging.getLogger("gateway.access")
@@ -71,9 +72,7 @@ def _utc(t: float) -> str:
 
 
 def _bounded(text: str | None) -> str | None:
-    if text is None or len(text) <= MAX_FIELD_CHARS:
-        return text
-    return text[:MAX_FIELD_CHARS] + "..."
+    return None if text is None else bounded(text, MAX_FIELD_CHARS)
 
 
 def log_request(info: RequestInfo) -> None:

@@ -200,6 +200,12 @@ class UpstreamAnswerTooLarge(UpstreamProtocolError):
 _KEYLIKE = re.compile(r"\b(?:sk|xai)-[A-Za-z0-9_\-*]{6,}")
 
 
+def bounded(text: str, limit: int) -> str:
+    """At most ``limit`` characters of ``text``, then ``...``: whatever goes into an answer or a
+    log line from outside is bounded (redact first, or a secret straddling the cut survives)."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def redact(message: str, secrets: tuple[str, ...] = ()) -> str:
     """Remove anything that looks like a credential before a message reaches a client."""
     for secret in secrets:

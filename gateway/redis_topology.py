@@ -31,6 +31,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
 
+from .errors import bounded
 from .settings import RedisSettings
 
 log = logging.getLogger("gateway.redis")
@@ -205,8 +206,7 @@ sentinel connection (kilobytes a line)."""
 
 
 def brief(exc: BaseException) -> str:
-    text = str(exc)
-    return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS] + "..."
+    return bounded(str(exc), MAX_ERROR_CHARS)
 
 
 def describe(settings: RedisSettings) -> str:

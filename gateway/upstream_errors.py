@@ -25,7 +25,7 @@ from typing import Any, TypeGuard
 
 import orjson
 
-from .errors import UpstreamFailure, UpstreamStatus, redact
+from .errors import UpstreamFailure, UpstreamStatus, bounded, redact
 
 log = logging.getLogger("gateway.upstream")
 
@@ -178,8 +178,7 @@ def _text(value: Any) -> TypeGuard[str]:
 
 def _clean(text: str, secrets: tuple[str, ...], limit: int) -> str:
     """Redacted, then bounded: in that order, or a key straddling the cut would survive it."""
-    text = redact(text, secrets)
-    return text if len(text) <= limit else text[:limit] + "..."
+    return bounded(redact(text, secrets), limit)
 
 
 def _identifier(value: Any, secrets: tuple[str, ...]) -> str | None:
@@ -235,8 +234,8 @@ def _log_withheld(status: int, body: bytes, secrets: tuple[str, ...]) -> None:
     if text is None:
         head = body[:_MAX_DETAIL_SOURCE].decode("utf-8", "replace")
         text = _redact_cut_tail(redact(head, secrets), secrets)
-    detail = text if len(text) <= _MAX_DETAIL else text[:_MAX_DETAIL] + "..."
-    log.warning("upstream answered HTTP %d; withheld from the client: %r", status, detail)
+    log.warning("upstream answered HTTP %d; withheld from the client: %r", status,
+                bounded(text, _MAX_DETAIL))
 
 
 def _redact_cut_tail(text: str, secrets: tuple[str, ...]) -> str:
