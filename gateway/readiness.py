@@ -7,7 +7,6 @@ import cycle.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -15,6 +14,7 @@ from typing import Any
 
 from .errors import GatewayError
 from .http1 import InvalidHTTP
+from .tasks import cancel_and_wait
 from .upstream import UpstreamClient
 
 log = logging.getLogger("gateway.health")
@@ -104,8 +104,5 @@ class UpstreamProbe:
         return problem
 
     async def close(self) -> None:
-        if self._running is not None:
-            self._running.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._running
-            self._running = None
+        await cancel_and_wait(self._running)
+        self._running = None

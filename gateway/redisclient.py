@@ -53,6 +53,7 @@ from .redis_topology import (
     primaries_answering,
 )
 from .settings import RedisSettings
+from .tasks import cancel_and_wait
 
 log = logging.getLogger("gateway.redis")
 
@@ -213,10 +214,7 @@ class RedisBatcher:
         return [command.result for command in commands[1::2]]
 
     async def close(self) -> None:
-        for task in [*self._senders.values(), *self._redirects]:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*self._senders.values(), *self._redirects)
         for queue in self._queues.values():
             for _, future in queue:
                 future.cancel()
@@ -319,11 +317,8 @@ class RedisBreaker:
             return
 
     async def close(self) -> None:
-        if self._probe is not None:
-            self._probe.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._probe
-            self._probe = None
+        await cancel_and_wait(self._probe)
+        self._probe = None
 
 
 async def redis_health(client: RedisClient) -> str | None:
@@ -362,8 +357,6 @@ async def open_redis(settings: RedisSettings
                      describe(settings), settings.key_prefix)
         yield client, breaker
     finally:
-        follower.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await follower
+        await cancel_and_wait(follower)
         await breaker.close()
         await close(client)

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator
 
@@ -22,6 +21,7 @@ from aiohttp import web
 from ..appkeys import LIMITER, METRICS, SETTINGS, UPSTREAM, UPSTREAM_PROBE
 from ..metrics import CONTENT_TYPE
 from ..readiness import UpstreamProbe, limiter_state, redis_check
+from ..tasks import cancel_and_wait
 
 LOOP_LAG_SECONDS = 0.25
 """How often the event loop's lateness is sampled (``gateway_event_loop_lag_seconds``)."""
@@ -69,10 +69,7 @@ async def readiness_ctx(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        for task in tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*tasks)
         await probe.close()
 
 

@@ -27,7 +27,6 @@ refuses with 503.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import secrets
@@ -44,6 +43,7 @@ from ..redis_topology import REDIS_ERRORS, RedisClient, node_of
 from ..redisclient import RedisBatcher, RedisBreaker, redis_health
 from ..request_info import ClientKey
 from ..settings import RedisSettings
+from ..tasks import cancel_and_wait
 from . import Decision
 from .memory import MemoryLimiter
 
@@ -280,11 +280,8 @@ class RedisLimiter:
 
     async def close(self) -> None:
         """Stop renewing and give back any lease still held (normally none: streams drained)."""
-        if self._renewer is not None:
-            self._renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._renewer
-            self._renewer = None
+        await cancel_and_wait(self._renewer)
+        self._renewer = None
         held = [(streams, leases) for streams, leases in self._held.items()
                 if leases and self._breaker.up_for(streams)]
         await asyncio.gather(*(self._batch.execute("ZREM", streams, *leases)
