@@ -16,6 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from . import mock_faults
+from .client_stream import ClientStream
 from .mock_replies import encode_event
 
 
@@ -125,8 +126,7 @@ async def stream_events(request: web.Request, events: list[bytes], opts: dict[st
                 else:
                     await asyncio.sleep(float(opts.get("pause", 1)))
             if i == opts.get("disconnect_after"):
-                assert request.transport is not None
-                request.transport.abort()
+                ClientStream(request).abort()  # the one adapter that touches the transport
                 return response
             if i == opts.get("hang_after"):
                 await asyncio.sleep(3600)
