@@ -292,8 +292,9 @@ async def test_a_burst_of_checks_shares_round_trips_on_one_connection() -> None:
                 else:  # every check met NOSCRIPT; the script was loaded once for them all
                     assert stats["cmdstat_script|load"]["calls"] == 1, name
             assert limiter.backend_state == "redis"
+            # The batcher's own connection, and the pool's one for SCRIPT LOAD: not 300.
             gateway_clients = [c for c in raw.client_list() if c["name"] == "gateway"]
-            assert len(gateway_clients) == 1, gateway_clients
+            assert len(gateway_clients) <= 2, gateway_clients
         finally:
             raw.close()
             await limiter.close()
@@ -482,7 +483,7 @@ async def test_a_stream_ending_during_a_blip_frees_its_slot_when_redis_is_back(
 async def test_batched_commands_each_get_their_own_reply_error_replies_included(
         redis_url: str, redis_prefix: str) -> None:
     """RedisBatcher: commands issued together, and while a batch is in flight, travel in
-    pipelines; each reply, an error reply included, reaches its own caller."""
+    pipelines; each reply, an error reply included, reaches its own caller, as Redis sent it."""
     client = aioredis.Redis.from_url(redis_url)
     batch = RedisBatcher(client)
     try:
@@ -490,7 +491,7 @@ async def test_batched_commands_each_get_their_own_reply_error_replies_included(
         first = asyncio.ensure_future(batch.execute("SET", key, "1"))
         await asyncio.sleep(0)  # the first write is out; its reply not yet in
         replies = await asyncio.gather(first, *(batch.execute("INCR", key) for _ in range(50)))
-        assert replies[0] is True and sorted(replies[1:]) == list(range(2, 52))
+        assert replies[0] == b"OK" and sorted(replies[1:]) == list(range(2, 52))
         with pytest.raises(ResponseError):
             await batch.execute("INCR", key, "not-a-number", "extra")
         assert await batch.execute("GET", key) == b"51"
