@@ -16,8 +16,9 @@ must cost little and never stall the event loop:
   requests in flight when it went away, and nothing to the requests after them; a timeout that
   was only a hiccup closes the breaker again within a round trip.
 - Hot-path commands are auto-pipelined (``RedisBatcher``): the commands that requests issue in
-  the same moment travel together, in one pipeline on one connection. A burst of N concurrent
-  checks so costs one or two round trips and one connection, not N connections opened at once:
+  the same moment travel together, in one write on one connection, and (outside cluster mode,
+  ``redis_pipe``) go out without waiting for the replies of those before them. A burst of N
+  concurrent checks so costs a few writes and one connection, not N connections opened at once:
   that would be a handshake storm which on a busy host outlasts the connect timeout, and past
   100 in flight redis-py's pool refuses outright ("Too many connections"); its blocking pool
   instead lets some waiters starve past any timeout.
@@ -37,10 +38,9 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
-from redis.asyncio.connection import AbstractConnection
-from redis.exceptions import AskError, ClusterError, MovedError, ResponseError, TryAgainError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import AskError, ClusterError, MovedError, TryAgainError
 
+from .redis_pipe import RedisPipe, resolve
 from .redis_topology import (
     PROBE_SECONDS,
     REDIS_ERRORS,
@@ -83,13 +83,17 @@ def first_key(command: tuple[Any, ...]) -> Any:
 
 
 class RedisBatcher:
-    """Auto-pipelining: ``await batcher.execute(*command)`` queues the command; one task (per
-    cluster primary) sends whatever has queued as one pipeline (``transaction=False``: each
-    command, each script, stays atomic on its own), waits for the replies, then sends what
-    queued meanwhile. A command waits at most for the batch in flight plus its own: two round
-    trips, and a redirect's. A reply is what Redis sent (outside cluster mode without
-    redis-py's response callbacks: ``SET`` gives ``b"OK"``); the commands the gateway sends
-    read the same either way.
+    """Auto-pipelining: ``await batcher.execute(*command)`` queues the command; at the event
+    loop's next turn one task (per cluster primary) sends whatever has queued as one pipeline
+    (no transaction: each command, each script, stays atomic on its own).
+
+    Outside cluster mode the batch is written at once, whatever is still in flight, on one
+    held connection (``redis_pipe.RedisPipe``), and each reply resolves its caller as it is
+    read: a command waits for its own round trip only. A reply is then what Redis sent,
+    without redis-py's response callbacks (``SET`` gives ``b"OK"``); the commands the gateway
+    sends read the same either way. On a cluster the sender waits for a batch's replies before
+    it sends what queued meanwhile: a command waits for the batch in flight plus its own, and
+    a redirect's.
 
     A caller that is cancelled leaves its command in the batch (it may already be on the wire);
     its reply is dropped.
@@ -97,10 +101,8 @@ class RedisBatcher:
 
     def __init__(self, client: RedisClient) -> None:
         self._client = client
-        self._connection: AbstractConnection | None = None
-        """Outside cluster mode: the one connection the batches go out on (one sender)."""
-        self._timeout: float | None = None
-        """Its per-read timeout, which bounds each batch's round trip instead."""
+        self._pipe = None if isinstance(client, RedisCluster) else \
+            RedisPipe(client.connection_pool)
         self._queues: dict[str | None, list[_Item]] = {}
         self._senders: dict[str | None, asyncio.Task[None]] = {}
         self._redirects: set[asyncio.Task[None]] = set()
@@ -120,7 +122,10 @@ class RedisBatcher:
             while queue:
                 batch = queue[:MAX_BATCH]
                 del queue[:MAX_BATCH]
-                await self._send_pipeline(batch)
+                if self._pipe is not None:
+                    await self._pipe.send(batch)  # the replies resolve the callers
+                else:
+                    await self._send_pipeline(batch)
         finally:
             # No await between the empty queue and here: a command queued later starts a
             # sender of its own.
@@ -145,59 +150,18 @@ class RedisBatcher:
             task.add_done_callback(self._redirects.discard)
         for (_, future), reply in zip(batch, replies, strict=True):
             if not isinstance(reply, (AskError, TryAgainError)):
-                _resolve(future, reply)
+                resolve(future, reply)
 
     async def _pipeline(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """One pipeline (on a cluster, redirects are left in the replies)."""
-        if isinstance(self._client, RedisCluster):
-            pipe = self._client.pipeline(transaction=False)
-            for command in commands:
-                pipe.execute_command(*command)
-            # redis-py would follow an ASK with ASKING on one pooled connection and the
-            # command on another, where it gets MOVED back: "TTL exhausted" for a whole
-            # migration. _follow sends the two on one connection.
-            return await pipe.execute(raise_on_error=False, allow_redirections=False)
-        return await self._exchange(commands)
-
-    async def _exchange(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """One pipeline on the batcher's own connection, through redis-py's connection API:
-        the commands packed in one write, their replies read in order (an error reply is that
-        command's reply), under one deadline for the round trip. A pipeline object, its retry
-        wrapper, a pool checkout and a timer per reply cost twice as much CPU per command, on
-        every request's path.
-
-        The connection is held for the batcher's life, its own per-read timeout off while held.
-        A failed write or read disconnects it (redis-py does), and the next batch connects
-        again: in sentinel mode, to the primary the sentinels name. One the sentinel follower
-        marked after a failover goes back to the pool, which closes it, before the next batch.
-        """
-        connection = self._connection
-        if connection is not None and connection.should_reconnect():
-            await self._give_back()
-            connection = None
-        if connection is None:
-            connection = await self._client.connection_pool.get_connection()
-            self._connection, self._timeout = connection, connection.socket_timeout
-            connection.socket_timeout = None
-        replies: list[Any] = []
-        try:
-            async with asyncio.timeout(self._timeout):
-                await connection.send_packed_command(connection.pack_commands(commands),
-                                                     check_health=False)
-                for _ in commands:
-                    try:
-                        replies.append(await connection.read_response())
-                    except ResponseError as exc:
-                        replies.append(exc)
-        except TimeoutError:  # the read was cancelled, and the connection closed with it
-            raise RedisTimeoutError(f"no reply within {self._timeout}s") from None
-        return replies
-
-    async def _give_back(self) -> None:
-        connection, self._connection = self._connection, None
-        if connection is not None:
-            connection.socket_timeout = self._timeout
-            await self._client.connection_pool.release(connection)
+        """One pipeline on a cluster, redirects left in the replies. redis-py would follow an
+        ASK with ASKING on one pooled connection and the command on another, where it gets
+        MOVED back: "TTL exhausted" for a whole migration. _follow sends the two on one
+        connection."""
+        assert isinstance(self._client, RedisCluster)
+        pipe = self._client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        return await pipe.execute(raise_on_error=False, allow_redirections=False)
 
     async def _follow(self, redirected: Sequence[tuple[_Item, BaseException]]) -> None:
         """Send redirected commands again until they get a true answer: after MOVED to the new
@@ -238,11 +202,11 @@ class RedisBatcher:
                     if isinstance(reply, (AskError, TryAgainError)):
                         pending.append((item, reply))
                     else:
-                        _resolve(item[1], reply)
+                        resolve(item[1], reply)
             if not pending:
                 return
         for (_, future), reply in pending:
-            _resolve(future, reply)
+            resolve(future, reply)
 
     async def _asking(self, name: str, items: list[_Item]) -> list[Any]:
         """``ASKING`` and each command, in one pipeline on one connection to node ``name``:
@@ -264,21 +228,12 @@ class RedisBatcher:
             for _, future in queue:
                 future.cancel()
         self._queues.clear()
-        if not isinstance(self._client, RedisCluster):
-            await self._give_back()
+        if self._pipe is not None:
+            await self._pipe.close()
 
 
 def _spread(replies: list[Any] | BaseException, count: int) -> list[Any]:
     return [replies] * count if isinstance(replies, BaseException) else replies
-
-
-def _resolve(future: asyncio.Future[Any], reply: Any) -> None:
-    if future.done():
-        return  # its caller is gone
-    if isinstance(reply, BaseException):
-        future.set_exception(reply)
-    else:
-        future.set_result(reply)
 
 
 class RedisBreaker:

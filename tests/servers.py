@@ -167,13 +167,18 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 class Blackhole:
-    """A TCP proxy to Redis that can go silent: connections stay open, bytes vanish."""
+    """A TCP proxy to Redis that can go silent (connections stay open, bytes vanish) or hold
+    Redis' replies back (``replies.clear()``, until ``replies.set()``); ``seen`` is every byte
+    sent to Redis through it."""
 
     def __init__(self, target: str) -> None:
         parts = urlsplit(target)
         self.target = (parts.hostname or "127.0.0.1", parts.port or 6379)
         self.db = parts.path
         self.silent = False
+        self.replies = asyncio.Event()
+        self.replies.set()
+        self.seen = bytearray()
         self.server: asyncio.Server | None = None
         self.writers: set[asyncio.StreamWriter] = set()
 
@@ -191,14 +196,19 @@ class Blackhole:
             return
         self.writers.add(upstream_writer)
         with contextlib.suppress(OSError):
-            await asyncio.gather(self._pipe(reader, upstream_writer),
-                                 self._pipe(upstream_reader, writer))
+            await asyncio.gather(self._pipe(reader, upstream_writer, to_redis=True),
+                                 self._pipe(upstream_reader, writer, to_redis=False))
         for w in (writer, upstream_writer):
             w.close()
             self.writers.discard(w)
 
-    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, *,
+                    to_redis: bool) -> None:
         while data := await src.read(65536):
+            if to_redis:
+                self.seen += data
+            else:
+                await self.replies.wait()
             if not self.silent:
                 dst.write(data)
                 await dst.drain()

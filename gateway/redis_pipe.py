@@ -1,0 +1,181 @@
+"""Continuous pipelining on one Redis connection (single and sentinel modes): each batch of
+commands is written as soon as it has queued, without waiting for the replies of the batches
+before it, and each reply resolves its caller the moment it is read.
+
+Why: under a burst of requests, the checks of the first ones go out while the event loop is
+still reading the rest, and their replies come back in between; a batcher that waited for each
+batch's replies before sending the next held the second batch (the rest of the burst) until
+the loop had read every request, and then made all of them wait for the whole batch.
+
+Through redis-py's connection API (``pack_commands``, ``send_packed_command``,
+``read_response``): no pipeline object, pool checkout, retry wrapper or timer per reply, which
+cost twice the CPU per command. Each command's reply must come within the connection's
+``socket_timeout`` of its write; that timeout is taken off the connection while it is held
+here (one deadline per batch stands in for one timer per reply) and put back with it.
+
+A failed write or read, or a late reply, fails every command in flight on the connection
+(redis-py disconnects it) and gives it back; the next batch takes a connection again (in
+sentinel mode, to the primary the sentinels name). A connection the sentinel follower marked
+after a failover takes no new batch: it is given back once its replies are in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Callable
+from typing import Any
+
+from redis.asyncio.connection import AbstractConnection, ConnectionPool
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .tasks import cancel_and_wait
+
+Item = tuple[tuple[Any, ...], asyncio.Future[Any]]
+"""A command and its caller's future."""
+
+
+class RedisPipe:
+    """``await pipe.send(batch)`` writes the batch; the futures resolve as replies arrive."""
+
+    def __init__(self, pool: ConnectionPool) -> None:
+        self._pool = pool
+        self._link: _Link | None = None
+        self._retired: set[_Link] = set()
+
+    async def send(self, batch: list[Item]) -> None:
+        link = self._link
+        if link is not None and (link.dead or link.connection.should_reconnect()):
+            self._link = None
+            self._retired.add(link)
+            await link.retire(self._retired.discard)
+            link = None
+        if link is None:
+            try:
+                connection = await self._pool.get_connection()
+            except Exception as exc:  # noqa: BLE001 (Redis down: every caller decides)
+                fail(batch, exc)
+                return
+            link = self._link = _Link(self._pool, connection)
+        await link.send(batch)
+
+    async def close(self) -> None:
+        links = [*self._retired, *([self._link] if self._link is not None else [])]
+        self._link = None
+        for link in links:
+            await link.close()
+
+
+class _Link:
+    """One held connection and the commands in flight on it, oldest first."""
+
+    def __init__(self, pool: ConnectionPool, connection: AbstractConnection) -> None:
+        self.pool = pool
+        self.connection = connection
+        self.timeout: float | None = connection.socket_timeout
+        connection.socket_timeout = None
+        self.inflight: collections.deque[tuple[asyncio.Future[Any], float | None]] = \
+            collections.deque()
+        self.reader: asyncio.Task[None] | None = None
+        self.dead = False
+        self.on_given_back: Callable[[_Link], None] | None = None
+        self._given_back = False
+
+    async def send(self, batch: list[Item]) -> None:
+        connection = self.connection
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.timeout):
+                await connection.send_packed_command(
+                    connection.pack_commands([command for command, _ in batch]),
+                    check_health=False)
+        except BaseException as exc:  # cancelled (closing), or the connection broke or hung
+            error = _timed_out(self.timeout) if isinstance(exc, TimeoutError) else exc
+            fail(batch, error)
+            await self._fail(error)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        deadline = None if self.timeout is None else loop.time() + self.timeout
+        self.inflight.extend((future, deadline) for _, future in batch)
+        if self.reader is None:
+            self.reader = loop.create_task(self._read())
+
+    async def _read(self) -> None:
+        inflight = self.inflight
+        read = self.connection.read_response
+        try:
+            async with asyncio.timeout_at(inflight[0][1]) as timer:
+                while inflight:
+                    future, deadline = inflight[0]
+                    if deadline != timer.when():
+                        timer.reschedule(deadline)
+                    try:
+                        reply = await read()
+                    except ResponseError as exc:  # that command's reply
+                        reply = exc
+                    inflight.popleft()
+                    resolve(future, reply)
+        except asyncio.CancelledError:
+            fail([(None, future) for future, _ in inflight], asyncio.CancelledError())
+            inflight.clear()
+            raise
+        except Exception as exc:  # noqa: BLE001 (the connection broke, or a reply is late)
+            self.reader = None
+            await self._fail(_timed_out(self.timeout) if isinstance(exc, TimeoutError) else exc)
+            return
+        self.reader = None
+        if self.on_given_back is not None:  # retired: its last reply is in
+            await self._give_back()
+
+    async def retire(self, on_given_back: Callable[[_Link], None]) -> None:
+        """Take no new batch; give the connection back once the replies in flight are in."""
+        self.on_given_back = on_given_back
+        if self.reader is None:
+            await self._give_back()
+
+    async def _fail(self, error: BaseException) -> None:
+        self.dead = True
+        fail([(None, future) for future, _ in self.inflight], error)
+        self.inflight.clear()
+        if self.reader is not None and self.reader is not asyncio.current_task():
+            await cancel_and_wait(self.reader)
+        self.reader = None
+
+    async def close(self) -> None:
+        await cancel_and_wait(self.reader)
+        self.reader = None
+        await self._give_back()
+
+    async def _give_back(self) -> None:
+        if self._given_back:
+            return
+        self._given_back = True
+        self.connection.socket_timeout = self.timeout
+        await self.pool.release(self.connection)
+        if self.on_given_back is not None:
+            self.on_given_back(self)
+
+
+def _timed_out(seconds: float | None) -> RedisTimeoutError:
+    return RedisTimeoutError(f"no reply from Redis within {seconds}s")
+
+
+def fail(batch: list[tuple[Any, asyncio.Future[Any]]], error: BaseException) -> None:
+    """Each caller gets ``error`` (cancelled, for ``CancelledError``)."""
+    for _, future in batch:
+        if isinstance(error, asyncio.CancelledError):
+            future.cancel()
+        else:
+            resolve(future, error)
+
+
+def resolve(future: asyncio.Future[Any], reply: Any) -> None:
+    """Hand ``reply`` (a value, or the error to raise) to the caller waiting on ``future``."""
+    if future.done():
+        return  # its caller is gone
+    if isinstance(reply, BaseException):
+        future.set_exception(reply)
+    else:
+        future.set_result(reply)

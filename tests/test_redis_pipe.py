@@ -1,0 +1,90 @@
+"""Continuous pipelining (``gateway/redis_pipe.py``), through a real Redis and a loopback proxy
+that can hold Redis' replies back: a command goes out while the replies of the commands before
+it are still on their way, each caller gets its own reply in order, and a late reply fails
+what is in flight without leaving the next command stuck behind it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from gateway.redis_topology import connect
+from gateway.redisclient import RedisBatcher
+from gateway.settings import RedisSettings
+
+from servers import Blackhole
+
+
+@pytest.fixture
+async def proxy(redis_url: str) -> AsyncIterator[Blackhole]:
+    proxy = Blackhole(redis_url)
+    await proxy.start()
+    try:
+        yield proxy
+    finally:
+        proxy.replies.set()
+        await proxy.close()
+
+
+async def until(condition: object, seconds: float = 2.0) -> bool:
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not condition():  # type: ignore[operator]
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.005)
+    return True
+
+
+async def test_a_command_goes_out_while_the_replies_before_it_are_still_on_their_way(
+        proxy: Blackhole, redis_prefix: str) -> None:
+    assert proxy.server is not None
+    port = proxy.server.sockets[0].getsockname()[1]
+    settings = RedisSettings(url=f"redis://127.0.0.1:{port}/0", key_prefix=redis_prefix,
+                             timeout_seconds=5)
+    client = connect(settings)
+    batch = RedisBatcher(client)
+    key = f"{redis_prefix}:pipe"
+    try:
+        assert await batch.execute("SET", key, "0") == b"OK"  # connected, nothing held
+        proxy.replies.clear()
+        first = asyncio.ensure_future(batch.execute("INCR", key))
+        assert await until(lambda: proxy.seen.count(b"INCR") == 1)
+        second = asyncio.ensure_future(batch.execute("INCRBY", key, "10"))
+        # The first reply is held at the proxy, yet the second command reaches Redis.
+        assert await until(lambda: b"INCRBY" in proxy.seen), "it waited for the first reply"
+        assert not first.done() and not second.done()
+        proxy.replies.set()
+        assert await asyncio.wait_for(asyncio.gather(first, second), 2) == [1, 11]
+    finally:
+        await batch.close()
+        await client.delete(key)
+        await client.aclose()
+
+
+async def test_a_late_reply_fails_what_is_in_flight_and_the_next_command_is_answered(
+        proxy: Blackhole, redis_prefix: str) -> None:
+    assert proxy.server is not None
+    port = proxy.server.sockets[0].getsockname()[1]
+    settings = RedisSettings(url=f"redis://127.0.0.1:{port}/0", key_prefix=redis_prefix,
+                             timeout_seconds=0.3)
+    client = connect(settings)
+    batch = RedisBatcher(client)
+    key = f"{redis_prefix}:late"
+    try:
+        assert await batch.execute("SET", key, "0") == b"OK"
+        proxy.replies.clear()
+        stuck = [asyncio.ensure_future(batch.execute("INCR", key)) for _ in range(3)]
+        await asyncio.sleep(0.1)
+        stuck.append(asyncio.ensure_future(batch.execute("INCR", key)))  # a later batch
+        results = await asyncio.wait_for(asyncio.gather(*stuck, return_exceptions=True), 2)
+        assert all(isinstance(r, RedisTimeoutError) for r in results), results
+        proxy.replies.set()  # the held replies now reach a connection that is gone
+        # A new connection; the four INCRs ran in Redis (their replies were lost).
+        assert await asyncio.wait_for(batch.execute("INCR", key), 2) == 5
+    finally:
+        await batch.close()
+        await client.delete(key)
+        await client.aclose()
