@@ -9,8 +9,10 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
+from redis.asyncio.connection import Connection
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from gateway.redis_pipe import pack
 from gateway.redis_topology import connect
 from gateway.redisclient import RedisBatcher
 from gateway.settings import RedisSettings
@@ -88,3 +90,11 @@ async def test_a_late_reply_fails_what_is_in_flight_and_the_next_command_is_answ
         await batch.close()
         await client.delete(key)
         await client.aclose()
+
+
+def test_commands_are_packed_as_redis_py_packs_them() -> None:
+    commands = [("EVALSHA", "e" * 40, 2, "gw:{k\u00e9y}:bucket", "gw:{k\u00e9y}:streams",
+                 repr(1e9 / 60.0), 10, 1, -1, 10_000, "a1b2:7"),
+                ("ZREM", "gw:{k}:streams", b"\x00\r\nraw", ""), ("HGET", "gw:keys", "0" * 64)]
+    assert pack([(c, None) for c in commands]) == \
+        b"".join(Connection().pack_commands(commands))  # type: ignore[arg-type]
