@@ -66,6 +66,32 @@ async def test_a_command_goes_out_while_the_replies_before_it_are_still_on_their
         await client.aclose()
 
 
+async def test_a_third_batch_waits_for_the_first_batchs_replies(
+        proxy: Blackhole, redis_prefix: str) -> None:
+    """Two batches in flight at most: more writes for fewer commands would cost CPU."""
+    assert proxy.server is not None
+    port = proxy.server.sockets[0].getsockname()[1]
+    settings = RedisSettings(url=f"redis://127.0.0.1:{port}/0", key_prefix=redis_prefix,
+                             timeout_seconds=5)
+    client = connect(settings)
+    batch = RedisBatcher(client)
+    key = f"{redis_prefix}:depth"
+    try:
+        assert await batch.execute("SET", key, "0") == b"OK"
+        proxy.replies.clear()
+        calls = []
+        for n in (1, 10, 100):
+            calls.append(asyncio.ensure_future(batch.execute("INCRBY", key, str(n))))
+            await until(lambda: proxy.seen.count(b"INCRBY") == len(calls), 0.3)
+        assert proxy.seen.count(b"INCRBY") == 2  # the third waits
+        proxy.replies.set()
+        assert await asyncio.wait_for(asyncio.gather(*calls), 2) == [1, 11, 111]
+    finally:
+        await batch.close()
+        await client.delete(key)
+        await client.aclose()
+
+
 async def test_a_late_reply_fails_what_is_in_flight_and_the_next_command_is_answered(
         proxy: Blackhole, redis_prefix: str) -> None:
     assert proxy.server is not None
