@@ -1,6 +1,7 @@
-"""Pipelining on one Redis connection (single and sentinel modes): a batch of commands is
+"""Pipelining on one Redis connection (one per cluster primary): a batch of commands is
 written as soon as it has queued while at most one batch is still in flight (``IN_FLIGHT``),
-and each reply resolves its caller the moment it is read.
+and each reply resolves its caller the moment it is read. On a cluster, the commands a node
+redirects (MOVED, ASK, TRYAGAIN) go back to the batcher, which follows them.
 
 Why two and not one: under a burst, the event loop is busy reading the rest of the requests
 while the first batch's replies come back; with one batch in flight the second (most of the
@@ -11,7 +12,8 @@ shorter wait (a stream whose events come in one read cost 6 % more).
 
 Through redis-py's connection API (``send_packed_command``, ``read_response``; the commands
 packed here, for a third of ``pack_commands``' CPU): no pipeline object, pool checkout, retry
-wrapper or timer per reply, which cost twice the CPU per command. Each command's reply must
+wrapper or timer per reply, which cost twice the CPU per command (on a cluster, where
+redis-py's pipeline also resolves each command's slot and node, two and a half times). Each command's reply must
 come within the connection's ``socket_timeout`` of its write; that timeout is taken off the
 connection while it is held here (one deadline per batch stands in for one timer per reply)
 and put back with it.
@@ -27,16 +29,28 @@ from __future__ import annotations
 import asyncio
 import collections
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
-from redis.asyncio.connection import AbstractConnection, ConnectionPool
-from redis.exceptions import ResponseError
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import AskError, ResponseError, TryAgainError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .tasks import cancel_and_wait
 
 Item = tuple[tuple[Any, ...], asyncio.Future[Any]]
 """A command and its caller's future."""
+
+Redirected = list[tuple[Item, BaseException]]
+"""Commands a cluster node redirected (MOVED, ASK) or told to try again, with that reply."""
+
+
+class Pool(Protocol):
+    """Where a pipe takes its connection: redis-py's ``ConnectionPool``, or a cluster node."""
+
+    async def get_connection(self) -> AbstractConnection: ...
+
+    async def release(self, connection: AbstractConnection) -> None: ...
+
 
 IN_FLIGHT = 2
 """Batches in flight at most: the next one waits for the oldest one's last reply."""
@@ -45,8 +59,11 @@ IN_FLIGHT = 2
 class RedisPipe:
     """``await pipe.send(batch)`` writes the batch; the futures resolve as replies arrive."""
 
-    def __init__(self, pool: ConnectionPool) -> None:
+    def __init__(self, pool: Pool, on_redirect: Callable[[Redirected], None] | None = None
+                 ) -> None:
         self._pool = pool
+        self._on_redirect = on_redirect
+        """On a cluster: gets each batch's redirected commands (their callers still wait)."""
         self._link: _Link | None = None
         self._retired: set[_Link] = set()
 
@@ -65,7 +82,7 @@ class RedisPipe:
             except Exception as exc:  # noqa: BLE001 (Redis down: every caller decides)
                 fail(batch, exc)
                 return
-            link = self._link = _Link(self._pool, connection)
+            link = self._link = _Link(self._pool, connection, self._on_redirect)
         await link.send(batch)
 
     async def close(self) -> None:
@@ -78,14 +95,15 @@ class RedisPipe:
 class _Link:
     """One held connection and the commands in flight on it, oldest first."""
 
-    def __init__(self, pool: ConnectionPool, connection: AbstractConnection) -> None:
+    def __init__(self, pool: Pool, connection: AbstractConnection,
+                 on_redirect: Callable[[Redirected], None] | None) -> None:
         self.pool = pool
         self.connection = connection
+        self.on_redirect = on_redirect
         self.timeout: float | None = connection.socket_timeout
         connection.socket_timeout = None
-        # Each command's future, its reply's deadline, whether it ends its batch.
-        self.inflight: collections.deque[tuple[asyncio.Future[Any], float | None, bool]] = \
-            collections.deque()
+        # Each command and its future, its reply's deadline, whether it ends its batch.
+        self.inflight: collections.deque[tuple[Item, float | None, bool]] = collections.deque()
         self.batches = 0  # batches in flight
         self._slot: asyncio.Future[None] | None = None  # the sender waits for a batch's end
         self.reader: asyncio.Task[None] | None = None
@@ -108,7 +126,7 @@ class _Link:
             return
         deadline = None if self.timeout is None else loop.time() + self.timeout
         last = len(batch) - 1
-        self.inflight.extend((future, deadline, i == last) for i, (_, future) in enumerate(batch))
+        self.inflight.extend((item, deadline, i == last) for i, item in enumerate(batch))
         self.batches += 1
         if self.reader is None:
             self.reader = loop.create_task(self._read())
@@ -116,10 +134,11 @@ class _Link:
     async def _read(self) -> None:
         inflight = self.inflight
         read = self.connection.read_response
+        redirected: Redirected = []
         try:
             async with asyncio.timeout_at(inflight[0][1]) as timer:
                 while inflight:
-                    future, deadline, ends_batch = inflight[0]
+                    item, deadline, ends_batch = inflight[0]
                     if deadline != timer.when():
                         timer.reschedule(deadline)
                     try:
@@ -127,17 +146,26 @@ class _Link:
                     except ResponseError as exc:  # that command's reply
                         reply = exc
                     inflight.popleft()
-                    resolve(future, reply)
+                    if self.on_redirect is not None and isinstance(reply, _REDIRECTS):
+                        redirected.append((item, reply))
+                    else:
+                        resolve(item[1], reply)
                     if ends_batch:
                         self.batches -= 1
                         self._free_slot()
+                        if redirected:  # followed apart: the next batch need not wait
+                            self.on_redirect(redirected)  # type: ignore[misc]
+                            redirected = []
         except asyncio.CancelledError:
-            fail([(None, future) for future, *_ in inflight], asyncio.CancelledError())
+            fail([*(item for item, _ in redirected), *(item for item, *_ in inflight)],
+                 asyncio.CancelledError())
             inflight.clear()
             raise
         except Exception as exc:  # noqa: BLE001 (the connection broke, or a reply is late)
             self.reader = None
-            await self._fail(_timed_out(self.timeout) if isinstance(exc, TimeoutError) else exc)
+            error = _timed_out(self.timeout) if isinstance(exc, TimeoutError) else exc
+            fail([item for item, _ in redirected], error)
+            await self._fail(error)
             return
         self.reader = None
         if self.on_given_back is not None:  # retired: its last reply is in
@@ -160,7 +188,7 @@ class _Link:
 
     async def _fail(self, error: BaseException) -> None:
         self.dead = True
-        fail([(None, future) for future, *_ in self.inflight], error)
+        fail([item for item, *_ in self.inflight], error)
         self.inflight.clear()
         self.batches = 0
         self._free_slot()
@@ -194,6 +222,9 @@ def pack(batch: list[Item]) -> bytes:
             data = arg if isinstance(arg, bytes) else str(arg).encode()
             out.append(b"$%d\r\n%b\r\n" % (len(data), data))
     return b"".join(out)
+
+
+_REDIRECTS = (AskError, TryAgainError)  # MovedError is an AskError
 
 
 def _timed_out(seconds: float | None) -> RedisTimeoutError:

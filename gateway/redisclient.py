@@ -16,8 +16,8 @@ must cost little and never stall the event loop:
   requests in flight when it went away, and nothing to the requests after them; a timeout that
   was only a hiccup closes the breaker again within a round trip.
 - Hot-path commands are auto-pipelined (``RedisBatcher``): the commands that requests issue in
-  the same moment travel together, in one write on one connection, and (outside cluster mode,
-  ``redis_pipe``) go out without waiting for the replies of those before them. A burst of N
+  the same moment travel together, in one write on one connection (per cluster primary), and
+  go out while the batch before them is still in flight (``redis_pipe``). A burst of N
   concurrent checks so costs a few writes and one connection, not N connections opened at once:
   that would be a handshake storm which on a busy host outlasts the connect timeout, and past
   100 in flight redis-py's pool refuses outright ("Too many connections"); its blocking pool
@@ -38,6 +38,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
+from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import AskError, ClusterError, MovedError, TryAgainError
 
 from .redis_pipe import RedisPipe, resolve
@@ -85,15 +86,11 @@ def first_key(command: tuple[Any, ...]) -> Any:
 class RedisBatcher:
     """Auto-pipelining: ``await batcher.execute(*command)`` queues the command; at the event
     loop's next turn one task (per cluster primary) sends whatever has queued as one pipeline
-    (no transaction: each command, each script, stays atomic on its own).
-
-    Outside cluster mode the batch is written at once, whatever is still in flight, on one
-    held connection (``redis_pipe.RedisPipe``), and each reply resolves its caller as it is
-    read: a command waits for its own round trip only. A reply is then what Redis sent,
-    without redis-py's response callbacks (``SET`` gives ``b"OK"``); the commands the gateway
-    sends read the same either way. On a cluster the sender waits for a batch's replies before
-    it sends what queued meanwhile: a command waits for the batch in flight plus its own, and
-    a redirect's.
+    (no transaction: each command, each script, stays atomic on its own), on one held
+    connection (``redis_pipe.RedisPipe``), and each reply resolves its caller as it is read. A
+    reply is what Redis sent, without redis-py's response callbacks (``SET`` gives ``b"OK"``);
+    the commands the gateway sends read the same either way. A redirected command waits for
+    its redirect to be followed too.
 
     A caller that is cancelled leaves its command in the batch (it may already be on the wire);
     its reply is dropped.
@@ -101,8 +98,10 @@ class RedisBatcher:
 
     def __init__(self, client: RedisClient) -> None:
         self._client = client
-        self._pipe = None if isinstance(client, RedisCluster) else \
-            RedisPipe(client.connection_pool)
+        self._pipes: dict[str | None, RedisPipe] = {}
+        """Outside cluster mode one; on a cluster one per primary that served a batch."""
+        if not isinstance(client, RedisCluster):
+            self._pipes[None] = RedisPipe(client.connection_pool)
         self._queues: dict[str | None, list[_Item]] = {}
         self._senders: dict[str | None, asyncio.Task[None]] = {}
         self._redirects: set[asyncio.Task[None]] = set()
@@ -122,9 +121,10 @@ class RedisBatcher:
             while queue:
                 batch = queue[:MAX_BATCH]
                 del queue[:MAX_BATCH]
-                if self._pipe is not None:
-                    await self._pipe.send(batch)  # the replies resolve the callers
-                else:
+                pipe = self._pipe_to(node)
+                if pipe is not None:
+                    await pipe.send(batch)  # the replies resolve the callers
+                else:  # a slot no node serves: redis-py's pipeline routes and reports it
                     await self._send_pipeline(batch)
         finally:
             # No await between the empty queue and here: a command queued later starts a
@@ -132,6 +132,20 @@ class RedisBatcher:
             del self._senders[node]
             if not queue:
                 del self._queues[node]
+
+    def _pipe_to(self, node: str | None) -> RedisPipe | None:
+        pipe = self._pipes.get(node)
+        if pipe is None and node is not None:
+            assert isinstance(self._client, RedisCluster)
+            cluster_node = self._client.get_node(node_name=node)
+            if cluster_node is not None:
+                pipe = self._pipes[node] = RedisPipe(_NodePool(cluster_node), self._redirected)
+        return pipe
+
+    def _redirected(self, redirected: Sequence[tuple[_Item, BaseException]]) -> None:
+        task = asyncio.get_running_loop().create_task(self._follow(redirected))
+        self._redirects.add(task)
+        task.add_done_callback(self._redirects.discard)
 
     async def _send_pipeline(self, batch: list[_Item]) -> None:
         try:
@@ -145,9 +159,7 @@ class RedisBatcher:
         redirected = [(item, reply) for item, reply in zip(batch, replies, strict=True)
                       if isinstance(reply, (AskError, TryAgainError))]
         if redirected:  # followed apart: this primary's next batch need not wait for it
-            task = asyncio.get_running_loop().create_task(self._follow(redirected))
-            self._redirects.add(task)
-            task.add_done_callback(self._redirects.discard)
+            self._redirected(redirected)
         for (_, future), reply in zip(batch, replies, strict=True):
             if not isinstance(reply, (AskError, TryAgainError)):
                 resolve(future, reply)
@@ -228,8 +240,21 @@ class RedisBatcher:
             for _, future in queue:
                 future.cancel()
         self._queues.clear()
-        if self._pipe is not None:
-            await self._pipe.close()
+        for pipe in self._pipes.values():
+            await pipe.close()
+
+
+class _NodePool:
+    """A cluster node's connections, as ``RedisPipe`` takes them."""
+
+    def __init__(self, node: ClusterNode) -> None:
+        self._node = node
+
+    async def get_connection(self) -> AbstractConnection:
+        return self._node.acquire_connection()
+
+    async def release(self, connection: AbstractConnection) -> None:
+        self._node.release(connection)  # type: ignore[arg-type]
 
 
 def _spread(replies: list[Any] | BaseException, count: int) -> list[Any]:
