@@ -13,10 +13,10 @@ shorter wait (a stream whose events come in one read cost 6 % more).
 Through redis-py's connection API (``send_packed_command``, ``read_response``; the commands
 packed here, for a third of ``pack_commands``' CPU): no pipeline object, pool checkout, retry
 wrapper or timer per reply, which cost twice the CPU per command (on a cluster, where
-redis-py's pipeline also resolves each command's slot and node, two and a half times). Each command's reply must
-come within the connection's ``socket_timeout`` of its write; that timeout is taken off the
-connection while it is held here (one deadline per batch stands in for one timer per reply)
-and put back with it.
+redis-py's pipeline also resolves each command's slot and node, two and a half times). Each
+command's reply must come within the connection's ``socket_timeout`` of its write; that
+timeout is taken off the connection while it is held here (one deadline per batch stands in
+for one timer per reply) and put back with it.
 
 A failed write or read, or a late reply, fails every command in flight on the connection
 (redis-py disconnects it) and gives it back; the next batch takes a connection again (in
@@ -108,6 +108,7 @@ class _Link:
         self._slot: asyncio.Future[None] | None = None  # the sender waits for a batch's end
         self.reader: asyncio.Task[None] | None = None
         self.dead = False
+        self.error: BaseException | None = None  # what killed it
         self.on_given_back: Callable[[_Link], None] | None = None
         self._given_back = False
 
@@ -156,9 +157,9 @@ class _Link:
                         if redirected:  # followed apart: the next batch need not wait
                             self.on_redirect(redirected)  # type: ignore[misc]
                             redirected = []
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # closing, or the write side failed (``_fail``)
             fail([*(item for item, _ in redirected), *(item for item, *_ in inflight)],
-                 asyncio.CancelledError())
+                 self.error or asyncio.CancelledError())
             inflight.clear()
             raise
         except Exception as exc:  # noqa: BLE001 (the connection broke, or a reply is late)
@@ -187,7 +188,7 @@ class _Link:
             self._slot.set_result(None)
 
     async def _fail(self, error: BaseException) -> None:
-        self.dead = True
+        self.dead, self.error = True, error
         fail([item for item, *_ in self.inflight], error)
         self.inflight.clear()
         self.batches = 0
