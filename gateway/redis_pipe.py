@@ -19,8 +19,8 @@ timeout is taken off the connection while it is held here (one deadline per batc
 for one timer per reply) and put back with it.
 
 A failed write or read, or a late reply, fails every command in flight on the connection
-(redis-py disconnects it) and gives it back; the next batch takes a connection again (in
-sentinel mode, to the primary the sentinels name). A connection the sentinel follower marked
+(redis-py disconnects it), which is given back at once; the next batch takes a connection again
+(in sentinel mode, to the primary the sentinels name). A connection the sentinel follower marked
 after a failover takes no new batch: it is given back once its replies are in.
 """
 
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -68,6 +69,18 @@ class RedisPipe:
         self._retired: set[_Link] = set()
 
     async def send(self, batch: list[Item]) -> None:
+        """Write ``batch``; whatever happens, each of its callers gets a reply, an error or a
+        cancellation (the batcher has already taken it off its queue)."""
+        try:
+            link = await self._link_for_next_batch()
+        except BaseException as exc:  # cancelled (closing), or Redis is down
+            fail(batch, exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        await link.send(batch)
+
+    async def _link_for_next_batch(self) -> _Link:
         link = self._link
         if link is not None and link.batches >= IN_FLIGHT:
             await link.slot_free()
@@ -77,13 +90,9 @@ class RedisPipe:
             await link.retire(self._retired.discard)
             link = None
         if link is None:
-            try:
-                connection = await self._pool.get_connection()
-            except Exception as exc:  # noqa: BLE001 (Redis down: every caller decides)
-                fail(batch, exc)
-                return
+            connection = await self._pool.get_connection()
             link = self._link = _Link(self._pool, connection, self._on_redirect)
-        await link.send(batch)
+        return link
 
     async def close(self) -> None:
         links = [*self._retired, *([self._link] if self._link is not None else [])]
@@ -188,6 +197,7 @@ class _Link:
             self._slot.set_result(None)
 
     async def _fail(self, error: BaseException) -> None:
+        """Fail what is in flight and give the (disconnected) connection back at once."""
         self.dead, self.error = True, error
         fail([item for item, *_ in self.inflight], error)
         self.inflight.clear()
@@ -196,6 +206,7 @@ class _Link:
         if self.reader is not None and self.reader is not asyncio.current_task():
             await cancel_and_wait(self.reader)
         self.reader = None
+        await self._give_back()
 
     async def close(self) -> None:
         await cancel_and_wait(self.reader)
@@ -203,12 +214,12 @@ class _Link:
         await self._give_back()
 
     async def _give_back(self) -> None:
-        if self._given_back:
-            return
-        self._given_back = True
-        self.connection.socket_timeout = self.timeout
-        await self.pool.release(self.connection)
-        if self.on_given_back is not None:
+        if not self._given_back:
+            self._given_back = True
+            self.connection.socket_timeout = self.timeout
+            with contextlib.suppress(Exception):  # closing it failed: it is gone either way
+                await self.pool.release(self.connection)
+        if self.on_given_back is not None:  # retired: the pipe forgets it
             self.on_given_back(self)
 
 

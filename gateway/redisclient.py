@@ -137,9 +137,8 @@ class RedisBatcher:
         pipe = self._pipes.get(node)
         if pipe is None and node is not None:
             assert isinstance(self._client, RedisCluster)
-            cluster_node = self._client.get_node(node_name=node)
-            if cluster_node is not None:
-                pipe = self._pipes[node] = RedisPipe(_NodePool(cluster_node), self._redirected)
+            pipe = self._pipes[node] = RedisPipe(_NodePool(self._client, node),
+                                                 self._redirected)
         return pipe
 
     def _redirected(self, redirected: Sequence[tuple[_Item, BaseException]]) -> None:
@@ -245,16 +244,27 @@ class RedisBatcher:
 
 
 class _NodePool:
-    """A cluster node's connections, as ``RedisPipe`` takes them."""
+    """A cluster primary's connections, as ``RedisPipe`` takes them: from the node the slot map
+    names now (a node that left and came back is a new ``ClusterNode``), each given back to the
+    node it came from."""
 
-    def __init__(self, node: ClusterNode) -> None:
-        self._node = node
+    def __init__(self, client: RedisCluster, name: str) -> None:
+        self._client = client
+        self._name = name
+        self._lent: dict[AbstractConnection, ClusterNode] = {}
 
     async def get_connection(self) -> AbstractConnection:
-        return self._node.acquire_connection()
+        node = self._client.get_node(node_name=self._name)
+        if node is None:
+            raise ClusterError(f"{self._name} is no longer in the cluster's slot map")
+        connection = node.acquire_connection()
+        self._lent[connection] = node
+        return connection
 
     async def release(self, connection: AbstractConnection) -> None:
-        self._node.release(connection)  # type: ignore[arg-type]
+        node = self._lent.pop(connection, None)
+        if node is not None:
+            node.release(connection)  # type: ignore[arg-type]
 
 
 def _spread(replies: list[Any] | BaseException, count: int) -> list[Any]:

@@ -124,3 +124,29 @@ def test_commands_are_packed_as_redis_py_packs_them() -> None:
                 ("ZREM", "gw:{k}:streams", b"\x00\r\nraw", ""), ("HGET", "gw:keys", "0" * 64)]
     assert pack([(c, None) for c in commands]) == \
         b"".join(Connection().pack_commands(commands))  # type: ignore[arg-type]
+
+
+async def test_closing_with_a_batch_waiting_for_its_turn_answers_every_caller(
+        proxy: Blackhole, redis_prefix: str) -> None:
+    """The batcher has taken the waiting batch off its queue: closing must still reach it."""
+    assert proxy.server is not None
+    port = proxy.server.sockets[0].getsockname()[1]
+    client = connect(RedisSettings(url=f"redis://127.0.0.1:{port}/0", key_prefix=redis_prefix,
+                                   timeout_seconds=5))
+    batch = RedisBatcher(client)
+    key = f"{redis_prefix}:closing"
+    try:
+        assert await batch.execute("SET", key, "0") == b"OK"
+        proxy.replies.clear()
+        calls = []
+        for _ in range(3):  # two batches in flight, the third waits for a slot
+            calls.append(asyncio.ensure_future(batch.execute("INCR", key)))
+            await until(lambda: proxy.seen.count(b"INCR") == len(calls), 0.3)
+        await batch.close()
+        await asyncio.wait_for(asyncio.wait(calls), 2)
+        assert all(call.cancelled() for call in calls)
+    finally:
+        proxy.replies.set()
+        await client.delete(key)
+        await client.aclose()
+
