@@ -150,3 +150,50 @@ async def test_closing_with_a_batch_waiting_for_its_turn_answers_every_caller(
         await client.delete(key)
         await client.aclose()
 
+
+
+async def test_a_batch_waiting_for_its_turn_goes_on_when_the_batches_before_it_fail(
+        proxy: Blackhole, redis_prefix: str) -> None:
+    assert proxy.server is not None
+    port = proxy.server.sockets[0].getsockname()[1]
+    client = connect(RedisSettings(url=f"redis://127.0.0.1:{port}/0", key_prefix=redis_prefix,
+                                   timeout_seconds=0.3))
+    batch = RedisBatcher(client)
+    key = f"{redis_prefix}:turn"
+    try:
+        assert await batch.execute("SET", key, "0") == b"OK"
+        proxy.replies.clear()
+        calls = []
+        for _ in range(3):  # the third waits for a slot
+            calls.append(asyncio.ensure_future(batch.execute("INCR", key)))
+            await until(lambda: proxy.seen.count(b"INCR") == len(calls), 0.1)
+        first_two = await asyncio.wait_for(asyncio.gather(*calls[:2], return_exceptions=True), 2)
+        assert all(isinstance(r, RedisTimeoutError) for r in first_two), first_two
+        proxy.replies.set()
+        # The third goes out on a new connection and is answered (the two INCRs ran).
+        assert await asyncio.wait_for(calls[2], 2) == 3
+    finally:
+        proxy.replies.set()
+        await batch.close()
+        await client.delete(key)
+        await client.aclose()
+
+
+async def test_a_connection_given_back_keeps_its_timeout_for_the_pools_other_users(
+        proxy: Blackhole, redis_prefix: str) -> None:
+    """The pipe turns the connection's per-read timeout off while it holds it; the pool's
+    other users (readiness pings, the breaker's probe) must find it on again."""
+    assert proxy.server is not None
+    port = proxy.server.sockets[0].getsockname()[1]
+    client = connect(RedisSettings(url=f"redis://127.0.0.1:{port}/0", key_prefix=redis_prefix,
+                                   timeout_seconds=0.2))
+    batch = RedisBatcher(client)
+    try:
+        assert await batch.execute("EXISTS", f"{redis_prefix}:nothing") == 0
+        await batch.close()  # its connection back in the pool, the only one there
+        proxy.silent = True
+        with pytest.raises(RedisTimeoutError):
+            await asyncio.wait_for(client.ping(), 2)  # redis-py's own timeout, not ours
+    finally:
+        proxy.silent = False
+        await client.aclose()
