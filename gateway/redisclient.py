@@ -5,7 +5,8 @@ from ``redis_topology``).
 Redis sits on every request's path (a key lookup, a rate-limit check), so a slow or dead Redis
 must cost little and never stall the event loop:
 
-- Timeouts are short (``[redis] timeout_seconds`` for connecting and for each reply).
+- Timeouts are short (``[redis] timeout_seconds`` for connecting, and for each reply, counted
+  from its command's write).
 - No command is sent twice. A reply lost on its way back (a reset connection, a timeout) may
   belong to a script that ran: the command fails, its caller applies the failure policy, and
   the breaker opens. Redis restarted (a stale pooled connection) costs the same, for one round
