@@ -34,6 +34,7 @@ from typing import Any, Protocol
 
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import AskError, ResponseError, TryAgainError
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .tasks import cancel_and_wait
@@ -75,7 +76,7 @@ class RedisPipe:
             link = await self._link_for_next_batch()
         except BaseException as exc:  # cancelled (closing), or Redis is down
             fail(batch, exc)
-            if isinstance(exc, asyncio.CancelledError):
+            if not isinstance(exc, Exception):
                 raise
             return
         await link.send(batch)
@@ -118,21 +119,29 @@ class _Link:
         self.reader: asyncio.Task[None] | None = None
         self.dead = False
         self.error: BaseException | None = None  # what killed it
+        self.writing = False  # a batch is being written: the connection is not ours to give
         self.on_given_back: Callable[[_Link], None] | None = None
         self._given_back = False
 
     async def send(self, batch: list[Item]) -> None:
         connection = self.connection
         loop = asyncio.get_running_loop()
+        self.writing = True
         try:
             async with asyncio.timeout(self.timeout):
                 await connection.send_packed_command(pack(batch), check_health=False)
         except BaseException as exc:  # cancelled (closing), or the connection broke or hung
+            self.writing = False
             error = _timed_out(self.timeout) if isinstance(exc, TimeoutError) else exc
             fail(batch, error)
             await self._fail(error)
-            if isinstance(exc, asyncio.CancelledError):
+            if not isinstance(exc, Exception):
                 raise
+            return
+        self.writing = False
+        if self.dead:  # the reader failed while this batch was being written
+            fail(batch, self.error or RedisConnectionError("the connection to Redis failed"))
+            await self._give_back()
             return
         deadline = None if self.timeout is None else loop.time() + self.timeout
         last = len(batch) - 1
@@ -197,7 +206,8 @@ class _Link:
             self._slot.set_result(None)
 
     async def _fail(self, error: BaseException) -> None:
-        """Fail what is in flight and give the (disconnected) connection back at once."""
+        """Fail what is in flight and give the (disconnected) connection back at once, or, if
+        a batch is being written on it, once that write is over."""
         self.dead, self.error = True, error
         fail([item for item, *_ in self.inflight], error)
         self.inflight.clear()
@@ -206,7 +216,8 @@ class _Link:
         if self.reader is not None and self.reader is not asyncio.current_task():
             await cancel_and_wait(self.reader)
         self.reader = None
-        await self._give_back()
+        if not self.writing:
+            await self._give_back()
 
     async def close(self) -> None:
         await cancel_and_wait(self.reader)
