@@ -344,8 +344,7 @@ class RedisBreaker:
         while True:
             try:
                 await ping(self._client)
-            except Exception:  # noqa: BLE001 (down, or anything else: a probe that died would
-                # leave the breaker open for good)
+            except Exception:  # noqa: BLE001 (a probe that died would leave the breaker open)
                 await asyncio.sleep(self._probe_seconds)
                 continue
             self.up = True
