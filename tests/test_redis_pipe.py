@@ -6,14 +6,14 @@ what is in flight without leaving the next command stuck behind it."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 from redis.asyncio.connection import Connection
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.redis_pipe import pack
-from gateway.redis_topology import connect
+from gateway.redis_topology import RedisClient, connect
 from gateway.redisclient import RedisBatcher
 from gateway.settings import RedisSettings
 
@@ -31,6 +31,31 @@ async def proxy(redis_url: str) -> AsyncIterator[Blackhole]:
         await proxy.close()
 
 
+OpenBatcher = Callable[[float], tuple[RedisClient, RedisBatcher]]
+
+
+@pytest.fixture
+async def open_batcher(proxy: Blackhole, redis_prefix: str) -> AsyncIterator[OpenBatcher]:
+    """A client and its batcher through ``proxy``, replies due within ``timeout_seconds``;
+    closed after the test (the ``redis_url`` fixture removes the test's keys)."""
+    assert proxy.server is not None
+    url = f"redis://127.0.0.1:{proxy.server.sockets[0].getsockname()[1]}/0"
+    opened: list[tuple[RedisClient, RedisBatcher]] = []
+
+    def open_(timeout_seconds: float) -> tuple[RedisClient, RedisBatcher]:
+        client = connect(RedisSettings(url=url, key_prefix=redis_prefix,
+                                       timeout_seconds=timeout_seconds))
+        opened.append((client, RedisBatcher(client)))
+        return opened[-1]
+
+    yield open_
+    proxy.replies.set()
+    proxy.silent = False
+    for client, batch in opened:
+        await batch.close()
+        await client.aclose()
+
+
 async def until(condition: object, seconds: float = 2.0) -> bool:
     deadline = asyncio.get_running_loop().time() + seconds
     while not condition():  # type: ignore[operator]
@@ -41,81 +66,51 @@ async def until(condition: object, seconds: float = 2.0) -> bool:
 
 
 async def test_a_command_goes_out_while_the_replies_before_it_are_still_on_their_way(
-        proxy: Blackhole, redis_prefix: str) -> None:
-    assert proxy.server is not None
-    port = proxy.server.sockets[0].getsockname()[1]
-    settings = RedisSettings(url=f"redis://127.0.0.1:{port}/0", key_prefix=redis_prefix,
-                             timeout_seconds=5)
-    client = connect(settings)
-    batch = RedisBatcher(client)
+        proxy: Blackhole, open_batcher: OpenBatcher, redis_prefix: str) -> None:
+    _, batch = open_batcher(5)
     key = f"{redis_prefix}:pipe"
-    try:
-        assert await batch.execute("SET", key, "0") == b"OK"  # connected, nothing held
-        proxy.replies.clear()
-        first = asyncio.ensure_future(batch.execute("INCR", key))
-        assert await until(lambda: proxy.seen.count(b"INCR") == 1)
-        second = asyncio.ensure_future(batch.execute("INCRBY", key, "10"))
-        # The first reply is held at the proxy, yet the second command reaches Redis.
-        assert await until(lambda: b"INCRBY" in proxy.seen), "it waited for the first reply"
-        assert not first.done() and not second.done()
-        proxy.replies.set()
-        assert await asyncio.wait_for(asyncio.gather(first, second), 2) == [1, 11]
-    finally:
-        await batch.close()
-        await client.delete(key)
-        await client.aclose()
+    assert await batch.execute("SET", key, "0") == b"OK"  # connected, nothing held
+    proxy.replies.clear()
+    first = asyncio.ensure_future(batch.execute("INCR", key))
+    assert await until(lambda: proxy.seen.count(b"INCR") == 1)
+    second = asyncio.ensure_future(batch.execute("INCRBY", key, "10"))
+    # The first reply is held at the proxy, yet the second command reaches Redis.
+    assert await until(lambda: b"INCRBY" in proxy.seen), "it waited for the first reply"
+    assert not first.done() and not second.done()
+    proxy.replies.set()
+    assert await asyncio.wait_for(asyncio.gather(first, second), 2) == [1, 11]
 
 
 async def test_a_third_batch_waits_for_the_first_batchs_replies(
-        proxy: Blackhole, redis_prefix: str) -> None:
+        proxy: Blackhole, open_batcher: OpenBatcher, redis_prefix: str) -> None:
     """Two batches in flight at most: more writes for fewer commands would cost CPU."""
-    assert proxy.server is not None
-    port = proxy.server.sockets[0].getsockname()[1]
-    settings = RedisSettings(url=f"redis://127.0.0.1:{port}/0", key_prefix=redis_prefix,
-                             timeout_seconds=5)
-    client = connect(settings)
-    batch = RedisBatcher(client)
+    _, batch = open_batcher(5)
     key = f"{redis_prefix}:depth"
-    try:
-        assert await batch.execute("SET", key, "0") == b"OK"
-        proxy.replies.clear()
-        calls = []
-        for n in (1, 10, 100):
-            calls.append(asyncio.ensure_future(batch.execute("INCRBY", key, str(n))))
-            await until(lambda: proxy.seen.count(b"INCRBY") == len(calls), 0.3)
-        assert proxy.seen.count(b"INCRBY") == 2  # the third waits
-        proxy.replies.set()
-        assert await asyncio.wait_for(asyncio.gather(*calls), 2) == [1, 11, 111]
-    finally:
-        await batch.close()
-        await client.delete(key)
-        await client.aclose()
+    assert await batch.execute("SET", key, "0") == b"OK"
+    proxy.replies.clear()
+    calls = []
+    for n in (1, 10, 100):
+        calls.append(asyncio.ensure_future(batch.execute("INCRBY", key, str(n))))
+        await until(lambda: proxy.seen.count(b"INCRBY") == len(calls), 0.3)
+    assert proxy.seen.count(b"INCRBY") == 2  # the third waits
+    proxy.replies.set()
+    assert await asyncio.wait_for(asyncio.gather(*calls), 2) == [1, 11, 111]
 
 
 async def test_a_late_reply_fails_what_is_in_flight_and_the_next_command_is_answered(
-        proxy: Blackhole, redis_prefix: str) -> None:
-    assert proxy.server is not None
-    port = proxy.server.sockets[0].getsockname()[1]
-    settings = RedisSettings(url=f"redis://127.0.0.1:{port}/0", key_prefix=redis_prefix,
-                             timeout_seconds=0.3)
-    client = connect(settings)
-    batch = RedisBatcher(client)
+        proxy: Blackhole, open_batcher: OpenBatcher, redis_prefix: str) -> None:
+    _, batch = open_batcher(0.3)
     key = f"{redis_prefix}:late"
-    try:
-        assert await batch.execute("SET", key, "0") == b"OK"
-        proxy.replies.clear()
-        stuck = [asyncio.ensure_future(batch.execute("INCR", key)) for _ in range(3)]
-        await asyncio.sleep(0.1)
-        stuck.append(asyncio.ensure_future(batch.execute("INCR", key)))  # a later batch
-        results = await asyncio.wait_for(asyncio.gather(*stuck, return_exceptions=True), 2)
-        assert all(isinstance(r, RedisTimeoutError) for r in results), results
-        proxy.replies.set()  # the held replies now reach a connection that is gone
-        # A new connection; the four INCRs ran in Redis (their replies were lost).
-        assert await asyncio.wait_for(batch.execute("INCR", key), 2) == 5
-    finally:
-        await batch.close()
-        await client.delete(key)
-        await client.aclose()
+    assert await batch.execute("SET", key, "0") == b"OK"
+    proxy.replies.clear()
+    stuck = [asyncio.ensure_future(batch.execute("INCR", key)) for _ in range(3)]
+    await asyncio.sleep(0.1)
+    stuck.append(asyncio.ensure_future(batch.execute("INCR", key)))  # a later batch
+    results = await asyncio.wait_for(asyncio.gather(*stuck, return_exceptions=True), 2)
+    assert all(isinstance(r, RedisTimeoutError) for r in results), results
+    proxy.replies.set()  # the held replies now reach a connection that is gone
+    # A new connection; the four INCRs ran in Redis (their replies were lost).
+    assert await asyncio.wait_for(batch.execute("INCR", key), 2) == 5
 
 
 def test_commands_are_packed_as_redis_py_packs_them() -> None:
@@ -127,73 +122,45 @@ def test_commands_are_packed_as_redis_py_packs_them() -> None:
 
 
 async def test_closing_with_a_batch_waiting_for_its_turn_answers_every_caller(
-        proxy: Blackhole, redis_prefix: str) -> None:
+        proxy: Blackhole, open_batcher: OpenBatcher, redis_prefix: str) -> None:
     """The batcher has taken the waiting batch off its queue: closing must still reach it."""
-    assert proxy.server is not None
-    port = proxy.server.sockets[0].getsockname()[1]
-    client = connect(RedisSettings(url=f"redis://127.0.0.1:{port}/0", key_prefix=redis_prefix,
-                                   timeout_seconds=5))
-    batch = RedisBatcher(client)
+    _, batch = open_batcher(5)
     key = f"{redis_prefix}:closing"
-    try:
-        assert await batch.execute("SET", key, "0") == b"OK"
-        proxy.replies.clear()
-        calls = []
-        for _ in range(3):  # two batches in flight, the third waits for a slot
-            calls.append(asyncio.ensure_future(batch.execute("INCR", key)))
-            await until(lambda: proxy.seen.count(b"INCR") == len(calls), 0.3)
-        await batch.close()
-        await asyncio.wait_for(asyncio.wait(calls), 2)
-        assert all(call.cancelled() for call in calls)
-    finally:
-        proxy.replies.set()
-        await client.delete(key)
-        await client.aclose()
-
+    assert await batch.execute("SET", key, "0") == b"OK"
+    proxy.replies.clear()
+    calls = []
+    for _ in range(3):  # two batches in flight, the third waits for a slot
+        calls.append(asyncio.ensure_future(batch.execute("INCR", key)))
+        await until(lambda: proxy.seen.count(b"INCR") == len(calls), 0.3)
+    await batch.close()
+    await asyncio.wait_for(asyncio.wait(calls), 2)
+    assert all(call.cancelled() for call in calls)
 
 
 async def test_a_batch_waiting_for_its_turn_goes_on_when_the_batches_before_it_fail(
-        proxy: Blackhole, redis_prefix: str) -> None:
-    assert proxy.server is not None
-    port = proxy.server.sockets[0].getsockname()[1]
-    client = connect(RedisSettings(url=f"redis://127.0.0.1:{port}/0", key_prefix=redis_prefix,
-                                   timeout_seconds=0.3))
-    batch = RedisBatcher(client)
+        proxy: Blackhole, open_batcher: OpenBatcher, redis_prefix: str) -> None:
+    _, batch = open_batcher(0.3)
     key = f"{redis_prefix}:turn"
-    try:
-        assert await batch.execute("SET", key, "0") == b"OK"
-        proxy.replies.clear()
-        calls = []
-        for _ in range(3):  # the third waits for a slot
-            calls.append(asyncio.ensure_future(batch.execute("INCR", key)))
-            await until(lambda: proxy.seen.count(b"INCR") == len(calls), 0.1)
-        first_two = await asyncio.wait_for(asyncio.gather(*calls[:2], return_exceptions=True), 2)
-        assert all(isinstance(r, RedisTimeoutError) for r in first_two), first_two
-        proxy.replies.set()
-        # The third goes out on a new connection and is answered (the two INCRs ran).
-        assert await asyncio.wait_for(calls[2], 2) == 3
-    finally:
-        proxy.replies.set()
-        await batch.close()
-        await client.delete(key)
-        await client.aclose()
+    assert await batch.execute("SET", key, "0") == b"OK"
+    proxy.replies.clear()
+    calls = []
+    for _ in range(3):  # the third waits for a slot
+        calls.append(asyncio.ensure_future(batch.execute("INCR", key)))
+        await until(lambda: proxy.seen.count(b"INCR") == len(calls), 0.1)
+    first_two = await asyncio.wait_for(asyncio.gather(*calls[:2], return_exceptions=True), 2)
+    assert all(isinstance(r, RedisTimeoutError) for r in first_two), first_two
+    proxy.replies.set()
+    # The third goes out on a new connection and is answered (the two INCRs ran).
+    assert await asyncio.wait_for(calls[2], 2) == 3
 
 
 async def test_a_connection_given_back_keeps_its_timeout_for_the_pools_other_users(
-        proxy: Blackhole, redis_prefix: str) -> None:
+        proxy: Blackhole, open_batcher: OpenBatcher, redis_prefix: str) -> None:
     """The pipe turns the connection's per-read timeout off while it holds it; the pool's
     other users (readiness pings, the breaker's probe) must find it on again."""
-    assert proxy.server is not None
-    port = proxy.server.sockets[0].getsockname()[1]
-    client = connect(RedisSettings(url=f"redis://127.0.0.1:{port}/0", key_prefix=redis_prefix,
-                                   timeout_seconds=0.2))
-    batch = RedisBatcher(client)
-    try:
-        assert await batch.execute("EXISTS", f"{redis_prefix}:nothing") == 0
-        await batch.close()  # its connection back in the pool, the only one there
-        proxy.silent = True
-        with pytest.raises(RedisTimeoutError):
-            await asyncio.wait_for(client.ping(), 2)  # redis-py's own timeout, not ours
-    finally:
-        proxy.silent = False
-        await client.aclose()
+    client, batch = open_batcher(0.2)
+    assert await batch.execute("EXISTS", f"{redis_prefix}:nothing") == 0
+    await batch.close()  # its connection back in the pool, the only one there
+    proxy.silent = True
+    with pytest.raises(RedisTimeoutError):
+        await asyncio.wait_for(client.ping(), 2)  # redis-py's own timeout, not ours
