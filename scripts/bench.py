@@ -24,6 +24,10 @@ Scenarios (``--only`` picks some; ``all`` is every one):
   workers  burst throughput of `gateway serve --workers N` and of nginx with N worker
            processes, for each N of --workers-list, and the cores the proxy, the upstream and
            the client each used (what limited the run)
+  layers   what each layer costs: CPU per stream of nginx, a bare Python relay
+           (scripts/floor_relay.py), the naive relay, the gateway with its in-process limiter
+           and with Redis, each beside nginx's, for a stream of one event, one of 100 events in
+           one read, --streams paced streams and long streams (500 events 2 ms apart; per event)
 
 CPU is the scheduler's nanosecond count of every thread of the process and its children
 (/proc/PID/task/TID/schedstat), not the 10 ms ticks of /proc/PID/stat.
@@ -60,6 +64,7 @@ from benchlib.proxies import redis_available  # noqa: E402
 from benchlib.scenarios.burst import scenario_burst  # noqa: E402
 from benchlib.scenarios.cpu import scenario_cpu  # noqa: E402
 from benchlib.scenarios.field import scenario_field  # noqa: E402
+from benchlib.scenarios.layers import scenario_layers  # noqa: E402
 from benchlib.scenarios.load import scenario_load  # noqa: E402
 from benchlib.scenarios.many import scenario_many  # noqa: E402
 from benchlib.scenarios.ttfb import scenario_ttfb  # noqa: E402
@@ -71,7 +76,8 @@ from benchlib.upstreams import serve_mock, serve_replay  # noqa: E402
 # The scenarios in the order they run, whatever the order of --only.
 RUNS: dict[str, Callable[[Bench], dict[str, Any]]] = {
     "load": scenario_load, "field": scenario_field, "cpu": scenario_cpu, "ttfb": scenario_ttfb,
-    "burst": scenario_burst, "many": scenario_many, "workers": scenario_workers}
+    "burst": scenario_burst, "many": scenario_many, "workers": scenario_workers,
+    "layers": scenario_layers}
 SCENARIOS = tuple(RUNS)
 SUMMARY_KEYS = {"ttfb": "ttfb_ms", "burst": "burst_chunks_per_s"}  # the names they had before
 

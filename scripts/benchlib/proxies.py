@@ -108,3 +108,9 @@ def gateway_started(tmp: Path, upstream: int, redis_url: str | None, port: int,
     return started([sys.executable, "-m", "gateway", "serve", "--config",
                     str(gateway_config(tmp, upstream, redis_url, port, workers))], port,
                    log=tmp / f"gateway-{port}.log")
+
+
+def floor_started(upstream: int, port: int
+                  ) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
+    return started([sys.executable, str(ROOT / "scripts" / "floor_relay.py"), str(port),
+                    str(upstream)], port)

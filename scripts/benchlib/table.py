@@ -147,6 +147,29 @@ def table(s: dict[str, Any]) -> str:
                      f"{m['kb_per_open_stream']} KB per open stream", "", ""])
     head = ["measure", *names, "gateway vs nginx / over direct", "target"]
     lines = [f"Machine: {s['machine']}; limiter: {s['limiter']}; medians of {s['rounds']} "
-             "rounds", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
+             "rounds"]
+    if rows:
+        lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+                  *("| " + " | ".join(r) + " |" for r in rows)]
+    if "layers" in s:
+        lines += ["", *_layers(s["layers"])]
     return "\n".join(lines)
+
+
+LAYERS = ("nginx", "floor", "naive", "gateway_memory", "gateway")
+
+
+def _layers(la: dict[str, Any]) -> list[str]:
+    """Scenario layers as a table of its own: CPU per stream, and each layer's ratio to nginx."""
+    head = ["CPU per stream (ratio to nginx)", "nginx", "floor (bare Python relay)", "naive",
+            "gateway, in-process limiter", "gateway, Redis limiter"]
+    rows = [[label, *(f"{_us(la[load][n]['cpu_us_per_stream'])} "
+                      f"({la[load][n]['ratio_to_nginx']}x)" for n in LAYERS)]
+            for load, label in (("one_event", "a stream of one event"),
+                                ("one_read", "a stream of 100 events in one read"),
+                                ("paced", "paced streams"),
+                                ("long", "a long stream (500 events 2 ms apart)"))]
+    rows.append(["same, per event", *(f"{la['long'][n]['cpu_us_per_event']:.2f} us"
+                                      for n in LAYERS)])
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+            *("| " + " | ".join(r) + " |" for r in rows)]
