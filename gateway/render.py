@@ -159,10 +159,7 @@ class StreamRenderer:
         payload = self._usage_payload
         if payload is not None:
             self._usage_payload = None
-            try:
-                self._usage = self.dialect.usage(orjson.loads(payload)) or self._usage
-            except orjson.JSONDecodeError:  # past orjson's limits, though simdjson took it
-                pass
+            self._note_usage_in(payload)
         return self._usage
 
     def feed(self, chunk: bytes) -> Rendered:
@@ -232,8 +229,10 @@ class StreamRenderer:
                 carries = _one_json_value(payloads[0], b'"usage"' in region)
                 if carries is _UNDECIDED:
                     return None
-                if carries:
+                if carries and len(payloads[0]) <= _KEPT_USAGE_BYTES:
                     self._usage_payload = payloads[0]
+                elif carries:  # kept, a long event would double what a stream may hold
+                    self._note_usage_in(payloads[0])
             elif not _each_one_json_value(payloads, k) or (
                     b'"usage"' in region and not self._usage_in(payloads, k)):
                 return None
@@ -253,6 +252,12 @@ class StreamRenderer:
                 if self._note_usage(obj):
                     return True
         return True
+
+    def _note_usage_in(self, payload: bytes) -> None:
+        try:
+            self._note_usage(orjson.loads(payload))
+        except orjson.JSONDecodeError:  # past orjson's limits, though simdjson took it
+            pass
 
     def _note_usage(self, obj: Any) -> bool:
         """The one usage rule of both paths: the latest non-empty usage object counts."""
@@ -344,6 +349,10 @@ _FIRST_BYTE = operator.itemgetter(0)
 
 
 _UNDECIDED: Any = object()
+_KEPT_USAGE_BYTES = 64 * 1024
+"""A payload that carries usage is kept to be parsed later up to this size (a chunk is some
+300 bytes): the framer's ``max_event_bytes`` bounds what a stream holds, and a kept payload
+must not double it."""
 
 
 def _one_json_value(payload: bytes, spells_usage: bool) -> Any:

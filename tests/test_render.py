@@ -84,6 +84,18 @@ def test_an_empty_usage_does_not_undo_the_counts_before_it(burst: bool) -> None:
     assert renderer.usage == {"prompt_tokens": 5}
 
 
+@pytest.mark.parametrize("long_first", [False, True])
+def test_the_usage_of_a_long_event_counts_in_its_turn(long_first: bool) -> None:
+    """A short event's usage is read when the stream ends, a long one's (past 64 KiB, not
+    kept for later) at once: the latest one counts either way."""
+    long = chunk("x" * 70_000, usage={"prompt_tokens": 7})
+    short = chunk(usage={"prompt_tokens": 2})
+    renderer = StreamRenderer(CHAT)
+    for read in [short, long] if not long_first else [long, short]:
+        renderer.feed(read)
+    assert renderer.usage == {"prompt_tokens": 2 if long_first else 7}
+
+
 @pytest.mark.parametrize("read", [
     b'data: {"usage": {"completion_tokens": 1}, "usage": {"completion_tokens": 9}}\n\n',
     b'data: {"usage": {"completion_tokens": 1}, "usage": {}}\n\n',
