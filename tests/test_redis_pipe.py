@@ -113,6 +113,30 @@ async def test_a_late_reply_fails_what_is_in_flight_and_the_next_command_is_answ
     assert await asyncio.wait_for(batch.execute("INCR", key), 2) == 5
 
 
+async def test_each_batch_has_its_own_deadline_while_the_reader_stays_busy(
+        proxy: Blackhole, open_batcher: OpenBatcher, redis_prefix: str) -> None:
+    """A reply is due within the timeout of its own batch's write, not of the first batch the
+    reader met: under steady load the reader never goes idle, and a reply that comes after
+    the first batch's deadline but within its own is an answer, not a timeout."""
+    _, batch = open_batcher(1.0)
+    key = f"{redis_prefix}:deadline"
+    assert await batch.execute("SET", key, "0") == b"OK"
+    proxy.replies.clear()
+    first = asyncio.ensure_future(batch.execute("INCR", key))  # due by 1.0 s
+    assert await until(lambda: proxy.seen.count(b"INCR") == 1)
+    await asyncio.sleep(0.5)
+    second = asyncio.ensure_future(batch.execute("INCRBY", key, "10"))  # due by about 1.5 s
+    assert await until(lambda: b"INCRBY" in proxy.seen)
+    await asyncio.sleep(0.1)
+    proxy.replies.set()  # lets the first reply through, which the proxy already holds...
+    proxy.replies.clear()  # ...and holds the second
+    assert await asyncio.wait_for(first, 1) == 1
+    await asyncio.sleep(0.6)  # past the first batch's deadline, within the second's
+    assert not second.done()
+    proxy.replies.set()
+    assert await asyncio.wait_for(second, 1) == 11
+
+
 def test_commands_are_packed_as_redis_py_packs_them() -> None:
     commands = [("EVALSHA", "e" * 40, 2, "gw:{k\u00e9y}:bucket", "gw:{k\u00e9y}:streams",
                  repr(1e9 / 60.0), 10, 1, -1, 10_000, "a1b2:7"),
