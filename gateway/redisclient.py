@@ -42,7 +42,7 @@ from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import AskError, ClusterError, MovedError, TryAgainError
 
-from .redis_pipe import RedisPipe, resolve
+from .redis_pipe import RedisPipe, fail, resolve
 from .redis_topology import (
     PROBE_SECONDS,
     REDIS_ERRORS,
@@ -150,9 +150,8 @@ class RedisBatcher:
     async def _send_pipeline(self, batch: list[_Item]) -> None:
         try:
             replies = await self._pipeline([command for command, _ in batch])
-        except asyncio.CancelledError:
-            for _, future in batch:
-                future.cancel()
+        except asyncio.CancelledError as exc:
+            fail(batch, exc)
             raise
         except Exception as exc:  # Redis down or slow: every caller decides what that means
             replies = [exc] * len(batch)
@@ -182,9 +181,8 @@ class RedisBatcher:
         pending = list(redirected)
         try:
             await self._follow_rounds(pending)
-        except asyncio.CancelledError:
-            for (_, future), _reply in pending:
-                future.cancel()
+        except asyncio.CancelledError as exc:
+            fail([item for item, _ in pending], exc)
             raise
 
     async def _follow_rounds(self, pending: list[tuple[_Item, BaseException]]) -> None:
@@ -237,8 +235,7 @@ class RedisBatcher:
     async def close(self) -> None:
         await cancel_and_wait(*self._senders.values(), *self._redirects)
         for queue in self._queues.values():
-            for _, future in queue:
-                future.cancel()
+            fail(queue, asyncio.CancelledError())
         self._queues.clear()
         for pipe in self._pipes.values():
             await pipe.close()
