@@ -25,9 +25,10 @@ Scenarios (``--only`` picks some; ``all`` is every one):
            processes, for each N of --workers-list, and the cores the proxy, the upstream and
            the client each used (what limited the run)
   layers   what each layer costs: CPU per stream of nginx, a bare Python relay
-           (scripts/floor_relay.py), the naive relay, the gateway with its in-process limiter
-           and with Redis, each beside nginx's, for a stream of one event, one of 100 events in
-           one read, --streams paced streams and long streams (500 events 2 ms apart; per event)
+           (scripts/floor_relay.py), the naive relay, the gateway's hot-path work on raw
+           protocols (scripts/lean_relay.py), the gateway with its in-process limiter and with
+           Redis, each beside nginx's, for a stream of one event, one of 100 events in one
+           read, --streams paced streams and long streams (500 events 2 ms apart; per event)
 
 CPU is the scheduler's nanosecond count of every thread of the process and its children
 (/proc/PID/task/TID/schedstat), not the 10 ms ticks of /proc/PID/stat.

@@ -114,3 +114,10 @@ def floor_started(upstream: int, port: int
                   ) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
     return started([sys.executable, str(ROOT / "scripts" / "floor_relay.py"), str(port),
                     str(upstream)], port)
+
+
+def lean_started(upstream: int, redis_url: str | None, port: int
+                 ) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
+    return started([sys.executable, str(ROOT / "scripts" / "lean_relay.py"), str(port),
+                    f"http://127.0.0.1:{upstream}/v1", KEY, redis_url or "-",
+                    f"gwbench-lean:{os.getpid()}"], port)

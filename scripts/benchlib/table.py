@@ -156,13 +156,14 @@ def table(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-LAYERS = ("nginx", "floor", "naive", "gateway_memory", "gateway")
+LAYERS = ("nginx", "floor", "naive", "lean", "gateway_memory", "gateway")
 
 
 def _layers(la: dict[str, Any]) -> list[str]:
     """Scenario layers as a table of its own: CPU per stream, and each layer's ratio to nginx."""
     head = ["CPU per stream (ratio to nginx)", "nginx", "floor (bare Python relay)", "naive",
-            "gateway, in-process limiter", "gateway, Redis limiter"]
+            "lean (the gateway's work, no aiohttp)", "gateway, in-process limiter",
+            "gateway, Redis limiter"]
     rows = [[label, *(f"{_us(la[load][n]['cpu_us_per_stream'])} "
                       f"({la[load][n]['ratio_to_nginx']}x)" for n in LAYERS)]
             for load, label in (("one_event", "a stream of one event"),

@@ -5,6 +5,9 @@
                    the bytes passed on from the read callback, httptools finding where each
                    message ends)
   naive            the usual aiohttp pass-through (scripts/naive_relay.py)
+  lean             the gateway's own hot-path work on raw protocols, no aiohttp
+                   (scripts/lean_relay.py: the key, the body parsed, the limiter's check and
+                   lease, http1 upstream, the renderer): what a server of its own would cost
   gateway_memory   the gateway with its in-process limiter: aiohttp's server, auth, the body
                    checked, the SSE renderer's decisions, the lease, metrics
   gateway          the same with the Redis limiter: a round trip for the check and one for
@@ -25,7 +28,7 @@ from typing import Any
 
 from ..clients import load, measured
 from ..processes import Target, free_port
-from ..proxies import floor_started, gateway_started
+from ..proxies import floor_started, gateway_started, lean_started
 from ..rounds import median, rotated
 from ..targets import Bench
 
@@ -47,14 +50,16 @@ def scenario_layers(b: Bench) -> dict[str, Any]:
                  "events": LONG_EVENTS},
     }
     with contextlib.ExitStack() as st:
-        floor_port, memory_port = free_port(), free_port()
+        floor_port, lean_port, memory_port = free_port(), free_port(), free_port()
         floor = Target("floor", st.enter_context(floor_started(b.up_port, floor_port)),
                        f"http://127.0.0.1:{floor_port}/v1")
+        lean = Target("lean", st.enter_context(lean_started(b.up_port, b.redis_url, lean_port)),
+                      f"http://127.0.0.1:{lean_port}/api/v1")
         memory = Target("gateway_memory", st.enter_context(
             gateway_started(b.tmp, b.up_port, None, memory_port)),
             f"http://127.0.0.1:{memory_port}/api/v1")
-        layers = [b.nginx, floor, b.naive, memory, b.gateway]
-        for t in (floor, memory):  # as warm as the others: pools hold --streams connections
+        layers = [b.nginx, floor, b.naive, lean, memory, b.gateway]
+        for t in (floor, lean, memory):  # as warm as the others: pools hold --streams connections
             load(t.base, concurrency=a.streams, requests=a.streams, processes=a.clients,
                  mock={"chunks": 5, "chunk_delay": a.chunk_delay_ms / 1000})
         per: dict[str, dict[str, list[float]]] = {name: {} for name in loads}
