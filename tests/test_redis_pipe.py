@@ -81,17 +81,27 @@ async def test_a_command_goes_out_while_the_replies_before_it_are_still_on_their
     assert await asyncio.wait_for(asyncio.gather(first, second), 2) == [1, 11]
 
 
+async def held_batches(batch: RedisBatcher, proxy: Blackhole, commands: list[tuple[str, ...]],
+                       wait: float) -> list[asyncio.Future[object]]:
+    """With Redis' replies held at the proxy, each command in a batch of its own: each is
+    waited for at the proxy (up to ``wait`` seconds) before the next is sent."""
+    proxy.replies.clear()
+    calls: list[asyncio.Future[object]] = []
+    for command in commands:
+        calls.append(asyncio.ensure_future(batch.execute(*command)))
+        await until(lambda name=command[0].encode(): proxy.seen.count(name) == len(calls),
+                    wait)
+    return calls
+
+
 async def test_a_third_batch_waits_for_the_first_batchs_replies(
         proxy: Blackhole, open_batcher: OpenBatcher, redis_prefix: str) -> None:
     """Two batches in flight at most: more writes for fewer commands would cost CPU."""
     _, batch = open_batcher(5)
     key = f"{redis_prefix}:depth"
     assert await batch.execute("SET", key, "0") == b"OK"
-    proxy.replies.clear()
-    calls = []
-    for n in (1, 10, 100):
-        calls.append(asyncio.ensure_future(batch.execute("INCRBY", key, str(n))))
-        await until(lambda: proxy.seen.count(b"INCRBY") == len(calls), 0.3)
+    calls = await held_batches(batch, proxy, [("INCRBY", key, str(n)) for n in (1, 10, 100)],
+                               0.3)
     assert proxy.seen.count(b"INCRBY") == 2  # the third waits
     proxy.replies.set()
     assert await asyncio.wait_for(asyncio.gather(*calls), 2) == [1, 11, 111]
@@ -151,11 +161,8 @@ async def test_closing_with_a_batch_waiting_for_its_turn_answers_every_caller(
     _, batch = open_batcher(5)
     key = f"{redis_prefix}:closing"
     assert await batch.execute("SET", key, "0") == b"OK"
-    proxy.replies.clear()
-    calls = []
-    for _ in range(3):  # two batches in flight, the third waits for a slot
-        calls.append(asyncio.ensure_future(batch.execute("INCR", key)))
-        await until(lambda: proxy.seen.count(b"INCR") == len(calls), 0.3)
+    # Two batches in flight, the third waits for a slot.
+    calls = await held_batches(batch, proxy, [("INCR", key)] * 3, 0.3)
     await batch.close()
     await asyncio.wait_for(asyncio.wait(calls), 2)
     assert all(call.cancelled() for call in calls)
@@ -166,11 +173,7 @@ async def test_a_batch_waiting_for_its_turn_goes_on_when_the_batches_before_it_f
     _, batch = open_batcher(0.3)
     key = f"{redis_prefix}:turn"
     assert await batch.execute("SET", key, "0") == b"OK"
-    proxy.replies.clear()
-    calls = []
-    for _ in range(3):  # the third waits for a slot
-        calls.append(asyncio.ensure_future(batch.execute("INCR", key)))
-        await until(lambda: proxy.seen.count(b"INCR") == len(calls), 0.1)
+    calls = await held_batches(batch, proxy, [("INCR", key)] * 3, 0.1)  # the third waits
     first_two = await asyncio.wait_for(asyncio.gather(*calls[:2], return_exceptions=True), 2)
     assert all(isinstance(r, RedisTimeoutError) for r in first_two), first_two
     proxy.replies.set()
