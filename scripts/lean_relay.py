@@ -74,7 +74,7 @@ class Client(asyncio.Protocol):
         self.body: list[bytes] = []
         self.waiting: collections.deque[tuple[bytes, dict[bytes, bytes], bytes]] = \
             collections.deque()
-        self.busy = False
+        self.server: asyncio.Task[None] | None = None  # held: the loop keeps only a weak one
         self.transport: asyncio.Transport
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -98,14 +98,13 @@ class Client(asyncio.Protocol):
     def on_message_complete(self) -> None:
         self.waiting.append((self.url, self.headers, b"".join(self.body)))
         self.headers, self.body = {}, []
-        if not self.busy:
-            self.busy = True
-            asyncio.get_running_loop().create_task(self.serve())
+        if self.server is None:
+            self.server = asyncio.get_running_loop().create_task(self.serve())
 
     async def serve(self) -> None:
         while self.waiting:
             await self.answer(*self.waiting.popleft())
-        self.busy = False
+        self.server = None
 
     async def answer(self, url: bytes, headers: dict[bytes, bytes], body: bytes) -> None:
         g = self.gateway

@@ -149,8 +149,7 @@ def table(s: dict[str, Any]) -> str:
     lines = [f"Machine: {s['machine']}; limiter: {s['limiter']}; medians of {s['rounds']} "
              "rounds"]
     if rows:
-        lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
-                  *("| " + " | ".join(r) + " |" for r in rows)]
+        lines += ["", *_markdown(head, rows)]
     if "layers" in s:
         lines += ["", *_layers(s["layers"])]
     return "\n".join(lines)
@@ -172,5 +171,9 @@ def _layers(la: dict[str, Any]) -> list[str]:
                                 ("long", "a long stream (500 events 2 ms apart)"))]
     rows.append(["same, per event", *(f"{la['long'][n]['cpu_us_per_event']:.2f} us"
                                       for n in LAYERS)])
+    return _markdown(head, rows)
+
+
+def _markdown(head: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
             *("| " + " | ".join(r) + " |" for r in rows)]
