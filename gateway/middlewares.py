@@ -179,6 +179,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             log.exception("request %s failed", info.request_id)
             raise GatewayError("The gateway failed to handle this request") from None
     except GatewayError as err:
+        # Answered here and never logged with its trace, which is dropped: its frames hold
+        # whatever raised it (a relay, in a local) in a cycle with the error itself.
+        err.__traceback__ = None
         info.note_error(err)
         err.headers = {"X-Request-ID": info.request_id, **info.limit_headers, **err.headers}
         response = _error_response(err, event_stream=_wants_event_stream(request))
