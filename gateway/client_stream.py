@@ -12,8 +12,9 @@ What this relies on from aiohttp, each pinned by ``tests/test_client_stream.py``
 1. ``StreamResponse.prepare()`` sends the status line and headers at once (a plain ``Response``
    holds them back to send with its body; a ``StreamResponse`` does not) and buffers nothing
    after them, so bytes written to ``request.transport`` follow them in order.
-2. With chunked encoding enabled, ``write_eof()`` writes only the last chunk (``0\\r\\n\\r\\n``);
-   for an HTTP/1.0 client it writes nothing and the connection ends the body.
+2. With chunked encoding enabled, ``write_eof(data)`` writes ``data`` as one chunk and the
+   last chunk (``0\\r\\n\\r\\n``), in one transport write; for an HTTP/1.0 client it writes
+   ``data`` as it is and the connection ends the body.
 3. ``request.protocol.writing_paused`` is True while the transport's send buffer is past its
    high-water mark, and ``request.writer.drain()`` returns once it has drained.
 4. Once the client has gone, ``request.transport`` is None or closing.
@@ -84,16 +85,21 @@ class ClientStream:
         except ConnectionError as e:
             raise ClientGone("the client closed the connection") from e
 
-    async def close(self, wait: float) -> None:
-        """End the response (the last chunk); nothing to do if the client has left. A client
-        that takes nothing for ``wait`` seconds is cut off."""
+    async def close(self, wait: float, last: bytes = b"") -> None:
+        """End the response (the last chunk), ``last`` (the stream's last events) in the same
+        write: one write fewer a stream. ``ClientGone`` if the client left before ``last``
+        could be written; nothing else to do then. A client that takes nothing for ``wait``
+        seconds is cut off."""
         if self.response is None:
             return
+        transport = self._transport
+        if last and (transport is None or transport.is_closing()):
+            raise ClientGone("the client closed the connection")
         # A plain timer, not asyncio.timeout (several times dearer, on every stream): the last
         # chunk can tip a nearly full buffer into a drain that a stalled client never ends.
         cutoff = asyncio.get_running_loop().call_later(wait, self.abort)
         try:
-            await self.response.write_eof()
+            await self.response.write_eof(last)
         except ConnectionError:
             pass
         finally:

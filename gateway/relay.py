@@ -72,7 +72,7 @@ class StreamRelay:
     """One stream, built by ``Proxy.stream`` with everything it needs handed to it."""
 
     __slots__ = ("client", "renderer", "settings", "info", "headers", "secrets", "state",
-                 "upstream", "ended", "upstream_end", "watchdog", "drainer")
+                 "upstream", "ended", "upstream_end", "watchdog", "drainer", "last")
 
     def __init__(self, client: ClientStream, renderer: StreamRenderer, settings: StreamSettings,
                  info: RequestInfo, headers: dict[str, str], secrets: tuple[str, ...]) -> None:
@@ -88,6 +88,7 @@ class StreamRelay:
         self.upstream_end: asyncio.Future[BaseException | None] = asyncio.Future()
         self.watchdog: Watchdog | None = None
         self.drainer: asyncio.Task[None] | None = None
+        self.last = b""  # the stream's last events, held to go out with its end
 
     def stop(self) -> None:
         """Shutdown, past the drain time: the stream ends with ``gateway_restarting``."""
@@ -181,13 +182,15 @@ class StreamRelay:
             self.finish(e)
 
     def _send(self, out: bytes, done: bool, failure: UpstreamFailure | None) -> None:
-        if out:
-            if self.info.first_byte is None:
-                self.info.first_byte = time.monotonic()
-            self.client.write(out)
+        if out and self.info.first_byte is None:
+            self.info.first_byte = time.monotonic()
         if failure is not None or done:
+            self.last = out  # written with the end of the response, in one write (``_close``)
             self.finish(failure)
-        elif self.state is State.STREAMING and self.client.paused:
+            return
+        if out:
+            self.client.write(out)
+        if self.state is State.STREAMING and self.client.paused:
             self._pause()
 
     def _pause(self) -> None:
@@ -228,34 +231,41 @@ class StreamRelay:
 
     async def _close(self, reason: BaseException | None, task: asyncio.Future[UpstreamResponse]
                      ) -> web.StreamResponse:
-        """The last bytes for ``reason``, then ``_release``."""
+        """The last bytes for ``reason`` (``_end``), then ``_release``."""
         self.state = State.FINISHING  # the watchdog's timer stops at its next tick
-        info = self.info
-        wait = self.settings.keepalive_seconds  # for a client to take the last bytes
         try:
-            if reason is None:  # the terminal event went out
-                info.outcome = "completed"  # whatever happens while draining the rest
-                await self.client.close(wait)
-            elif isinstance(reason, ClientGone):
-                info.outcome = info.outcome or "client_disconnect"
-                self.client.abort()  # gone, or reading nothing: the connection ends here
-            else:
-                err = reason if isinstance(reason, GatewayError) else _bug(reason, info)
-                if isinstance(err, UpstreamFailure):
-                    log.warning("request %s: upstream %s: %s", info.request_id, err.kind,
-                                err.message)
-                if not self.client.opened:
-                    raise err  # nothing sent yet: the errors middleware gives the true status
-                info.note_error(err)
-                try:
-                    self.client.write(self.renderer.error_frame(err))
-                except ClientGone:
-                    info.outcome = "client_disconnect"
-                await self.client.close(wait)
+            await self._end(reason)
         finally:
             self._release(task, clean=reason is None)
         # A client that left before the headers: nothing can reach it (499, as nginx logs it).
         return self.client.response or web.Response(status=499)
+
+    async def _end(self, reason: BaseException | None) -> None:
+        """The stream's last events (``last``), the gateway's error frame after them for a
+        failure, and the end of the response, in one write; or the connection dropped for a
+        client that is gone."""
+        info = self.info
+        if isinstance(reason, ClientGone):
+            info.outcome = info.outcome or "client_disconnect"
+            self.client.abort()  # gone, or reading nothing: the connection ends here
+            return
+        last = self.last
+        if reason is None:  # the terminal event is in ``last``
+            info.outcome = "completed"  # whatever happens while draining the rest
+        else:
+            err = reason if isinstance(reason, GatewayError) else _bug(reason, info)
+            if isinstance(err, UpstreamFailure):
+                log.warning("request %s: upstream %s: %s", info.request_id, err.kind,
+                            err.message)
+            if not self.client.opened:
+                raise err  # nothing sent yet: the errors middleware gives the true status
+            info.note_error(err)
+            last += self.renderer.error_frame(err)
+        try:
+            # Given time to take the last bytes: a keep-alive interval.
+            await self.client.close(self.settings.keepalive_seconds, last)
+        except ClientGone:
+            info.outcome = "client_disconnect"
 
     def _release(self, task: asyncio.Future[UpstreamResponse], clean: bool) -> None:
         """What every way out ends with, the client's leaving included: timers stopped, the

@@ -66,14 +66,29 @@ async def test_open_sends_the_headers_at_once_before_any_write(serve: Callable[.
     writer.close()
 
 
+async def test_the_last_events_go_as_a_chunk_before_the_last_chunk(
+        serve: Callable[..., Awaitable[int]]) -> None:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        stream = ClientStream(request)
+        response = await stream.open({"Content-Type": "text/event-stream"})
+        stream.write(b"data: 1\n\n")
+        await stream.close(5, b"data: 2\n\n")
+        return response
+
+    reader, writer = await connect(await serve(handler))
+    await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2)
+    body = await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), 2)
+    assert body == b"9\r\ndata: 1\n\n\r\n9\r\ndata: 2\n\n\r\n0\r\n\r\n"
+    writer.close()
+
+
 async def test_http10_gets_bare_bytes_and_the_connection_ends_the_body(
         serve: Callable[..., Awaitable[int]]) -> None:
     async def handler(request: web.Request) -> web.StreamResponse:
         stream = ClientStream(request)
         response = await stream.open({"Content-Type": "text/event-stream"})
         stream.write(b"data: 1\n\n")
-        stream.write(b"data: 2\n\n")
-        await stream.close(5)
+        await stream.close(5, b"data: 2\n\n")  # the last events as they are
         return response
 
     reader, writer = await connect(await serve(handler), "1.0")
@@ -120,7 +135,7 @@ async def test_paused_while_the_send_buffer_is_full_and_drain_returns_once_read(
     sock.close()
 
 
-async def test_a_write_after_the_client_left_raises_client_gone(
+async def test_a_write_or_a_last_write_after_the_client_left_raises_client_gone(
         serve: Callable[..., Awaitable[int]]) -> None:
     result: dict[str, object] = {}
     opened = asyncio.Event()
@@ -137,6 +152,10 @@ async def test_a_write_after_the_client_left_raises_client_gone(
                 stream.write(b"data: late\n\n")
             except ClientGone:
                 result["gone"] = True
+            try:
+                await stream.close(5, b"data: last\n\n")
+            except ClientGone:
+                result["gone at the end"] = True
             raise
         return response
 
@@ -147,7 +166,7 @@ async def test_a_write_after_the_client_left_raises_client_gone(
         if result:
             break
         await asyncio.sleep(0.02)
-    assert result == {"gone": True}
+    assert result == {"gone": True, "gone at the end": True}
 
 
 async def test_the_client_reads_a_complete_chunked_stream(
