@@ -48,13 +48,17 @@ async def aiohttp_server(keepalive_timeout: float = 75) -> AsyncIterator[tuple[s
 
 
 @contextlib.asynccontextmanager
-async def raw_server(answer: bytes) -> AsyncIterator[str]:
-    """Answers one request with ``answer`` as it is, then closes the connection."""
+async def raw_server(*answer: bytes, pause: float = 0) -> AsyncIterator[str]:
+    """Answers one request with ``answer`` as it is, one write per part ``pause`` seconds
+    apart, then closes the connection."""
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
-        writer.write(answer)
-        await writer.drain()
+        for i, part in enumerate(answer):
+            if i:
+                await asyncio.sleep(pause)
+            writer.write(part)
+            await writer.drain()
         writer.close()
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
@@ -145,6 +149,22 @@ async def test_a_streamed_body_arrives_piece_by_piece_then_ends() -> None:
         answer.stream(pieces.append, ended.set_result)
         assert await asyncio.wait_for(ended, 5) is None
         assert b"".join(pieces) == b"one two three"
+        answer.release()
+
+
+async def test_the_chunks_one_read_brings_are_handed_on_as_one_piece() -> None:
+    """An upstream that sends each event as its own HTTP chunk: what one read brings costs one
+    render and one client write, not one per chunk (a read holds several under load)."""
+    chunks = b"".join(b"%x\r\n%b\r\n" % (len(p), p) for p in (b"one ", b"two ", b"three"))
+    async with raw_server(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", chunks,
+                          b"0\r\n\r\n", pause=0.1) as url:
+        pool = ConnectionPool(url, connect_timeout=5)
+        answer = await pool.send(request(b"{}"))
+        pieces: list[bytes] = []
+        ended: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
+        answer.stream(pieces.append, ended.set_result)  # before the chunks arrive, in one write
+        assert await asyncio.wait_for(ended, 5) is None
+        assert pieces == [b"one two three"]
         answer.release()
 
 
