@@ -18,7 +18,8 @@ The life of a stream::
 - FINISHING: the end is decided. Every way out (the terminal event, an upstream error or end,
   a timeout or a stalled client from the watchdog (``watchdog.py``), a write that found the
   client gone, shutdown by ``stop()``) calls ``finish`` with its reason; the handler's task,
-  which only waits, then runs ``_close``, which writes the last bytes.
+  which only waits, then runs ``_close``, which writes the last bytes: the read that ended the
+  stream, held back by ``_send``, and the error frame if any, with the end of the response.
 - DONE: ``_release`` has stopped the timers, counted the stream into the request's record and
   given the upstream connection back. Every stream ends there, also one whose client left:
   aiohttp then cancels the handler's task, and the cancellation goes straight to ``_release``
