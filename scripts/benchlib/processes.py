@@ -118,13 +118,14 @@ class Target:
 
 @contextlib.contextmanager
 def started(cmd: list[str], port: int, env: dict[str, str] | None = None,
-            log: Path | None = None, ready: Path | None = None
+            log: Path | None = None, ready: Path | None = None, cwd: Path = ROOT
             ) -> Iterator[subprocess.Popen[bytes]]:
-    """Run ``cmd`` in its own session until the block ends; ready when ``port`` answers (or,
-    given ``ready``, when that file appears: several processes can share a port)."""
+    """Run ``cmd`` in its own session, in ``cwd`` (``python -m gateway`` runs the gateway
+    found there), until the block ends; ready when ``port`` answers (or, given ``ready``, when
+    that file appears: several processes can share a port)."""
     out = open(log, "wb") if log else subprocess.DEVNULL
     proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=out, stderr=out,
-                            cwd=ROOT, start_new_session=True)
+                            cwd=cwd, start_new_session=True)
     try:
         if ready is not None:
             wait_file(ready)

@@ -1,0 +1,112 @@
+#!/usr/bin/env python3
+"""A/B: the gateway's CPU per stream at another commit against this tree's, in one run.
+
+A change of a few percent is smaller than what a small machine drifts between two runs of
+scripts/bench.py. So both gateways run at once (the other commit from a git worktree), with
+nginx beside them, against one mock upstream and one Redis, and each round runs every load
+against each of the three in turn, the order alternating. Medians over the rounds; "lower in"
+counts the rounds where this tree's gateway cost less than the other's in the same round.
+
+    python scripts/bench_ab.py BASE [--rounds 10] [--loads one,one_read,paced,long] [--no-redis]
+
+Loads (CPU of the proxy process per stream; nginx's for the ratio):
+  one       a stream of one event, 20 at a time, on kept-alive connections: a request's cost
+  one_read  a stream of 100 events that arrive in one read, 20 at a time
+  paced     200 concurrent streams of 50 events 20 ms apart, each on a new connection
+  long      20 streams of 500 events 2 ms apart: nearly all per event
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from benchlib.clients import load
+from benchlib.processes import ROOT, Target, free_port, started
+from benchlib.proxies import gateway_config, nginx_started, redis_available
+from benchlib.rounds import median
+
+LOADS: dict[str, dict[str, Any]] = {
+    "one": {"concurrency": 20, "requests": 3000, "mock": {"chunks": 1}},
+    "one_read": {"concurrency": 20, "requests": 2000, "mock": {"chunks": 100}},
+    "paced": {"concurrency": 200, "requests": 200, "mock": {"chunks": 50, "chunk_delay": 0.02}},
+    "long": {"concurrency": 20, "requests": 20, "mock": {"chunks": 500, "chunk_delay": 0.002}},
+}
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@contextlib.contextmanager
+def worktree(rev: str, where: Path) -> Any:
+    """``rev`` checked out in ``where`` (a detached git worktree), removed afterwards."""
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-f", str(where),
+                    rev], check=True, capture_output=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(where)],
+                       check=False, capture_output=True)
+
+
+def gateway(st: contextlib.ExitStack, tmp: Path, name: str, tree: Path, up: int,
+            redis: str | None) -> Target:
+    port = free_port()
+    cmd = [sys.executable, "-m", "gateway", "serve", "--config",
+           str(gateway_config(tmp, up, redis, port))]
+    proc = st.enter_context(started(cmd, port, env={"PYTHONPATH": str(tree)}, cwd=tree,
+                                    log=tmp / f"{name}.log"))
+    return Target(name, proc, f"http://127.0.0.1:{port}/api/v1")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("base", help="the commit to compare this tree against (HEAD, main~3, a sha)")
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--loads", default=",".join(LOADS))
+    p.add_argument("--no-redis", action="store_true", help="the in-process limiter")
+    p.add_argument("--clients", type=int, default=2, help="load client processes")
+    a = p.parse_args()
+    loads = a.loads.split(",")
+    redis = None if a.no_redis or not redis_available(REDIS_URL) else REDIS_URL
+    with tempfile.TemporaryDirectory() as d, contextlib.ExitStack() as st:
+        tmp = Path(d)
+        base_tree = st.enter_context(worktree(a.base, tmp / "base"))
+        up = free_port()
+        st.enter_context(started([sys.executable, "-m", "gateway", "mock-upstream", "--port",
+                                  str(up)], up))
+        ngx_port = free_port()
+        targets = [gateway(st, tmp, "base", base_tree, up, redis),
+                   gateway(st, tmp, "new", ROOT, up, redis),
+                   Target("nginx", st.enter_context(nginx_started(tmp, up, ngx_port)),
+                          f"http://127.0.0.1:{ngx_port}/v1")]
+        for t in targets:  # pools warm, as many upstream connections as the paced load needs
+            load(t.base, concurrency=200, requests=400, processes=a.clients,
+                 mock={"chunks": 3, "chunk_delay": 0.01})
+        cpu: dict[str, dict[str, list[float]]] = {name: {t.name: [] for t in targets}
+                                                  for name in loads}
+        for rnd in range(a.rounds):
+            for name in loads:
+                for t in targets if rnd % 2 == 0 else targets[::-1]:
+                    c0 = t.cpu()
+                    r = load(t.base, processes=a.clients, **LOADS[name])
+                    if r["errors"]:
+                        raise RuntimeError(f"{t.name}: {r['errors']} failed streams")
+                    cpu[name][t.name].append((t.cpu() - c0) * 1e6 / r["ok"])
+    print(f"CPU per stream, medians of {a.rounds} rounds; base {a.base}, new this tree; "
+          f"limiter: {'redis' if redis else 'memory'}")
+    print("| load | base | new | new vs base | new lower in | nginx | base / nginx | "
+          "new / nginx |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, runs in cpu.items():
+        b, n, g = (median(runs[k]) for k in ("base", "new", "nginx"))
+        lower = sum(x < y for x, y in zip(runs["new"], runs["base"], strict=True))
+        print(f"| {name} | {b:,.0f} us | {n:,.0f} us | {100 * (n / b - 1):+.1f} % | "
+              f"{lower}/{a.rounds} | {g:,.0f} us | {b / g:.2f}x | {n / g:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
