@@ -20,6 +20,10 @@ What this relies on from aiohttp, each pinned by ``tests/test_client_stream.py``
 4. Once the client has gone, ``request.transport`` is None or closing.
 5. ``write_eof()`` waits for the client to take what is buffered (a drain): a client that
    reads nothing is cut off by ``close``'s time limit (``transport.abort()``).
+6. A ``StreamResponse`` whose ``_send_headers_immediately`` is False (aiohttp's own
+   ``Response`` is one) only serializes its head at ``prepare()``; the writer sends it with
+   the first bytes of ``write_eof(data)``, in the same transport write, or when its public
+   ``send_headers()`` is called. (The one private name here: a class attribute.)
 """
 
 from __future__ import annotations
@@ -34,10 +38,16 @@ class ClientGone(ConnectionResetError):
     """The client closed the connection."""
 
 
+class _HeadWithBody(web.StreamResponse):
+    """A response whose head goes out with its first bytes, in one write (item 6 above)."""
+
+    _send_headers_immediately = False
+
+
 class ClientStream:
     """Open with headers, write, ask whether paused, drain, close."""
 
-    __slots__ = ("_request", "response", "_transport", "_protocol", "_chunked")
+    __slots__ = ("_request", "response", "_transport", "_protocol", "_chunked", "_head_held")
 
     def __init__(self, request: web.Request) -> None:
         self._request = request
@@ -45,14 +55,19 @@ class ClientStream:
         self._transport: asyncio.Transport | None = None
         self._protocol: web.RequestHandler | None = None
         self._chunked = False
+        self._head_held = False  # the head is still to go out, with the first bytes
 
     @property
     def opened(self) -> bool:
         return self.response is not None
 
-    async def open(self, headers: Mapping[str, str]) -> web.StreamResponse:
-        """Send ``200`` and ``headers``; from here on the status cannot change."""
-        response = web.StreamResponse(status=200, headers=headers)
+    async def open(self, headers: Mapping[str, str], *, whole: bool = False
+                   ) -> web.StreamResponse:
+        """Send ``200`` and ``headers``; from here on the status cannot change. ``whole``:
+        the whole answer is already here, so the head waits for it and goes out in the same
+        write as the answer and the end of the response (``close``): one write for it all."""
+        response = _HeadWithBody(status=200, headers=headers) if whole else \
+            web.StreamResponse(status=200, headers=headers)
         # HTTP/1.1: chunks framed by ``write``. HTTP/1.0: bare bytes, ended by the connection.
         self._chunked = self._request.version >= HttpVersion11
         if self._chunked:
@@ -62,6 +77,7 @@ class ClientStream:
         except ConnectionError as e:
             raise ClientGone("the client closed the connection") from e
         self.response = response
+        self._head_held = whole
         self._transport = self._request.transport
         self._protocol = self._request.protocol  # a property call: looked up once
         return response
@@ -71,6 +87,9 @@ class ClientStream:
         transport = self._transport
         if transport is None or transport.is_closing():
             raise ClientGone("the client closed the connection")
+        if self._head_held:  # bytes before the end after all: the head goes first
+            self._head_held = False
+            self._request.writer.send_headers()
         transport.write(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
 
     @property

@@ -114,7 +114,9 @@ class StreamRelay:
                 raise await error_answer(upstream, self.settings.keepalive_seconds,
                                          self.secrets)
             if not self.client.opened:
-                await self._open()
+                # An answer already whole (a short one, in one read) goes out in one write
+                # with the head and the end of the response.
+                await self._open(whole=upstream.complete)
             if self.ended.done():  # stopped while the headers were being written
                 return self.ended.result()
             self.state = State.STREAMING
@@ -135,8 +137,8 @@ class StreamRelay:
             await self._open()
         self.client.write(KEEPALIVE)
 
-    async def _open(self) -> None:
-        await self.client.open(self.headers)
+    async def _open(self, whole: bool = False) -> None:
+        await self.client.open(self.headers, whole=whole)
         self.info.status = 200
 
     # What the watchdog reads and calls (``watchdog.Watched``).

@@ -82,11 +82,51 @@ async def test_the_last_events_go_as_a_chunk_before_the_last_chunk(
     writer.close()
 
 
-async def test_http10_gets_bare_bytes_and_the_connection_ends_the_body(
+async def test_a_whole_answer_goes_out_with_its_head_and_end(
+        serve: Callable[..., Awaitable[int]]) -> None:
+    release = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        stream = ClientStream(request)
+        response = await stream.open({"X-Test": "1"}, whole=True)
+        await release.wait()
+        await stream.close(5, b"data: 1\n\n")
+        return response
+
+    reader, writer = await connect(await serve(handler))
+    with pytest.raises(TimeoutError):  # the head waits for the answer
+        await asyncio.wait_for(reader.read(1), 0.3)
+    release.set()
+    raw = await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), 2)
+    head, body = raw.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"X-Test: 1\r\n" in head
+    assert body == b"9\r\ndata: 1\n\n\r\n0\r\n\r\n"
+    writer.close()
+
+
+async def test_a_write_after_a_whole_open_sends_the_head_first(
         serve: Callable[..., Awaitable[int]]) -> None:
     async def handler(request: web.Request) -> web.StreamResponse:
         stream = ClientStream(request)
-        response = await stream.open({"Content-Type": "text/event-stream"})
+        response = await stream.open({"Content-Type": "text/event-stream"}, whole=True)
+        stream.write(b"data: 1\n\n")
+        await stream.close(5, b"data: 2\n\n")
+        return response
+
+    reader, writer = await connect(await serve(handler))
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2)
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+    body = await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), 2)
+    assert body == b"9\r\ndata: 1\n\n\r\n9\r\ndata: 2\n\n\r\n0\r\n\r\n"
+    writer.close()
+
+
+@pytest.mark.parametrize("whole", [False, True])
+async def test_http10_gets_bare_bytes_and_the_connection_ends_the_body(
+        serve: Callable[..., Awaitable[int]], whole: bool) -> None:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        stream = ClientStream(request)
+        response = await stream.open({"Content-Type": "text/event-stream"}, whole=whole)
         stream.write(b"data: 1\n\n")
         await stream.close(5, b"data: 2\n\n")  # the last events as they are
         return response
