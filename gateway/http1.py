@@ -4,9 +4,8 @@ Why not aiohttp's client: it hands every read of a response body to a task throu
 ``StreamReader``, so each streamed chunk costs a task switch and a coroutine resume, which was
 most of the relay's CPU (``scripts/bench.py``: a pass-through built this way costs 1.3 ms of
 CPU per 50-chunk stream against 2.1 ms for the same on ``ClientSession``). Here the body is
-delivered from the read callback itself: ``UpstreamResponse.stream`` hands what each read of
-the socket brings of the body to the relay, as one piece however many HTTP chunks it holds,
-and the relay writes it out before the callback returns.
+delivered from the read callback itself: ``UpstreamResponse.stream`` hands each read's body to
+the relay as one piece (one render and one client write a read), written out before it returns.
 httptools is llhttp (Node's parser, as used by uvicorn): chunked bodies, lengths and errors are
 decoded in C.
 
@@ -47,7 +46,6 @@ class AnswerTooLarge(Exception):
 
     def __init__(self, max_bytes: int) -> None:
         super().__init__(f"the answer is longer than {max_bytes} bytes")
-        self.max_bytes = max_bytes
 
 
 DataSink = Callable[[bytes], None]
@@ -63,7 +61,7 @@ class UpstreamResponse:
     """
 
     __slots__ = ("status", "headers", "_conn", "_chunks", "_size", "_limit", "_max", "_waiter",
-                 "_on_end", "complete", "error")
+                 "_on_data", "_on_end", "complete", "error")
 
     def __init__(self, conn: _Connection) -> None:
         self.status = 0
@@ -74,6 +72,7 @@ class UpstreamResponse:
         self._limit: int | None = None
         self._max: int | None = None  # read_all's cap: past it, nothing more is kept
         self._waiter: asyncio.Future[None] | None = None
+        self._on_data: DataSink | None = None  # once streamed: where each read's body goes
         self._on_end: EndSink | None = None
         self.complete = False
         self.error: BaseException | None = None
@@ -110,18 +109,15 @@ class UpstreamResponse:
         return await self.read()
 
     def stream(self, on_data: DataSink, on_end: EndSink) -> None:
-        """Hand each piece of the body to ``on_data`` as it arrives (what already arrived goes
-        at once), then call ``on_end`` with None at the answer's end or with the error that
-        broke it. Both run inside the socket's read callback: they must not block or raise."""
-        if self._chunks:
-            on_data(b"".join(self._chunks))
-            self._chunks.clear()
+        """Hand ``on_data`` what each read brings of the body (what already arrived goes at
+        once), then call ``on_end`` with None at the answer's end or with the error that broke
+        it. Both run inside the socket's read callback: they must not block or raise."""
+        self._on_data = on_data
+        self._pass_on()
         if self.complete or self.error is not None:
             on_end(self.error)
             return
         self._on_end = on_end
-        if self._conn is not None:
-            self._conn.sink = on_data  # straight from the parser's callback, the hot path
 
     def pause_reading(self) -> None:
         """Stop reading the socket (a slow client): the upstream's sends then block in turn."""
@@ -142,12 +138,18 @@ class UpstreamResponse:
 
     def _let_go(self, reusable: bool) -> None:
         conn, self._conn = self._conn, None
-        self._on_end = None
+        self._on_data = self._on_end = None
         if conn is not None:
-            conn.sink = None
             conn.done(reusable)
 
     # Called by the connection.
+
+    def _pass_on(self) -> None:
+        """A read's body, to ``on_data`` as one piece however many HTTP chunks it holds."""
+        if self._on_data is not None and self._chunks:
+            data = b"".join(self._chunks)  # of one piece, that very piece
+            self._chunks.clear()
+            self._on_data(data)
 
     def _feed(self, data: bytes) -> None:
         self._chunks.append(data)
@@ -168,12 +170,12 @@ class UpstreamResponse:
     def _end(self, error: BaseException | None) -> None:
         if self.complete or self.error is not None:
             return
+        self._pass_on()  # the body's last bytes before its end
         if error is None:
             self.complete = True
         else:
             self.error = error
-        if self._conn is not None:
-            self._conn.sink = None
+        self._on_data = None
         self._wake()
         if self._on_end is not None:
             on_end, self._on_end = self._on_end, None
@@ -200,8 +202,6 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.response: UpstreamResponse | None = None
         self.head: asyncio.Future[UpstreamResponse] | None = None  # until the headers are in
-        self.sink: DataSink | None = None  # where the body goes, once it is streamed
-        self.pending: list[bytes] = []  # the body in the read being parsed, for the sink
         self.idle_since = 0.0
 
     def send(self, request: bytes) -> asyncio.Future[UpstreamResponse]:
@@ -240,16 +240,14 @@ class _Connection(asyncio.Protocol):
         elif self.response is None:
             self.abort()  # bytes nobody asked for: the connection is not reusable
             return
-        error: InvalidHTTP | None = None
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as e:
-            error = InvalidHTTP(str(e) or type(e).__name__)
+            self._fail(InvalidHTTP(str(e) or type(e).__name__))  # the body before it goes first
         except httptools.HttpParserUpgrade:
-            error = InvalidHTTP("an upgrade answer")
-        self._pass_on()  # the body before an error still goes first
-        if error is not None:
-            self._fail(error)
+            self._fail(InvalidHTTP("an upgrade answer"))
+        if self.response is not None:
+            self.response._pass_on()
         if self.head is not None and self.head_bytes > _MAX_HEAD_BYTES:
             self._fail(InvalidHTTP(f"headers over {_MAX_HEAD_BYTES} bytes"))
 
@@ -298,32 +296,18 @@ class _Connection(asyncio.Protocol):
             head.set_result(response)
 
     def on_body(self, body: bytes) -> None:
-        if self.sink is not None:
-            self.pending.append(body)  # passed on when the read is parsed (``_pass_on``)
-        elif self.response is not None and self.response.error is None:
+        if self.response is not None and self.response.error is None:
             self.response._feed(body)
 
     def on_message_complete(self) -> None:
         if self.informational:
             self.informational = False
             return
-        self._pass_on()  # the body's last bytes before its end
         if not self.parser.should_keep_alive():
             self.until_close = False
             if self.transport is not None:
                 self.transport.close()  # after the answer: the upstream asked to close
         self._end(None)
-
-    def _pass_on(self) -> None:
-        """Hand the sink what one read brought of the body, as one piece: an upstream that
-        sends each event as its own HTTP chunk then costs one render and one client write a
-        read, not one an event (under load a read holds several)."""
-        pending = self.pending
-        if pending:
-            data = pending[0] if len(pending) == 1 else b"".join(pending)
-            pending.clear()
-            if self.sink is not None:
-                self.sink(data)
 
     def _end(self, error: BaseException | None) -> None:
         if self.response is not None:
