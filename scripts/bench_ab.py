@@ -21,15 +21,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from benchlib.clients import load
-from benchlib.processes import ROOT, Target, free_port, started
-from benchlib.proxies import gateway_config, nginx_started, redis_available
+from benchlib.processes import ROOT, Target, free_port
+from benchlib.proxies import gateway_started, nginx_started, redis_available
 from benchlib.rounds import median
+from benchlib.upstreams import upstream_group
 
 LOADS: dict[str, dict[str, Any]] = {
     "one": {"concurrency": 20, "requests": 3000, "mock": {"chunks": 1}},
@@ -55,10 +55,7 @@ def worktree(rev: str, where: Path) -> Any:
 def gateway(st: contextlib.ExitStack, tmp: Path, name: str, tree: Path, up: int,
             redis: str | None) -> Target:
     port = free_port()
-    cmd = [sys.executable, "-m", "gateway", "serve", "--config",
-           str(gateway_config(tmp, up, redis, port))]
-    proc = st.enter_context(started(cmd, port, env={"PYTHONPATH": str(tree)}, cwd=tree,
-                                    log=tmp / f"{name}.log"))
+    proc = st.enter_context(gateway_started(tmp, up, redis, port, tree=tree))
     return Target(name, proc, f"http://127.0.0.1:{port}/api/v1")
 
 
@@ -76,8 +73,7 @@ def main() -> None:
         tmp = Path(d)
         base_tree = st.enter_context(worktree(a.base, tmp / "base"))
         up = free_port()
-        st.enter_context(started([sys.executable, "-m", "gateway", "mock-upstream", "--port",
-                                  str(up)], up))
+        upstream_group(st, tmp, up, 1)
         ngx_port = free_port()
         targets = [gateway(st, tmp, "base", base_tree, up, redis),
                    gateway(st, tmp, "new", ROOT, up, redis),

@@ -103,11 +103,13 @@ def gateway_config(tmp: Path, upstream_port: int, redis_url: str | None, port: i
 
 
 def gateway_started(tmp: Path, upstream: int, redis_url: str | None, port: int,
-                    workers: int = 1
+                    workers: int = 1, tree: Path = ROOT
                     ) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
+    """The gateway of ``tree`` (a checkout of another commit, for scripts/bench_ab.py)."""
     return started([sys.executable, "-m", "gateway", "serve", "--config",
                     str(gateway_config(tmp, upstream, redis_url, port, workers))], port,
-                   log=tmp / f"gateway-{port}.log")
+                   log=tmp / f"gateway-{port}.log", cwd=tree,
+                   env=None if tree == ROOT else {"PYTHONPATH": str(tree)})
 
 
 def floor_started(upstream: int, port: int
