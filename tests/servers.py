@@ -168,8 +168,9 @@ def redis_server() -> Iterator[RedisServer]:
 
 class Blackhole:
     """A TCP proxy to Redis that can go silent (connections stay open, bytes vanish) or hold
-    Redis' replies back (``replies.clear()``, until ``replies.set()``); ``seen`` is every byte
-    sent to Redis through it."""
+    Redis' replies back (``replies.clear()``, until ``replies.set()``; only the replies on the
+    ``hold_only``-th connection it accepted, counting from 0, when that is set); ``seen`` is
+    every byte sent to Redis through it."""
 
     def __init__(self, target: str) -> None:
         parts = urlsplit(target)
@@ -179,6 +180,8 @@ class Blackhole:
         self.replies = asyncio.Event()
         self.replies.set()
         self.seen = bytearray()
+        self.hold_only: int | None = None
+        self.accepted = 0
         self.server: asyncio.Server | None = None
         self.writers: set[asyncio.StreamWriter] = set()
 
@@ -188,6 +191,7 @@ class Blackhole:
         return f"redis://127.0.0.1:{port}{self.db}"
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        index, self.accepted = self.accepted, self.accepted + 1
         self.writers.add(writer)
         try:
             upstream_reader, upstream_writer = await asyncio.open_connection(*self.target)
@@ -197,17 +201,18 @@ class Blackhole:
         self.writers.add(upstream_writer)
         with contextlib.suppress(OSError):
             await asyncio.gather(self._pipe(reader, upstream_writer, to_redis=True),
-                                 self._pipe(upstream_reader, writer, to_redis=False))
+                                 self._pipe(upstream_reader, writer, to_redis=False,
+                                            index=index))
         for w in (writer, upstream_writer):
             w.close()
             self.writers.discard(w)
 
     async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, *,
-                    to_redis: bool) -> None:
+                    to_redis: bool, index: int = 0) -> None:
         while data := await src.read(65536):
             if to_redis:
                 self.seen += data
-            else:
+            elif self.hold_only is None or self.hold_only == index:
                 await self.replies.wait()
             if not self.silent:
                 dst.write(data)

@@ -31,7 +31,13 @@ from gateway.settings import RedisSettings
 
 from clients import chat_body
 from conftest import Upstream, settings_for
-from servers import Blackhole, GatewayProcess, gateway_processes, redis_server
+from servers import (
+    Blackhole,
+    GatewayProcess,
+    gateway_processes,
+    redis_server,
+    wait_until_async,
+)
 
 LEASE_SECONDS = 2
 
@@ -384,6 +390,57 @@ async def test_redis_stopped_and_restarted_under_both_policies(
             assert logs.count("is not answering") == 1, logs[-3000:]
             assert logs.count("answers again") == 1
             assert '"status":500' not in logs and '"status":502' not in logs
+
+
+async def test_noscript_replies_read_after_the_reload_do_not_load_again() -> None:
+    """Two batches on the wire when the scripts were flushed both meet NOSCRIPT. The first
+    one's replies start the reload; the second's, read only once it has finished (a busy host:
+    this failed under a full CI run), must retry with it: still one SCRIPT LOAD."""
+    with redis_server() as server:
+        proxy = Blackhole(server.url)
+        settings = RedisSettings(url=await proxy.start(), key_prefix="gwtest",
+                                 timeout_seconds=10)
+        limiter = RedisLimiter(connect(settings), settings)
+        raw = server.client()
+
+        def calls(stat: str, section: str = "commandstats") -> int:
+            found = raw.info(section).get(stat, {})
+            return int(found.get("calls", found.get("count", 0)))
+
+        key = ClientKey(name="reload", requests_per_minute=1, burst=500,
+                        max_concurrent_streams=5)
+        try:
+            await limiter.acquire(key, stream=False)  # the batcher's connection is the first
+            raw.script_flush()
+            raw.config_resetstat()
+            proxy.hold_only = 0
+            proxy.replies.clear()
+            checks = []
+            for wave in (1, 2):  # two batches, each executed (NOSCRIPT) before the next
+                checks += [asyncio.ensure_future(limiter.acquire(key, stream=False))
+                           for _ in range(50)]
+                await wait_until_async(
+                    lambda n=50 * wave: calls("errorstat_NOSCRIPT", "errorstats") == n,
+                    5, f"batch {wave} to meet NOSCRIPT")
+            proxy.replies.set()  # the first batch's replies only: the proxy holds the next
+            proxy.replies.clear()
+            # Its 50 checks reload the script and retry, and Redis runs them: the reload has
+            # finished, while the second batch's NOSCRIPT replies are still on their way.
+            await wait_until_async(lambda: calls("cmdstat_evalsha") == 150, 5, "the retries")
+            assert calls("cmdstat_script|load") == 1
+            proxy.replies.set()
+            decisions = await asyncio.gather(*checks)
+            assert all(d.allowed for d in decisions)
+            # Each took its own token: the first check left 499.
+            assert sorted(d.remaining for d in decisions) == list(range(399, 499))
+            assert calls("cmdstat_script|load") == 1
+            assert calls("cmdstat_evalsha") == 200  # each check: NOSCRIPT, then its retry
+            assert limiter.backend_state == "redis"
+        finally:
+            proxy.replies.set()
+            raw.close()
+            await limiter.close()
+            await proxy.close()
 
 
 async def test_a_blackholed_redis_costs_one_timeout_not_one_per_request(

@@ -86,8 +86,9 @@ class RedisLimiter:
         # (unless they expired meanwhile), so a blip does not hold slots for a whole lease.
         self._unreleased: dict[str, dict[str, float]] = {}  # streams set -> lease -> ended at
         self._renewer: asyncio.Task[None] | None = None
-        # (script, cluster primary) -> its SCRIPT LOAD in flight
-        self._reloading: dict[tuple[str, str | None], asyncio.Future[Any]] = {}
+        # (script, cluster primary) -> its latest SCRIPT LOAD: (its number, the load)
+        self._reloading: dict[tuple[str, str | None], tuple[int, asyncio.Future[Any]]] = {}
+        self._loads = 0  # SCRIPT LOADs started: a command notes it when it is sent
         self.fallback_decisions = 0
         """Checks decided by the in-memory fallback (fail_open) while Redis was down."""
         self.refused_unavailable = 0
@@ -181,22 +182,27 @@ class RedisLimiter:
 
     async def _take_token(self, *keys_then_args: Any) -> Any:
         """token_bucket.lua through the batcher, loaded again once after NOSCRIPT."""
+        sent = self._loads
         try:
             return await self._batch.execute("EVALSHA", self._take.sha, 2, *keys_then_args)
         except NoScriptError:
-            await self._reload(self._take, keys_then_args[0])
+            await self._reload(self._take, keys_then_args[0], sent)
             return await self._batch.execute("EVALSHA", self._take.sha, 2, *keys_then_args)
 
-    async def _reload(self, script: Any, key: str) -> None:
+    async def _reload(self, script: Any, key: str, sent: int) -> None:
         """One SCRIPT LOAD per script (and cluster primary), however many commands met NOSCRIPT
         together: a burst after a SCRIPT FLUSH must not cost a load (and a connection) per
-        check. Not through the batcher; on a cluster, on the primary of ``key`` only (a
-        promoted replica has no scripts; another primary may be down)."""
+        check. A command sent when ``_loads`` was ``sent`` is served by a load still running
+        or one started after it was sent: a batch that was on the wire while the load ran
+        meets NOSCRIPT, its replies perhaps read only after the load has finished, and must
+        not load again. Not through the batcher; on a cluster, on the primary of ``key`` only
+        (a promoted replica has no scripts; another primary may be down)."""
         node = node_of(self._client, key)
-        loading = self._reloading.get((script.script, node))
-        if loading is None or loading.done():
-            loading = self._reloading[(script.script, node)] = asyncio.ensure_future(
-                self._load(script.script, node))
+        number, loading = self._reloading.get((script.script, node), (0, None))
+        if loading is None or (loading.done() and number <= sent):
+            self._loads += 1
+            loading = asyncio.ensure_future(self._load(script.script, node))
+            self._reloading[(script.script, node)] = (self._loads, loading)
         sha = await asyncio.shield(loading)
         script.sha = sha.decode() if isinstance(sha, bytes) else sha
 
@@ -272,10 +278,11 @@ class RedisLimiter:
         """renew_leases.lua for one key, loaded again once after NOSCRIPT (it is idempotent).
         EVALSHA as a plain command: redis-py refuses pipe.evalsha in a cluster pipeline."""
         command = ("EVALSHA", self._renew.sha, 1, streams, self._lease_ms, *leases)
+        sent = self._loads
         try:
             return await self._batch.execute(*command)
         except NoScriptError:
-            await self._reload(self._renew, streams)
+            await self._reload(self._renew, streams, sent)
             return await self._batch.execute("EVALSHA", self._renew.sha, *command[2:])
 
     async def close(self) -> None:
