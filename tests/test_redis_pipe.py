@@ -9,7 +9,9 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 
 import pytest
+import redis.asyncio as aioredis
 from redis.asyncio.connection import Connection
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.redis_pipe import pack
@@ -191,3 +193,33 @@ async def test_a_connection_given_back_keeps_its_timeout_for_the_pools_other_use
     proxy.silent = True
     with pytest.raises(RedisTimeoutError):
         await asyncio.wait_for(client.ping(), 2)  # redis-py's own timeout, not ours
+
+
+async def test_a_connection_redis_closes_fails_what_is_in_flight_and_the_next_command_reconnects(
+        open_batcher: OpenBatcher, redis_url: str, redis_prefix: str) -> None:
+    """The pipe reads replies with a protocol of its own while it holds the connection: the
+    connection's end must still reach the callers in flight (an error, at once, not a
+    timeout) and redis-py, whose pool then gives the next batch a new connection."""
+    _, batch = open_batcher(5)
+    key = f"{redis_prefix}:killed"
+    assert await batch.execute("SET", key, "0") == b"OK"
+    blocked = asyncio.ensure_future(batch.execute("BLPOP", f"{key}:list", "0"))  # no reply
+    admin = aioredis.from_url(redis_url)
+    try:
+        ours: list[str] = []
+
+        async def find() -> bool:
+            ours[:] = [c["id"] for c in await admin.client_list()
+                       if c["name"] == "gateway" and c["cmd"] == "blpop"]
+            return len(ours) == 1
+
+        deadline = asyncio.get_running_loop().time() + 2
+        while not await find():
+            assert asyncio.get_running_loop().time() < deadline, "BLPOP never reached Redis"
+            await asyncio.sleep(0.01)
+        await admin.client_kill_filter(_id=ours[0])
+    finally:
+        await admin.aclose()
+    with pytest.raises(RedisConnectionError):
+        await asyncio.wait_for(blocked, 2)  # well within the 5 s timeout
+    assert await asyncio.wait_for(batch.execute("INCR", key), 2) == 1
