@@ -10,7 +10,9 @@ Measures, with real servers on loopback:
    call, one round trip);
 2. checks per second one Redis sustains: concurrent script calls from 1 and from ``--procs``
    processes (each one event loop, as a gateway worker is), and the Redis CPU time per check
-   (``INFO commandstats``), whose inverse bounds what one Redis core can serve;
+   (``INFO commandstats``), whose inverse bounds what one Redis core can serve; and the
+   gateway's own CPU per check (and per stream's check, lease and release) with 1, 4 and
+   ``--concurrency`` in flight, which is what batching saves;
 3. the limiter's cost per gateway request: the same requests through a real gateway (mock
    upstream in-process) with the memory limiter and with the Redis limiter, sequential
    latency and concurrent throughput.
@@ -78,7 +80,9 @@ async def sequential_checks(limiter: Any, n: int) -> list[float]:
 
 
 async def concurrent_checks(url: str, prefix: str, seconds: float, concurrency: int,
-                            mode: str = "single") -> int:
+                            mode: str = "single", stream: bool = False) -> int:
+    """Checks done in ``seconds`` by ``concurrency`` tasks; with ``stream``, each a stream's
+    check and lease, then the lease's release."""
     settings = RedisSettings(url=url, key_prefix=prefix, timeout_seconds=2, mode=mode)
     client = connect(settings)
     limiter = RedisLimiter(client, settings)
@@ -90,7 +94,9 @@ async def concurrent_checks(url: str, prefix: str, seconds: float, concurrency: 
         key = ClientKey(name=f"bench-c{os.getpid()}-{w % 32}", requests_per_minute=1e9,
                         burst=1_000_000_000, max_concurrent_streams=1000)
         while time.monotonic() < stop:
-            await limiter.acquire(key, stream=False)
+            decision = await limiter.acquire(key, stream=stream)
+            if decision.lease is not None:
+                await limiter.release(key, decision.lease)
             done += 1
 
     try:
@@ -213,6 +219,15 @@ async def main_async(args: argparse.Namespace, prefix: str) -> None:
     if calls:
         print(f"   Redis CPU per check {usec / calls:8.1f} µs  => one Redis core tops out near "
               f"{calls / usec * 1e6:,.0f} checks/s")
+    for stream in (False, True):  # what batching saves the gateway: CPU by tasks in flight
+        costs = []
+        for concurrency in (1, 4, args.concurrency):
+            cpu = time.process_time()
+            done = await concurrent_checks(args.redis_url, prefix, args.seconds / 2,
+                                           concurrency, stream=stream)
+            costs.append(f"{concurrency}: {us((time.process_time() - cpu) / done)}")
+        print(f"   gateway CPU per {'stream (check, lease, release)' if stream else 'check'}"
+              f" by tasks in flight: {', '.join(costs)}")
 
     print("3. through the gateway (POST chat/completions, mock upstream in-process)")
     results = {}
