@@ -30,11 +30,13 @@ holds replies back at a proxy): a connected ``Connection``'s ``_writer`` is an a
 (``BaseTransport.set_protocol``), and ``BaseParser.parse_error`` maps an error reply to
 redis-py's exception classes.
 
-A broken connection, a reply that is not RESP or one nobody asked for, an error reply that is
-a connection error (``LOADING``), or a late reply fails every command in flight on the
-connection, which is closed and given back at once; the next batch takes a connection again
-(in sentinel mode, to the primary the sentinels name). A connection the sentinel follower marked
-after a failover takes no new batch: it is given back once its replies are in.
+redis-py speaks RESP3, whose push messages (an invalidation, a cluster's maintenance notice)
+are no command's reply: they are dropped. A broken connection, a reply that is not RESP or one
+nobody asked for, an error reply that is a connection error (``LOADING``), or a late reply
+fails every command in flight on the connection, which is closed and given back at once; the
+next batch takes a connection again (in sentinel mode, to the primary the sentinels name). A
+connection the sentinel follower marked after a failover takes no new batch: it is given back
+once its replies are in.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from typing import Any, Protocol, cast
 import hiredis
 from redis._parsers import BaseParser
 from redis.asyncio.connection import AbstractConnection
-from redis.exceptions import AskError, InvalidResponse, TryAgainError
+from redis.exceptions import AskError, InvalidResponse, RedisError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -106,15 +108,14 @@ class RedisPipe:
         if link is None:
             connection = await self._pool.get_connection()
             try:
-                if not connection.is_connected:  # a cluster node's may not be yet
-                    async with asyncio.timeout(connection.socket_timeout):
-                        await connection.connect()
+                await _ready(connection)
+                link = self._link = _Link(self._pool, connection, self._on_redirect)
             except BaseException as exc:
                 await self._pool.release(connection)
-                if isinstance(exc, TimeoutError):
-                    raise _timed_out(connection.socket_timeout) from None
+                if isinstance(exc, TimeoutError) and not isinstance(exc, RedisTimeoutError):
+                    raise RedisTimeoutError(f"no connection to Redis within "
+                                            f"{connection.socket_timeout}s") from None
                 raise
-            link = self._link = _Link(self._pool, connection, self._on_redirect)
         return link
 
     async def close(self) -> None:
@@ -122,6 +123,20 @@ class RedisPipe:
         self._link = None
         for link in links:
             await link.close()
+
+
+async def _ready(connection: AbstractConnection) -> None:
+    """Connected, with nothing unread: what redis-py's own pool checks, which a cluster node's
+    connections skip. A connection Redis closed while it sat in the pool (its idle timeout, a
+    restart) would otherwise look open to the pipe's protocol, which never hears of its end,
+    until a reply's deadline."""
+    async with asyncio.timeout(connection.socket_timeout):
+        if connection.is_connected:
+            with contextlib.suppress(RedisConnectionError):  # it disconnects itself then
+                if await connection.can_read():
+                    await connection.disconnect()
+        if not connection.is_connected:
+            await connection.connect()
 
 
 class _Link:
@@ -146,7 +161,7 @@ class _Link:
         self.error: BaseException | None = None  # what killed it
         self.on_given_back: Callable[[_Link], None] | None = None
         self._given_back = False
-        self._ending: asyncio.Task[None] | None = None  # giving back, from a callback
+        self._ending: set[asyncio.Task[None]] = set()  # giving back, from a callback
         encoder = connection.encoder
         self.reader = hiredis.Reader(
             protocolError=InvalidResponse, replyError=BaseParser.parse_error,
@@ -165,7 +180,13 @@ class _Link:
             self._end(RedisConnectionError("the connection to Redis failed"))
             fail(batch, cast(BaseException, self.error))
             return
-        self.transport.write(pack(batch))
+        try:
+            self.transport.write(pack(batch))
+        except Exception as exc:  # noqa: BLE001 (an argument that cannot be sent, a bug)
+            fail(batch, exc)
+            self._end(exc if isinstance(exc, RedisError) else RedisConnectionError(
+                f"a batch could not be written to Redis ({type(exc).__name__})"))
+            return
         deadline = None if self.timeout is None else self.loop.time() + self.timeout
         last = len(batch) - 1
         self.inflight.extend((item, deadline, i == last) for i, item in enumerate(batch))
@@ -178,10 +199,11 @@ class _Link:
         reader, inflight = self.reader, self.inflight
         reader.feed(data)
         try:
-            while inflight:
-                reply = reader.gets()
-                if reply is _NOT_ENOUGH_DATA:
-                    return
+            while (reply := reader.gets()) is not _NOT_ENOUGH_DATA:
+                if isinstance(reply, _PUSH):
+                    continue  # a server's notice (RESP3), no command's reply
+                if not inflight:
+                    raise InvalidResponse("Redis sent a reply nothing was waiting for")
                 if isinstance(reply, RedisConnectionError):  # LOADING: ready for none of them
                     self._end(reply)
                     return
@@ -192,11 +214,10 @@ class _Link:
                     resolve(item[1], reply)
                 if ends_batch:
                     self._batch_ended()
-        except InvalidResponse as exc:  # not Redis' protocol: nothing after it can be trusted
-            self._end(exc)
-            return
-        if reader.has_data():  # a reply nobody asked for (a push, or a broken server)
-            self._end(InvalidResponse("Redis sent a reply nothing was waiting for"))
+        except Exception as exc:  # noqa: BLE001 (not RESP, a reply nothing waits for, an
+            # error reply redis-py cannot parse): nothing after it can be trusted
+            self._end(exc if isinstance(exc, RedisError) else InvalidResponse(
+                f"Redis' reply could not be read ({type(exc).__name__})"))
 
     def _batch_ended(self) -> None:
         self.batches -= 1
@@ -212,7 +233,7 @@ class _Link:
             if deadline is not None:
                 self._timer = self.loop.call_at(deadline, self._late)
         elif self.on_given_back is not None:  # retired: its last reply is in
-            self._ending = self.loop.create_task(self._give_back())
+            self._give_back_soon()
 
     def _late(self) -> None:
         self._timer = None
@@ -237,7 +258,12 @@ class _Link:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._ending = self.loop.create_task(self._give_back())
+        self._give_back_soon()
+
+    def _give_back_soon(self) -> None:
+        task = self.loop.create_task(self._give_back())
+        self._ending.add(task)
+        task.add_done_callback(self._ending.discard)
 
     async def retire(self, on_given_back: Callable[[_Link], None]) -> None:
         """Take no new batch; give the connection back once the replies in flight are in."""
@@ -255,14 +281,17 @@ class _Link:
             self._slot.set_result(None)
 
     async def close(self) -> None:
-        if self.inflight:  # their callers are cancelled; their replies must not be read later
+        waiting = [*(item for item, _ in self.redirected), *(item for item, *_ in self.inflight)]
+        if waiting:  # their callers are cancelled; their replies must not be read later
             self.dead = True
-            fail([item for item, *_ in self.inflight], asyncio.CancelledError())
+            fail(waiting, asyncio.CancelledError())
+            self.redirected = []
             self.inflight.clear()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         await self._give_back()
+        await asyncio.gather(*self._ending)
 
     async def _give_back(self) -> None:
         """redis-py's protocol back on the transport, the connection back in its pool (closed
@@ -294,8 +323,10 @@ class _Replies(asyncio.Protocol):
         return False  # close: Redis has gone
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.link.lost(exc)
-        self.link.protocol.connection_lost(exc)
+        try:
+            self.link.lost(exc)
+        finally:
+            self.link.protocol.connection_lost(exc)
 
 
 def pack(batch: list[Item]) -> bytes:
@@ -313,6 +344,7 @@ def pack(batch: list[Item]) -> bytes:
 
 _REDIRECTS = (AskError, TryAgainError)  # MovedError is an AskError
 _NOT_ENOUGH_DATA: Any = object()  # what the reader returns until a whole reply is in
+_PUSH: Any = getattr(hiredis, "PushNotification", ())  # RESP3's unasked-for messages
 
 
 def _timed_out(seconds: float | None) -> RedisTimeoutError:

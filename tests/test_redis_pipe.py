@@ -10,11 +10,11 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 import redis.asyncio as aioredis
-from redis.asyncio.connection import Connection
+from redis.asyncio.connection import Connection, parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gateway.redis_pipe import pack
+from gateway.redis_pipe import RedisPipe, pack
 from gateway.redis_topology import RedisClient, connect
 from gateway.redisclient import RedisBatcher
 from gateway.settings import RedisSettings
@@ -223,3 +223,59 @@ async def test_a_connection_redis_closes_fails_what_is_in_flight_and_the_next_co
     with pytest.raises(RedisConnectionError):
         await asyncio.wait_for(blocked, 2)  # well within the 5 s timeout
     assert await asyncio.wait_for(batch.execute("INCR", key), 2) == 1
+
+
+async def test_a_servers_push_message_is_no_commands_reply(
+        open_batcher: OpenBatcher, redis_prefix: str) -> None:
+    """redis-py speaks RESP3, in which Redis may send messages nobody asked for (an
+    invalidation for a tracked key, a cluster's maintenance notice). Each caller must still
+    get its own reply, and the connection must live on."""
+    _, batch = open_batcher(5)
+    key, other = f"{redis_prefix}:tracked", f"{redis_prefix}:counter"
+    assert await batch.execute("SET", key, "1") == b"OK"
+    connection_id = await batch.execute("CLIENT", "ID")
+    assert await batch.execute("CLIENT", "TRACKING", "ON") == b"OK"
+    assert await batch.execute("GET", key) == b"1"  # now tracked: a change is pushed to us
+    replies = await asyncio.wait_for(asyncio.gather(
+        batch.execute("SET", key, "2"), batch.execute("INCR", other),
+        batch.execute("GET", key)), 2)
+    assert replies == [b"OK", 1, b"2"]
+    assert await asyncio.wait_for(batch.execute("CLIENT", "ID"), 2) == connection_id
+
+
+class OneConnection:
+    """A pool that hands out its one connection unchecked, as a cluster node does."""
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+
+    async def get_connection(self) -> Connection:
+        return self.connection
+
+    async def release(self, connection: Connection) -> None:
+        pass
+
+
+async def test_a_pooled_connection_redis_closed_is_replaced_not_waited_on(
+        redis_url: str) -> None:
+    """A cluster node's pool hands its connections out without redis-py's check: one that Redis
+    closed while it sat there (its idle timeout, a restart) must be reconnected, not written to
+    until the reply's deadline (the pipe's protocol never hears of an end that came before)."""
+    connection = Connection(**parse_url(redis_url), socket_timeout=5)
+    await connection.connect()
+    await connection.send_command("CLIENT", "ID")
+    connection_id = await connection.read_response()
+    admin = aioredis.from_url(redis_url)
+    try:
+        await admin.client_kill_filter(_id=connection_id)
+    finally:
+        await admin.aclose()
+    await asyncio.sleep(0.05)  # its end reaches redis-py's protocol
+    pipe = RedisPipe(OneConnection(connection))
+    ping: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+    try:
+        await pipe.send([(("PING",), ping)])
+        assert await asyncio.wait_for(ping, 1) == b"PONG"
+    finally:
+        await pipe.close()
+        await connection.disconnect()
