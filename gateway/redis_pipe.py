@@ -112,7 +112,7 @@ class RedisPipe:
                 link = self._link = _Link(self._pool, connection, self._on_redirect)
             except BaseException as exc:
                 await self._pool.release(connection)
-                if isinstance(exc, TimeoutError) and not isinstance(exc, RedisTimeoutError):
+                if isinstance(exc, TimeoutError):
                     raise RedisTimeoutError(f"no connection to Redis within "
                                             f"{connection.socket_timeout}s") from None
                 raise
@@ -225,9 +225,7 @@ class _Link:
         if self.redirected:  # followed apart: the next batch need not wait for it
             redirected, self.redirected = self.redirected, []
             self.on_redirect(redirected)  # type: ignore[misc]
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._stop_timer()
         if self.inflight:
             deadline = self.inflight[0][1]
             if deadline is not None:
@@ -255,10 +253,13 @@ class _Link:
         self.inflight.clear()
         self.batches = 0
         self._free_slot()
+        self._stop_timer()
+        self._give_back_soon()
+
+    def _stop_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._give_back_soon()
 
     def _give_back_soon(self) -> None:
         task = self.loop.create_task(self._give_back())
@@ -281,15 +282,8 @@ class _Link:
             self._slot.set_result(None)
 
     async def close(self) -> None:
-        waiting = [*(item for item, _ in self.redirected), *(item for item, *_ in self.inflight)]
-        if waiting:  # their callers are cancelled; their replies must not be read later
-            self.dead = True
-            fail(waiting, asyncio.CancelledError())
-            self.redirected = []
-            self.inflight.clear()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        if self.inflight or self.redirected:  # their callers are cancelled; the connection,
+            self._end(asyncio.CancelledError())  # closed: their replies belong to nobody
         await self._give_back()
         await asyncio.gather(*self._ending)
 
