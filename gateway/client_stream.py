@@ -1,5 +1,5 @@
-"""The client's side of one event stream: the only code that touches aiohttp's transport and
-protocol directly.
+"""The client's side of one event stream: the only code that touches aiohttp's transport,
+protocol and writer directly (``server_limits.py`` asks ``response_started`` here).
 
 Why not ``StreamResponse.write``: it is a coroutine per chunk, and the relay writes from the
 upstream socket's read callback, where nothing can be awaited. So the response is started and
@@ -32,6 +32,12 @@ import asyncio
 from collections.abc import Mapping
 
 from aiohttp import HttpVersion11, web
+
+
+def response_started(request: web.BaseRequest) -> bool:
+    """Whether any byte of a response has gone to the client: then no other response can
+    follow (aiohttp's own ``handle_error`` asks its writer the same)."""
+    return request.writer.output_size > 0
 
 
 class ClientGone(ConnectionResetError):

@@ -59,6 +59,7 @@ from aiohttp.http_exceptions import BadHttpMethod
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import StreamReader
 
+from .client_stream import response_started
 from .errors import GatewayError, InvalidRequest, ServiceUnavailable
 from .settings import ServerSettings
 
@@ -186,7 +187,7 @@ class GuardedRequestHandler(web.RequestHandler):
             self.logger.log(level, "Error handling request from %s: %s, answered %d (the "
                             "request is not logged: it may hold a key)", request.remote,
                             type(exc).__name__ if exc is not None else "unknown", status)
-        if request.writer.output_size > 0:
+        if response_started(request):
             raise ConnectionError("Response is sent already, cannot send another response "
                                   "with the error message")  # as aiohttp's own
         response = web.Response(status=status, body=_error_body(status),
