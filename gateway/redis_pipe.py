@@ -132,9 +132,12 @@ async def _ready(connection: AbstractConnection) -> None:
     until a reply's deadline."""
     async with asyncio.timeout(connection.socket_timeout):
         if connection.is_connected:
-            with contextlib.suppress(RedisConnectionError):  # it disconnects itself then
-                if await connection.can_read():
-                    await connection.disconnect()
+            try:  # bytes nobody asked for, or Redis closed it: either way, not to be written to
+                stale = await connection.can_read()
+            except RedisConnectionError:  # closed: redis-py 8.2 raises and leaves it connected
+                stale = True  # (8.0 and 8.1 disconnected it themselves, or said True)
+            if stale:
+                await connection.disconnect()
         if not connection.is_connected:
             await connection.connect()
 
