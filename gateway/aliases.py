@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .render import Rewrite
+from .stream.render import Rewrite
 
 
 def upstream_model(aliases: Mapping[str, str], model: str) -> str:

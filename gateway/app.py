@@ -24,15 +24,15 @@ from .auth import AuthFailureThrottle, ConfigKeyStore
 from .catalog import ModelCatalog
 from .handlers import chat, health, images, models, responses, vision
 from .inflight import InFlight
-from .keystore import RedisKeyStore
 from .metrics import Metrics
 from .middlewares import HTTP_SERVER_LOG, auth_middleware, errors_middleware, ratelimit_middleware
-from .proxy import Proxy
 from .ratelimit.memory import MemoryLimiter
 from .ratelimit.redis import RedisLimiter
-from .redisclient import open_redis
+from .redis.batcher import open_redis
+from .redis.keystore import RedisKeyStore
 from .settings import Settings
-from .upstream import UpstreamClient
+from .stream.proxy import Proxy
+from .upstream.client import UpstreamClient
 
 log = logging.getLogger("gateway")
 
@@ -78,7 +78,7 @@ async def _upstream_ctx(app: web.Application, environ: Mapping[str, str]
     settings = app[SETTINGS]
     if settings.upstream.is_mock:
         # Imported here: a gateway with a real upstream never loads the mock.
-        from .mock_upstream import run_mock_upstream
+        from .mock.upstream import run_mock_upstream
 
         async with run_mock_upstream() as (_, url):
             log.warning("upstream: the built-in mock at %s (set [upstream] url for a real one)",

@@ -14,10 +14,10 @@ if TYPE_CHECKING:
     from .catalog import ModelCatalog
     from .inflight import InFlight
     from .metrics import Metrics
-    from .proxy import Proxy
     from .ratelimit import Limiter
     from .readiness import UpstreamProbe
-    from .upstream import UpstreamClient
+    from .stream.proxy import Proxy
+    from .upstream.client import UpstreamClient
 
 # Typed by annotation: the classes are imported for type checkers only, so that this module
 # stays free of import cycles.

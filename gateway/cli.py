@@ -19,7 +19,7 @@ from .config import check_upstream_key, load_settings
 from .settings import ConfigError, Limits, Settings
 
 if TYPE_CHECKING:
-    from .redis_topology import RedisClient
+    from .redis.topology import RedisClient
 
 log = logging.getLogger("gateway")
 
@@ -48,10 +48,10 @@ def _settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def serve(args: argparse.Namespace) -> int:
-    """Run the gateway (``gateway.workers``: one process, or a supervisor and N workers) until
-    SIGTERM or SIGINT, which stop it gracefully."""
+    """Run the gateway (``gateway.server.workers``: one process, or a supervisor and N workers)
+    until SIGTERM or SIGINT, which stop it gracefully."""
     from .accesslog import setup_access_log
-    from .workers import serve as run
+    from .server.workers import serve as run
 
     settings = _settings_from_args(args)
     if settings.server.workers < 1:
@@ -62,7 +62,7 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def mock_upstream(args: argparse.Namespace) -> int:
-    from .mock_upstream import BACKLOG, create_mock_app
+    from .mock.upstream import BACKLOG, create_mock_app
 
     _use_uvloop()
     web.run_app(create_mock_app(args.style), host=args.host, port=args.port,
@@ -83,8 +83,8 @@ def keys(args: argparse.Namespace) -> int:
 
 
 async def _keys(args: argparse.Namespace, settings: Settings) -> int:
-    from .keystore import KeyStoreError
-    from .redis_topology import REDIS_ERRORS, close, connect, describe
+    from .redis.keystore import KeyStoreError
+    from .redis.topology import REDIS_ERRORS, close, connect, describe
 
     assert settings.redis is not None
     # An operator's command, not the hot path: a longer timeout than the gateway's own.
@@ -105,7 +105,7 @@ async def _keys(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _keys_add(args: argparse.Namespace, settings: Settings, client: RedisClient) -> None:
-    from .keystore import KeyStoreError, add_key
+    from .redis.keystore import KeyStoreError, add_key
 
     assert settings.redis is not None
     if any(k.name == args.name for k in settings.keys):
@@ -128,7 +128,7 @@ async def _keys_add(args: argparse.Namespace, settings: Settings, client: RedisC
 
 
 async def _keys_list(args: argparse.Namespace, settings: Settings, client: RedisClient) -> None:
-    from .keystore import list_keys
+    from .redis.keystore import list_keys
 
     assert settings.redis is not None
     rows = [("NAME", "SOURCE", "RPM", "BURST", "STREAMS", "MODELS", "SHA256", "CREATED")]
@@ -146,7 +146,7 @@ async def _keys_list(args: argparse.Namespace, settings: Settings, client: Redis
 
 
 async def _keys_revoke(args: argparse.Namespace, settings: Settings, client: RedisClient) -> None:
-    from .keystore import KeyStoreError, revoke_key
+    from .redis.keystore import KeyStoreError, revoke_key
 
     assert settings.redis is not None
     if any(k.name == args.name for k in settings.keys):

@@ -4,8 +4,8 @@ cleanly.
 Streams and plain requests alike register while they wait on the upstream. On shutdown
 ``drain`` waits for them up to the drain time, then tells each one to ``stop``: a stream then
 ends with a ``gateway_restarting`` error frame, a plain request with a 503 of that code (see
-``gateway.relay`` and ``gateway.answers``). A request that registers after that is stopped at
-once. Stopping is a message to the request, never a cancellation of its task: a cancelled
+``gateway.stream.relay`` and ``gateway.stream.answers``). A request that registers after that is
+stopped at once. Stopping is a message to the request, never a cancellation of its task: a cancelled
 handler means its client left.
 """
 

@@ -13,9 +13,9 @@ from collections.abc import Callable
 from typing import Any
 
 from .errors import GatewayError
-from .http1 import InvalidHTTP
 from .tasks import cancel_and_wait
-from .upstream import UpstreamClient
+from .upstream.client import UpstreamClient
+from .upstream.http1 import InvalidHTTP
 
 log = logging.getLogger("gateway.health")
 

@@ -37,7 +37,7 @@ class ConfigError(ValueError):
 class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 8080
-    # Processes sharing the port (SO_REUSEPORT) under one supervisor; see gateway/workers.py.
+    # Processes sharing the port (SO_REUSEPORT) under one supervisor; see gateway/server/workers.py.
     workers: int = 1
     # Seconds SIGTERM waits for requests in flight before ending them: a stream with an error
     # frame, a request still waiting for the upstream with 503 (code gateway_restarting).
@@ -46,7 +46,7 @@ class ServerSettings:
     trusted_proxies: tuple[str, ...] = ("127.0.0.1", "::1")
     # One JSON line per request on stdout (gateway/accesslog.py).
     access_log: bool = True
-    # Client connections, guarded here as nothing may stand in front (gateway/server_limits.py):
+    # Client connections, guarded here as nothing may stand in front (gateway/server/limits.py):
     # a request's line and headers must arrive within header_timeout_seconds of their first byte,
     # its body within body_timeout_seconds of the headers' end (else 408 and the connection
     # closes); a connection with no request in progress closes after keepalive_timeout_seconds

@@ -51,7 +51,7 @@ from aiohttp import web
 from gateway.app import create_app
 from gateway.ratelimit.memory import MemoryLimiter
 from gateway.ratelimit.redis import RedisLimiter
-from gateway.redis_topology import close, connect
+from gateway.redis.topology import close, connect
 from gateway.request_info import ClientKey
 from gateway.settings import RedisSettings, Settings
 

@@ -28,13 +28,13 @@ import orjson
 import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the gateway beside it
-from gateway.http1 import ConnectionPool  # noqa: E402
 from gateway.ratelimit.memory import MemoryLimiter  # noqa: E402
 from gateway.ratelimit.redis import RedisLimiter  # noqa: E402
-from gateway.redis_topology import connect  # noqa: E402
-from gateway.render import StreamRenderer  # noqa: E402
+from gateway.redis.topology import connect  # noqa: E402
 from gateway.request_info import ClientKey  # noqa: E402
 from gateway.settings import RedisSettings  # noqa: E402
+from gateway.stream.render import StreamRenderer  # noqa: E402
+from gateway.upstream.http1 import ConnectionPool  # noqa: E402
 
 OPERATOR_KEY = "mock-upstream-key"
 STREAM_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache"

@@ -21,7 +21,7 @@ import orjson
 from openai import AsyncOpenAI, OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.mock_replies import chat_chunks
+from gateway.mock.replies import chat_chunks
 
 from conftest import KEY
 

@@ -1,6 +1,6 @@
 """Shared fixtures: real servers on loopback ports, real clients.
 
-- ``mock_upstream``: the project's mock xAI server (``gateway.mock_upstream``) on a free port.
+- ``mock_upstream``: the project's mock xAI server (``gateway.mock.upstream``) on a free port.
 - ``start_gateway(settings)``: the gateway app served for real (``GatewayRunner`` + TCPSite, as
   ``gateway serve`` runs it: handler cancellation, ``[server]`` timeouts and connection cap) on a
   free port.
@@ -20,8 +20,8 @@ import pytest
 from aiohttp import web
 
 from gateway.app import create_app
-from gateway.mock_upstream import MOCK_STATE, MockState, run_mock_upstream
-from gateway.server_limits import GatewayRunner
+from gateway.mock.upstream import MOCK_STATE, MockState, run_mock_upstream
+from gateway.server.limits import GatewayRunner
 from gateway.settings import Settings
 
 KEY = "sk-test-alice-000000000001"

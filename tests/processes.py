@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from gateway.mock_upstream import MOCK_STATE, MockState, run_mock_upstream
+from gateway.mock.upstream import MOCK_STATE, MockState, run_mock_upstream
 
 from servers import accepts, free_port, json_lines, orphan_proof, spawn, wait_until
 

@@ -10,7 +10,7 @@ import openai
 import pytest
 from openai import OpenAI
 
-from gateway.mock_upstream import MODELS
+from gateway.mock.upstream import MODELS
 
 from clients import async_sdk, get, in_thread
 from conftest import KEY, OTHER_KEY, Upstream, settings_for

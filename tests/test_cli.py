@@ -115,8 +115,8 @@ async def test_url_mock_runs_the_mock_without_a_key(tmp_path: Path) -> None:
 
 def test_the_mock_upstream_is_imported_only_when_it_runs() -> None:
     result = subprocess.run(
-        [sys.executable, "-c", "import sys, gateway.app, gateway.cli, gateway.workers; "
-         "print('gateway.mock_upstream' in sys.modules, 'gateway.mock_replies' in sys.modules)"],
+        [sys.executable, "-c", "import sys, gateway.app, gateway.cli, gateway.server.workers; "
+         "print('gateway.mock.upstream' in sys.modules, 'gateway.mock.replies' in sys.modules)"],
         cwd=ROOT, env=clean_environ(), capture_output=True, text=True, timeout=30)
     assert result.stdout.split() == ["False", "False"], result.stderr
 

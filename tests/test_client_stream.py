@@ -1,4 +1,4 @@
-"""Pins each aiohttp behaviour ``gateway/client_stream.py`` relies on, against a real aiohttp
+"""Pins each aiohttp behaviour ``gateway/stream/client_stream.py`` relies on, against a real aiohttp
 server and raw sockets, so an aiohttp upgrade that changes one fails here first (the range in
 ``setup.cfg`` is the one these tests pass on).
 """
@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from gateway.client_stream import ClientGone, ClientStream
+from gateway.stream.client_stream import ClientGone, ClientStream
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

@@ -17,7 +17,7 @@ from langchain_core.messages import AIMessageChunk
 from langchain_openai import ChatOpenAI
 from pydantic import BaseModel
 
-from gateway.mock_upstream import DEFAULT_TEXT
+from gateway.mock.upstream import DEFAULT_TEXT
 
 from conftest import KEY, Upstream, settings_for
 

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 import pytest
 
-from gateway.mock_upstream import DEFAULT_TEXT
+from gateway.mock.upstream import DEFAULT_TEXT
 
 from servers import ROOT, GatewayProcess, clean_environ, free_port, running, spawn
 

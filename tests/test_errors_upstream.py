@@ -17,7 +17,7 @@ import orjson
 import pytest
 
 from gateway.errors import UpstreamFailure, UpstreamStatus
-from gateway.upstream_errors import from_upstream, redact_strings, stream_error
+from gateway.upstream.errors import from_upstream, redact_strings, stream_error
 
 SECRET = "opk-9Fq3Zr7Lx2Vb8Nm4Tw6Hy1"  # like no key format: only the secrets list catches it
 SECRETS = (SECRET,)

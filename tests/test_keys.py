@@ -19,8 +19,8 @@ import redis as syncredis
 
 from gateway.auth import ConfigKeyStore, digest
 from gateway.errors import ServiceUnavailable
-from gateway.keystore import RedisKeyStore, add_key, store_keys
-from gateway.redisclient import open_redis
+from gateway.redis.batcher import open_redis
+from gateway.redis.keystore import RedisKeyStore, add_key, store_keys
 from gateway.settings import Limits, RedisSettings
 
 from clients import chat_body

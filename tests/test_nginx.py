@@ -18,7 +18,7 @@ import aiohttp
 import orjson
 import pytest
 
-from gateway.sse import KEEPALIVE
+from gateway.stream.sse import KEEPALIVE
 
 from clients import AUTH, blocks, chat_body
 from conftest import KEY

@@ -22,7 +22,7 @@ from gateway.appkeys import LIMITER
 from gateway.ratelimit import Limiter
 from gateway.ratelimit.memory import MemoryLimiter
 from gateway.ratelimit.redis import RedisLimiter
-from gateway.redis_topology import connect
+from gateway.redis.topology import connect
 from gateway.request_info import ClientKey
 from gateway.settings import RedisSettings
 

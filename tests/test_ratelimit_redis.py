@@ -24,8 +24,8 @@ from redis.exceptions import ResponseError
 
 from gateway.appkeys import LIMITER
 from gateway.ratelimit.redis import RedisLimiter, key_names
-from gateway.redis_topology import connect
-from gateway.redisclient import RedisBatcher
+from gateway.redis.batcher import RedisBatcher
+from gateway.redis.topology import connect
 from gateway.request_info import ClientKey
 from gateway.settings import RedisSettings
 

@@ -1,4 +1,4 @@
-"""Continuous pipelining (``gateway/redis_pipe.py``), through a real Redis and a loopback proxy
+"""Continuous pipelining (``gateway/redis/pipe.py``), through a real Redis and a loopback proxy
 that can hold Redis' replies back: a command goes out while the replies of the commands before
 it are still on their way, each caller gets its own reply in order, and a late reply fails
 what is in flight without leaving the next command stuck behind it."""
@@ -14,9 +14,9 @@ from redis.asyncio.connection import Connection, parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gateway.redis_pipe import RedisPipe, pack
-from gateway.redis_topology import RedisClient, connect
-from gateway.redisclient import RedisBatcher
+from gateway.redis.batcher import RedisBatcher
+from gateway.redis.pipe import RedisPipe, pack
+from gateway.redis.topology import RedisClient, connect
 from gateway.settings import RedisSettings
 
 from servers import Blackhole

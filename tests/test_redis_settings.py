@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from gateway.config import load_settings
-from gateway.redis_topology import describe, safe_url
-from gateway.redisclient import open_redis
+from gateway.redis.batcher import open_redis
+from gateway.redis.topology import describe, safe_url
 from gateway.settings import ConfigError, RedisSettings, Settings
 
 from servers import free_port

@@ -1,4 +1,5 @@
-"""The render path (``gateway/render.py``) directly: bytes in, bytes out, what each event is."""
+"""The render path (``gateway/stream/render.py``) directly: bytes in, bytes out, what each event
+is."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import orjson
 import pytest
 
 from gateway.aliases import model_rewriter
-from gateway.render import CHAT, RESPONSES, StreamRenderer
+from gateway.stream.render import CHAT, RESPONSES, StreamRenderer
 
 SECRET = "xai-operator-secret-key"
 

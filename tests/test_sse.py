@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.sse import SSEFramer, SSEProtocolError, encode_event
+from gateway.stream.sse import SSEFramer, SSEProtocolError, encode_event
 
 CHUNK = (b'data: {"id":"c1","choices":[{"delta":{"content":'
          b'"\xc3\xa9t\xc3\xa9 \xf0\x9f\x9a\x80"}}]}\n\n')

@@ -1,4 +1,4 @@
-"""The upstream HTTP/1.1 client (``gateway/http1.py``) against real servers on loopback: a
+"""The upstream HTTP/1.1 client (``gateway/upstream/http1.py``) against real servers on loopback: a
 plain aiohttp server, raw TCP servers for answers aiohttp would never send, and the mock
 upstream over TLS, driven through the gateway with the OpenAI SDK."""
 
@@ -16,9 +16,9 @@ import openai
 import pytest
 from aiohttp import web
 
-from gateway.http1 import ConnectionLost, ConnectionPool, InvalidHTTP
-from gateway.mock_upstream import create_mock_app
-from gateway.upstream import UpstreamClient
+from gateway.mock.upstream import create_mock_app
+from gateway.upstream.client import UpstreamClient
+from gateway.upstream.http1 import ConnectionLost, ConnectionPool, InvalidHTTP
 
 from clients import async_sdk
 from conftest import Upstream, settings_for

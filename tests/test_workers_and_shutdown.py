@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 
 from gateway.appkeys import LIMITER, UPSTREAM
 from gateway.ratelimit.redis import key_names
-from gateway.workers import GatewayServer
+from gateway.server.workers import GatewayServer
 
 from clients import AUTH, blocks, chat_body
 from conftest import KEY, REDIS_URL, Upstream, settings_for

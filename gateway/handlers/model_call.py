@@ -14,10 +14,10 @@ from typing import Any
 
 from aiohttp import web
 
-from .. import stream_fallback
 from ..aliases import model_rewriter, upstream_model
 from ..appkeys import PROXY, REQUEST_INFO, SETTINGS
-from ..render import CHAT, RESPONSES, Dialect, Rewrite
+from ..stream import fallback
+from ..stream.render import CHAT, RESPONSES, Dialect, Rewrite
 from ..vision import require_vision_model
 
 Fallback = Callable[[web.Request, dict[str, Any], Rewrite | None], Awaitable[web.Response]]
@@ -30,8 +30,8 @@ class ModelApi:
     fallback: Fallback  # a vision request that asks to stream
 
 
-CHAT_API = ModelApi("chat/completions", CHAT, stream_fallback.chat)
-RESPONSES_API = ModelApi("responses", RESPONSES, stream_fallback.responses)
+CHAT_API = ModelApi("chat/completions", CHAT, fallback.chat)
+RESPONSES_API = ModelApi("responses", RESPONSES, fallback.responses)
 
 
 def model_call(request: web.Request, api: ModelApi, body: dict[str, Any], images: list[str]

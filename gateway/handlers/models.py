@@ -7,10 +7,10 @@ from typing import Any
 
 from aiohttp import web
 
-from ..answers import json_answer
 from ..appkeys import MODEL_CATALOG, PROXY, REQUEST_INFO
 from ..catalog import Entry, visible
 from ..errors import NotFound
+from ..stream.answers import json_answer
 
 
 async def _models(request: web.Request) -> list[Entry]:

@@ -14,12 +14,12 @@ batcher (one pipeline per primary on a cluster: a shard that is down costs only 
 renewals); ``release`` removes a lease the moment its stream ends. A process that dies
 (``kill -9``) stops renewing, and its slots come back within ``lease_seconds``.
 
-No check is sent twice by redis-py (see ``gateway.redis_topology.connect``): a plain check whose
+No check is sent twice by redis-py (see ``gateway.redis.topology.connect``): a plain check whose
 reply was lost counts as failed (the failure policy; its token may be spent). A stream's check
 is sent once more after a lost connection: it names its lease, and ``token_bucket.lua`` admits
 a lease already in the set without taking a second token.
 
-When Redis does not answer (see ``gateway.redisclient``), ``failure_policy`` decides:
+When Redis does not answer (see ``gateway.redis.batcher``), ``failure_policy`` decides:
 ``fail_open`` limits with a per-process ``MemoryLimiter`` until Redis is back, ``fail_closed``
 refuses with 503.
 """
@@ -39,8 +39,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 
 from ..errors import ServiceUnavailable
-from ..redis_topology import REDIS_ERRORS, RedisClient, node_of
-from ..redisclient import RedisBatcher, RedisBreaker, redis_health
+from ..redis.batcher import RedisBatcher, RedisBreaker, redis_health
+from ..redis.topology import REDIS_ERRORS, RedisClient, node_of
 from ..request_info import ClientKey
 from ..settings import RedisSettings
 from ..tasks import cancel_and_wait

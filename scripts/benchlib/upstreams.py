@@ -31,7 +31,7 @@ def serve_mock(port: int, ready: Path) -> None:
     sys.path.insert(0, str(ROOT))
     from aiohttp import web
 
-    from gateway.mock_upstream import BACKLOG, create_mock_app
+    from gateway.mock.upstream import BACKLOG, create_mock_app
 
     async def serve() -> None:
         runner = web.AppRunner(create_mock_app(), handler_cancellation=True, access_log=None)
@@ -46,7 +46,7 @@ def serve_mock(port: int, ready: Path) -> None:
 REPLAY_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
                b"Transfer-Encoding: chunked\r\nServer: bench-replay\r\n\r\n")
 REPLAY_404 = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
-BATCH_BYTES = 64 * 1024  # the mock's burst writes (gateway/mock_upstream.py, _BATCH_BYTES)
+BATCH_BYTES = 64 * 1024  # the mock's burst writes (gateway/mock/upstream.py, _BATCH_BYTES)
 
 
 def replay_answer(body: bytes) -> bytes:

@@ -22,7 +22,7 @@ import pytest
 from aiohttp import web
 
 from gateway.appkeys import IN_FLIGHT
-from gateway.mock_upstream import MockState
+from gateway.mock.upstream import MockState
 
 
 def access_lines(caplog: pytest.LogCaptureFixture, route: str | None = None

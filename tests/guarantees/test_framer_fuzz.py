@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.sse import Event, SSEFramer, SSEProtocolError, encode_event
+from gateway.stream.sse import Event, SSEFramer, SSEProtocolError, encode_event
 
 from clients import mock_events, sse_events
 from conftest import KEY, Upstream, settings_for

@@ -21,11 +21,11 @@ import aiohttp
 import pytest
 
 from gateway.appkeys import IN_FLIGHT
-from gateway.client_stream import ClientStream
-from gateway.relay import StreamRelay
-from gateway.render import StreamRenderer
 from gateway.request_info import RequestInfo
-from gateway.watchdog import Watchdog
+from gateway.stream.client_stream import ClientStream
+from gateway.stream.relay import StreamRelay
+from gateway.stream.render import StreamRenderer
+from gateway.stream.watchdog import Watchdog
 
 from clients import AUTH, chat_body
 from conftest import KEY, Upstream, settings_for

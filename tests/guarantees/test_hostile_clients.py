@@ -5,7 +5,7 @@ arrive whole, byte for byte.
 Where our code answers, the answer is an OpenAI-shaped JSON error with the true status (400,
 413, 415). Some requests never reach it: aiohttp's HTTP parser refuses a header with a bare CR
 or LF, a NUL, an unparseable or conflicting ``Content-Length``, and bytes that are not HTTP at
-all. The answer is then built by ``gateway/server_limits.py`` (aiohttp's own quoted the line it
+all. The answer is then built by ``gateway/server/limits.py`` (aiohttp's own quoted the line it
 could not parse, key and all): a 400 in the same JSON error shape, quoting nothing of the
 request, and the connection closed (see ``test_server_limits.py`` for the key's header).
 """

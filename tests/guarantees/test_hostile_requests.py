@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 
 from gateway.appkeys import AUTH_FAILURES
 from gateway.auth import MAX_TRACKED_CLIENTS
-from gateway.keystore import MAX_CACHED, add_key
+from gateway.redis.keystore import MAX_CACHED, add_key
 from gateway.settings import Limits
 
 from clients import AUTH, chat_body, scrape, value

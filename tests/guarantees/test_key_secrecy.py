@@ -22,7 +22,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway.appkeys import KEYSTORE, SETTINGS
-from gateway.keystore import add_key, store_keys
+from gateway.redis.keystore import add_key, store_keys
 from gateway.request_info import ClientKey
 from gateway.settings import Limits
 

@@ -24,8 +24,8 @@ from redis_topologies import LocalCluster, local_cluster, name_on_slot, on_node,
 from gateway.errors import ServiceUnavailable
 from gateway.ratelimit.redis import RedisLimiter, key_names
 from gateway.readiness import redis_check
-from gateway.redis_topology import PROBE_SECONDS, node_of
-from gateway.redisclient import open_redis
+from gateway.redis.batcher import open_redis
+from gateway.redis.topology import PROBE_SECONDS, node_of
 from gateway.request_info import ClientKey
 from gateway.settings import RedisSettings
 

@@ -23,10 +23,10 @@ from redis_topologies import LocalSentinels, local_sentinels
 
 from gateway.appkeys import LIMITER
 from gateway.auth import digest
-from gateway.keystore import store_keys
 from gateway.ratelimit.redis import RedisLimiter, key_names
-from gateway.redis_topology import PROBE_SECONDS, close, connect, follow_sentinel_primary
-from gateway.redisclient import open_redis
+from gateway.redis.batcher import open_redis
+from gateway.redis.keystore import store_keys
+from gateway.redis.topology import PROBE_SECONDS, close, connect, follow_sentinel_primary
 from gateway.request_info import ClientKey
 from gateway.settings import RedisSettings
 

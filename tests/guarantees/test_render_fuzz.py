@@ -14,7 +14,7 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.render import CHAT, RESPONSES, Dialect, StreamRenderer
+from gateway.stream.render import CHAT, RESPONSES, Dialect, StreamRenderer
 
 SECRET = "xai-operator-secret-key"
 

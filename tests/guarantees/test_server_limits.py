@@ -1,5 +1,5 @@
 """With no proxy in front, the gateway guards its own client connections (``[server]`` header,
-body and keep-alive timeouts, connection cap; ``gateway/server_limits.py``), and a request its
+body and keep-alive timeouts, connection cap; ``gateway/server/limits.py``), and a request its
 HTTP parser refuses gets an error-shaped 400 that quotes nothing of it.
 
 Every case is a raw socket on loopback doing what a hostile (or broken) client does, against a
@@ -252,7 +252,7 @@ def test_the_open_file_limit_is_raised_for_the_cap_or_a_warning_says_it_is_out_o
     """Below the cap, ``accept`` would fail (EMFILE) before the cap is reached."""
     script = """if True:
         import logging, resource, sys
-        from gateway.server_limits import raise_open_file_limit
+        from gateway.server.limits import raise_open_file_limit
         logging.basicConfig(stream=sys.stdout, format="%(message)s")
         resource.setrlimit(resource.RLIMIT_NOFILE, (256, 2000))
         raise_open_file_limit(500)

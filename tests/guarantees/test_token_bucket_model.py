@@ -46,7 +46,7 @@ from hypothesis.stateful import (
 from gateway.ratelimit import Decision
 from gateway.ratelimit.memory import MemoryLimiter
 from gateway.ratelimit.redis import RedisLimiter, key_names
-from gateway.redis_topology import connect
+from gateway.redis.topology import connect
 from gateway.request_info import ClientKey
 from gateway.settings import RedisSettings
 

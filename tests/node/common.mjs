@@ -15,7 +15,7 @@ export const env = {
 
 export const PROMPT = [{ role: "user", content: "What is the meaning of life?" }];
 
-// The mock's options for each case (gateway/mock_upstream.py): asked for in the request
+// The mock's options for each case (gateway/mock/upstream.py): asked for in the request
 // body under "mock", as the Python tests do with extra_body.
 export const WEATHER_ARGS = { location: "Paris, France", unit: "celsius" };
 export const CITIES = { cities: ["Paris", "Lyon", "Nice"], count: 3 };

@@ -82,8 +82,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from . import mock_faults
-from .mock_replies import (
+from . import faults
+from .replies import (
     chat_completion,
     chat_reply,
     count_chat_images,
@@ -94,13 +94,13 @@ from .mock_replies import (
     seen_words,
     sees_images,
 )
-from .mock_responses import (
+from .responses import (
     response_object,
     responses_error_event,
     responses_events,
     responses_reply,
 )
-from .mock_stream import MOCK_STATE, MockState, stream_events
+from .stream import MOCK_STATE, MockState, stream_events
 
 MODELS = ("grok-4", "grok-4-1-fast-non-reasoning", "grok-3-mini", "grok-2-vision-1212",
           "grok-2-image-1212")
@@ -133,8 +133,8 @@ def _style(request: web.Request, opts: dict[str, Any]) -> str:
 def _no_model(request: web.Request, opts: dict[str, Any], model: Any) -> web.Response:
     """The answer for a request without a model (400) or with one the mock does not serve."""
     if not isinstance(model, str):
-        return mock_faults.error(400, "model is required", _style(request, opts))
-    return mock_faults.no_model(model, _style(request, opts))
+        return faults.error(400, "model is required", _style(request, opts))
+    return faults.no_model(model, _style(request, opts))
 
 
 def _words(opts: dict[str, Any]) -> list[str]:
@@ -160,7 +160,7 @@ async def _preamble(request: web.Request) -> tuple[dict[str, Any], dict[str, Any
     opts = body.get("mock") or {}
     if "style" in opts and opts["style"] not in STYLES:
         # A misspelt style ("OpenAI") would otherwise test the default dialect unnoticed.
-        return body, opts, mock_faults.error(
+        return body, opts, faults.error(
             400, f"mock style must be one of {', '.join(STYLES)}, not {opts['style']!r}",
             state.style)
     if opts.get("headers_delay"):
@@ -175,7 +175,7 @@ async def _preamble(request: web.Request) -> tuple[dict[str, Any], dict[str, Any
         seen = state.tags[tag] = state.tags.get(tag, 0) + 1
         status = (status or 503) if seen <= opts["fail_first"] else None
     if status:
-        return body, opts, mock_faults.refusal(request, int(status), opts,
+        return body, opts, faults.refusal(request, int(status), opts,
                                                _style(request, opts))
     return body, opts, None
 
@@ -189,9 +189,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return _no_model(request, opts, model)
     style = _style(request, opts)
     if count_chat_images(body.get("messages")) and not sees_images(model):
-        return mock_faults.no_vision(model, style)
+        return faults.no_vision(model, style)
     if isinstance(opts.get("answer_bytes"), int) and not body.get("stream"):
-        return await mock_faults.long_answer(request, request.app[MOCK_STATE],
+        return await faults.long_answer(request, request.app[MOCK_STATE],
                                              opts["answer_bytes"], bool(opts.get("answer_chunked")))
     reply = chat_reply(body, opts, _words(opts))
     if not body.get("stream"):
@@ -205,7 +205,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         opts = {**opts, "pause_after": len(reply.reasoning), "pause": opts["reasoning_silence"]}
     if opts.get("echo_auth") or opts.get("error_code"):
         return await stream_events(request, events, opts, error_event=functools.partial(
-            mock_faults.chat_leaky_error_event, mock_faults.leaky_error(request, opts)))
+            faults.chat_leaky_error_event, faults.leaky_error(request, opts)))
     return await stream_events(request, events, opts)
 
 
@@ -220,7 +220,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
     style = _style(request, opts)
     images = count_input_images(body.get("input"))
     if images and not sees_images(model):
-        return mock_faults.no_vision(model, style)
+        return faults.no_vision(model, style)
     words = seen_words(images) if images and "text" not in opts else _words(opts)
     reply = responses_reply(body, opts, words)
     if not body.get("stream"):
@@ -233,8 +233,8 @@ async def responses(request: web.Request) -> web.StreamResponse:
         events = [e.replace(b"\n", ending) for e in events]
     error_event = responses_error_event
     if opts.get("echo_auth") or opts.get("error_code"):
-        error_event = functools.partial(mock_faults.responses_leaky_error_event,
-                                        mock_faults.leaky_error(request, opts))
+        error_event = functools.partial(faults.responses_leaky_error_event,
+                                        faults.leaky_error(request, opts))
     return await stream_events(request, events, opts, done=None, error_event=error_event)
 
 
@@ -246,13 +246,13 @@ async def images_generations(request: web.Request) -> web.Response:
     if "model" in body and body["model"] not in request.app[MOCK_STATE].models:
         return _no_model(request, opts, body["model"])
     if body.get("stream"):
-        return mock_faults.error(400, "Image generation does not support streaming", style)
+        return faults.error(400, "Image generation does not support streaming", style)
     prompt = body.get("prompt")
     if not isinstance(prompt, str) or not prompt:
-        return mock_faults.error(400, "prompt is required", style)
+        return faults.error(400, "prompt is required", style)
     n = body.get("n", 1)
     if not isinstance(n, int) or not 1 <= n <= 10:
-        return mock_faults.error(400, "n must be an integer from 1 to 10", style)
+        return faults.error(400, "n must be an integer from 1 to 10", style)
     return web.json_response(images_result(prompt, n, str(body.get("response_format", "url"))))
 
 
@@ -266,7 +266,7 @@ async def list_models(request: web.Request) -> web.Response:
 async def get_model(request: web.Request) -> web.Response:
     model = request.match_info["model"]
     if model not in request.app[MOCK_STATE].models:
-        return mock_faults.no_model(model, request.app[MOCK_STATE].style)
+        return faults.no_model(model, request.app[MOCK_STATE].style)
     return web.json_response({"id": model, "object": "model", "created": CREATED,
                               "owned_by": "xai"})
 

@@ -40,20 +40,20 @@ from typing import Any
 
 from aiohttp import web
 
-from .client_stream import ClientGone, ClientStream
-from .errors import (
+from ..errors import (
     GatewayError,
     ShuttingDown,
     UpstreamFailure,
     UpstreamProtocolError,
     UpstreamTimeout,
 )
-from .http1 import InvalidHTTP, UpstreamResponse
+from ..request_info import RequestInfo
+from ..settings import StreamSettings
+from ..upstream.errors import from_upstream
+from ..upstream.http1 import InvalidHTTP, UpstreamResponse
+from .client_stream import ClientGone, ClientStream
 from .render import StreamRenderer
-from .request_info import RequestInfo
-from .settings import StreamSettings
 from .sse import KEEPALIVE
-from .upstream_errors import from_upstream
 from .watchdog import Watchdog
 
 log = logging.getLogger("gateway.relay")

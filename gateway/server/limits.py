@@ -59,9 +59,9 @@ from aiohttp.http_exceptions import BadHttpMethod
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import StreamReader
 
-from .client_stream import response_started
-from .errors import GatewayError, InvalidRequest, ServiceUnavailable
-from .settings import ServerSettings
+from ..errors import GatewayError, InvalidRequest, ServiceUnavailable
+from ..settings import ServerSettings
+from ..stream.client_stream import response_started
 
 log = logging.getLogger("gateway")
 

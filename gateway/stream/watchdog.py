@@ -16,9 +16,9 @@ import asyncio
 import time
 from typing import Protocol
 
+from ..errors import UpstreamTimeout
+from ..settings import StreamSettings
 from .client_stream import ClientGone
-from .errors import UpstreamTimeout
-from .settings import StreamSettings
 
 
 class Watched(Protocol):

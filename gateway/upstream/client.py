@@ -14,9 +14,9 @@ import re
 from collections.abc import Mapping
 from urllib.parse import urlsplit
 
-from .errors import UpstreamProtocolError, UpstreamTimeout, UpstreamUnreachable
+from ..errors import UpstreamProtocolError, UpstreamTimeout, UpstreamUnreachable
+from ..settings import Settings
 from .http1 import ConnectionPool, InvalidHTTP, UpstreamResponse
-from .settings import Settings
 
 log = logging.getLogger("gateway.upstream")
 

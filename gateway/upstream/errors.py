@@ -25,7 +25,7 @@ from typing import Any, TypeGuard
 
 import orjson
 
-from .errors import UpstreamFailure, UpstreamStatus, bounded, redact
+from ..errors import UpstreamFailure, UpstreamStatus, bounded, redact
 
 log = logging.getLogger("gateway.upstream")
 

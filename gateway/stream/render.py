@@ -48,9 +48,9 @@ from typing import Any
 import orjson
 import simdjson
 
-from .errors import GatewayError, UpstreamFailure, UpstreamProtocolError
+from ..errors import GatewayError, UpstreamFailure, UpstreamProtocolError
+from ..upstream.errors import holds_secret, redact_strings, stream_error
 from .sse import DONE, Event, SSEFramer, SSEProtocolError, encode_event
-from .upstream_errors import holds_secret, redact_strings, stream_error
 
 Rewrite = Callable[[Any], Any]
 """Changes a parsed answer object in place (model aliases)."""

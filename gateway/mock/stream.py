@@ -1,5 +1,5 @@
 """How the mock upstream streams: ``stream_events`` writes a list of events as an SSE response,
-paced and broken as the request's ``mock`` options ask (``gateway/mock_upstream.py`` documents
+paced and broken as the request's ``mock`` options ask (``gateway/mock/upstream.py`` documents
 them), and ``MockState`` (``app[MOCK_STATE]``) keeps what the mock saw and did, for tests to
 assert on.
 """
@@ -15,9 +15,9 @@ from typing import Any
 
 from aiohttp import web
 
-from . import mock_faults
-from .client_stream import ClientStream
-from .mock_replies import encode_event
+from ..stream.client_stream import ClientStream
+from . import faults
+from .replies import encode_event
 
 
 @dataclass
@@ -84,7 +84,7 @@ async def _write_batched(response: web.StreamResponse, events: list[bytes]) -> N
 
 async def stream_events(request: web.Request, events: list[bytes], opts: dict[str, Any],
                         done: bytes | None = b"data: [DONE]\n\n",
-                        error_event: Callable[[int], bytes] = mock_faults.chat_error_event
+                        error_event: Callable[[int], bytes] = faults.chat_error_event
                         ) -> web.StreamResponse:
     """Write ``events`` as an SSE response, misbehaving as ``opts`` asks. ``error_event(n)`` is
     the API's own mid-stream error, sent as the ``n``-th event for ``error_after``."""

@@ -42,8 +42,10 @@ from redis.asyncio.cluster import ClusterNode, PipelineCommand, RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import AskError, ClusterError, MovedError, TryAgainError
 
-from .redis_pipe import RedisPipe, fail, resolve
-from .redis_topology import (
+from ..settings import RedisSettings
+from ..tasks import cancel_and_wait
+from .pipe import RedisPipe, fail, resolve
+from .topology import (
     PROBE_SECONDS,
     REDIS_ERRORS,
     RedisClient,
@@ -56,8 +58,6 @@ from .redis_topology import (
     ping,
     primaries_answering,
 )
-from .settings import RedisSettings
-from .tasks import cancel_and_wait
 
 log = logging.getLogger("gateway.redis")
 

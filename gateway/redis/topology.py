@@ -31,8 +31,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
 
-from .errors import bounded
-from .settings import RedisSettings
+from ..errors import bounded
+from ..settings import RedisSettings
 
 log = logging.getLogger("gateway.redis")
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from .mock_replies import CREATED, ChatReply, chat_reply
+from .replies import CREATED, ChatReply, chat_reply
 
 
 def responses_reply(body: dict[str, Any], opts: dict[str, Any], words: list[str]) -> ChatReply:

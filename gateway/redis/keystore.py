@@ -35,12 +35,12 @@ from typing import Any
 import orjson
 from redis.exceptions import WatchError
 
-from .auth import KeyStore, digest
-from .errors import ServiceUnavailable
-from .redis_topology import REDIS_ERRORS, RedisClient
-from .redisclient import RedisBatcher, RedisBreaker
-from .request_info import ClientKey
-from .settings import Limits, RedisSettings
+from ..auth import KeyStore, digest
+from ..errors import ServiceUnavailable
+from ..request_info import ClientKey
+from ..settings import Limits, RedisSettings
+from .batcher import RedisBatcher, RedisBreaker
+from .topology import REDIS_ERRORS, RedisClient
 
 KEY_PREFIX = "sk-gw-"
 MAX_CACHED = 10_000

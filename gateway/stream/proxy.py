@@ -11,17 +11,17 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from ..appkeys import REQUEST_INFO
+from ..errors import SSE_HEADERS
+from ..inflight import InFlight
+from ..metrics import Metrics
+from ..settings import Settings
+from ..upstream.client import UpstreamClient
+from ..upstream.http1 import UpstreamResponse
 from .answers import PlainAnswers, response_headers
-from .appkeys import REQUEST_INFO
 from .client_stream import ClientStream
-from .errors import SSE_HEADERS
-from .http1 import UpstreamResponse
-from .inflight import InFlight
-from .metrics import Metrics
 from .relay import StreamRelay
 from .render import CHAT, Dialect, Rewrite, StreamRenderer
-from .settings import Settings
-from .upstream import UpstreamClient
 
 
 class Proxy:

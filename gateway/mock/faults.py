@@ -1,4 +1,4 @@
-"""What the mock upstream answers when asked to fail (``gateway/mock_upstream.py`` documents
+"""What the mock upstream answers when asked to fail (``gateway/mock/upstream.py`` documents
 the options): error statuses shaped as xAI's (the default) or OpenAI's, echoes of the key it was
 sent into any field or header, error events inside a stream, and answers too long to hold.
 

@@ -22,10 +22,10 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from ..appkeys import PROXY, REQUEST_INFO, SETTINGS
+from ..errors import UpstreamProtocolError
+from ..upstream.http1 import UpstreamResponse
 from .answers import json_answer, sse_answer
-from .appkeys import PROXY, REQUEST_INFO, SETTINGS
-from .errors import UpstreamProtocolError
-from .http1 import UpstreamResponse
 from .render import Rewrite, usage_of
 
 FALLBACK_HEADERS = {"X-Stream-Fallback": "true"}

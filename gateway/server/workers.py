@@ -5,9 +5,9 @@
 - ``[server] workers = 1``: the gateway runs in this process.
 - ``workers = N > 1``: this process becomes a supervisor. It binds the port itself with
   ``SO_REUSEPORT`` but does not listen on it (so it keeps the port reserved, and resolves port 0
-  to a real one), then starts N workers (``python -m gateway.workers``; the settings it validated
-  reach them through a pipe, so every worker runs exactly those). Each worker listens on the
-  same port with ``SO_REUSEPORT`` and the kernel spreads new connections over them. Workers
+  to a real one), then starts N workers (``python -m gateway.server.workers``; the settings it
+  validated reach them through a pipe, so every worker runs exactly those). Each worker listens
+  on the same port with ``SO_REUSEPORT`` and the kernel spreads new connections over them. Workers
   share nothing in memory: rate limits are exact across them only with Redis (``[redis]``).
   Every worker gets the same ``PROMETHEUS_MULTIPROC_DIR`` (a directory the supervisor creates
   and removes, or the operator's, emptied of old files), so ``/metrics`` on any worker reports
@@ -56,10 +56,10 @@ from types import FrameType
 
 from aiohttp import web
 
-from .server_limits import GatewayRunner, raise_open_file_limit
-from .settings import Settings
+from ..settings import Settings
+from .limits import GatewayRunner, raise_open_file_limit
 
-log = logging.getLogger("gateway.workers")
+log = logging.getLogger("gateway.server.workers")
 
 GRACE_SECONDS = 5.0
 """After the drain, how long aiohttp waits for handlers that are still finishing."""
@@ -85,7 +85,7 @@ class GatewayServer:
     ``stop`` (which is the graceful shutdown described above)."""
 
     def __init__(self, settings: Settings, *, reuse_port: bool = False) -> None:
-        from .app import create_app  # here: the supervisor process never builds an app
+        from ..app import create_app  # here: the supervisor process never builds an app
 
         self.settings = settings
         self.app = create_app(settings)
@@ -107,7 +107,7 @@ class GatewayServer:
 
     def stop_waiting(self) -> None:
         """End a drain in progress now."""
-        from .appkeys import IN_FLIGHT
+        from ..appkeys import IN_FLIGHT
 
         self.app[IN_FLIGHT].stop_waiting()
 
@@ -301,7 +301,7 @@ class Supervisor:
     def _spawn(self, w: _Worker) -> None:
         env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": self._metrics_dir}
         proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway.workers", "--supervisor", str(os.getpid())],
+            [sys.executable, "-m", "gateway.server.workers", "--supervisor", str(os.getpid())],
             stdin=subprocess.PIPE, env=env, process_group=0)
         assert proc.stdin is not None
         proc.stdin.write(pickle.dumps(self.settings))
@@ -345,8 +345,8 @@ def _metrics_dir() -> tuple[str, bool]:
 
 
 def _worker_main(argv: list[str]) -> int:
-    """``python -m gateway.workers --supervisor PID``, settings (pickled) on stdin."""
-    from .accesslog import setup_access_log
+    """``python -m gateway.server.workers --supervisor PID``, settings (pickled) on stdin."""
+    from ..accesslog import setup_access_log
 
     supervisor_pid = int(argv[argv.index("--supervisor") + 1])
     settings = pickle.loads(sys.stdin.buffer.read())

@@ -19,18 +19,18 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .errors import (
+from ..errors import (
     SSE_HEADERS,
     ShuttingDown,
     UpstreamAnswerTooLarge,
     UpstreamProtocolError,
     UpstreamTimeout,
 )
-from .http1 import AnswerTooLarge, InvalidHTTP, UpstreamResponse
-from .inflight import InFlight
+from ..inflight import InFlight
+from ..request_info import RequestInfo
+from ..upstream.errors import from_upstream, holds_secret, redact_strings
+from ..upstream.http1 import AnswerTooLarge, InvalidHTTP, UpstreamResponse
 from .render import Rewrite, usage_of
-from .request_info import RequestInfo
-from .upstream_errors import from_upstream, holds_secret, redact_strings
 
 _MAX_USAGE_PARSE = 1024 * 1024
 """A plain answer is parsed for its token counts (access log, metrics) only up to this size."""
