@@ -1,4 +1,5 @@
-"""Every typed key for state shared through the application or a request."""
+"""Every typed key for state shared through the application (a request's own state is
+``request_info.REQUEST_INFO``)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from .request_info import RequestInfo
 from .settings import Settings
 
 if TYPE_CHECKING:
@@ -31,5 +31,3 @@ METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 UPSTREAM_PROBE: web.AppKey[UpstreamProbe] = web.AppKey("upstream_probe")
 MODEL_CATALOG: web.AppKey[ModelCatalog] = web.AppKey("model_catalog")
 PROXY: web.AppKey[Proxy] = web.AppKey("proxy")
-
-REQUEST_INFO = web.RequestKey("request_info", RequestInfo)

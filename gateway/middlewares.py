@@ -21,7 +21,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from .accesslog import log_request
-from .appkeys import AUTH_FAILURES, KEYSTORE, LIMITER, METRICS, REQUEST_INFO, SETTINGS
+from .appkeys import AUTH_FAILURES, KEYSTORE, LIMITER, METRICS, SETTINGS
 from .auth import bearer_token
 from .errors import (
     SSE_HEADERS,
@@ -36,7 +36,7 @@ from .errors import (
     redact,
 )
 from .request_body import json_body
-from .request_info import RequestInfo
+from .request_info import REQUEST_INFO, RequestInfo
 
 log = logging.getLogger("gateway")
 

@@ -12,8 +12,9 @@ import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import ContentEncodingError
 
-from .appkeys import REQUEST_INFO, SETTINGS
+from .appkeys import SETTINGS
 from .errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+from .request_info import REQUEST_INFO
 
 log = logging.getLogger("gateway")
 

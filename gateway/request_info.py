@@ -10,6 +10,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from aiohttp import web
+
 if TYPE_CHECKING:
     from .errors import GatewayError
 
@@ -66,3 +68,8 @@ class RequestInfo:
     @property
     def ttfb_seconds(self) -> float | None:
         return None if self.first_byte is None else self.first_byte - self.started
+
+
+REQUEST_INFO = web.RequestKey("request_info", RequestInfo)
+"""Where a request's ``RequestInfo`` is kept (``request[REQUEST_INFO]``): beside the class, so the
+byte path reads it without importing the app's keys."""

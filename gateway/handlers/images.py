@@ -9,9 +9,10 @@ from typing import Any
 from aiohttp import web
 
 from ..aliases import model_rewriter, upstream_model
-from ..appkeys import PROXY, REQUEST_INFO, SETTINGS
+from ..appkeys import PROXY, SETTINGS
 from ..errors import StreamNotSupported
 from ..request_body import require, take_body
+from ..request_info import REQUEST_INFO
 
 
 async def generate_images(request: web.Request) -> web.Response:

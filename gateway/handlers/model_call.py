@@ -15,7 +15,8 @@ from typing import Any
 from aiohttp import web
 
 from ..aliases import model_rewriter, upstream_model
-from ..appkeys import PROXY, REQUEST_INFO, SETTINGS
+from ..appkeys import PROXY, SETTINGS
+from ..request_info import REQUEST_INFO
 from ..stream import fallback
 from ..stream.render import CHAT, RESPONSES, Dialect, Rewrite
 from ..vision import require_vision_model

@@ -7,9 +7,10 @@ from typing import Any
 
 from aiohttp import web
 
-from ..appkeys import MODEL_CATALOG, PROXY, REQUEST_INFO
+from ..appkeys import MODEL_CATALOG, PROXY
 from ..catalog import Entry, visible
 from ..errors import NotFound
+from ..request_info import REQUEST_INFO
 from ..stream.answers import json_answer
 
 

@@ -22,8 +22,9 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from ..appkeys import PROXY, REQUEST_INFO, SETTINGS
+from ..appkeys import PROXY, SETTINGS
 from ..errors import UpstreamProtocolError
+from ..request_info import REQUEST_INFO
 from ..upstream.http1 import UpstreamResponse
 from .answers import json_answer, sse_answer
 from .render import Rewrite, usage_of

@@ -11,10 +11,10 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from ..appkeys import REQUEST_INFO
 from ..errors import SSE_HEADERS
 from ..inflight import InFlight
 from ..metrics import Metrics
+from ..request_info import REQUEST_INFO
 from ..settings import Settings
 from ..upstream.client import UpstreamClient
 from ..upstream.http1 import UpstreamResponse
