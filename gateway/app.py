@@ -24,8 +24,10 @@ from .auth import AuthFailureThrottle, ConfigKeyStore
 from .catalog import ModelCatalog
 from .handlers import chat, health, images, models, responses, vision
 from .inflight import InFlight
+from .log_filters import http_server_log
 from .metrics import Metrics
-from .middlewares import HTTP_SERVER_LOG, auth_middleware, errors_middleware, ratelimit_middleware
+from .middleware import CHAIN
+from .monitoring import monitoring_ctx
 from .ratelimit.memory import MemoryLimiter
 from .ratelimit.redis import RedisLimiter
 from .redis.batcher import open_redis
@@ -43,9 +45,9 @@ def create_app(settings: Settings, environ: Mapping[str, str] | None = None) -> 
     """Build the gateway. ``environ`` is where the upstream key's variable is read (at start-up,
     never at import); tests pass their own."""
     app = web.Application(
-        middlewares=[errors_middleware, auth_middleware, ratelimit_middleware],
+        middlewares=CHAIN,
         client_max_size=settings.stream.max_body_bytes,
-        handler_args={"logger": HTTP_SERVER_LOG},  # aiohttp's own errors, without credentials
+        handler_args={"logger": http_server_log()},  # aiohttp's own errors, without credentials
     )
     app[SETTINGS] = settings
     app[IN_FLIGHT] = InFlight()
@@ -56,7 +58,7 @@ def create_app(settings: Settings, environ: Mapping[str, str] | None = None) -> 
     env = os.environ if environ is None else environ
     app.cleanup_ctx.append(lambda a: _upstream_ctx(a, env))
     app.cleanup_ctx.append(_limiter_ctx)
-    app.cleanup_ctx.append(health.readiness_ctx)
+    app.cleanup_ctx.append(monitoring_ctx)
     app.on_shutdown.append(_drain_streams)
 
     for prefix in API_PREFIXES:

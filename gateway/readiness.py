@@ -1,7 +1,7 @@
 """Is the gateway ready to serve? The checks behind ``/readyz`` and the limiter-state metric:
 the upstream probe and the limiter's view of Redis. No aiohttp application state here (the
-handlers in ``handlers/health.py`` hold that), so ``appkeys`` can name these types without an
-import cycle.
+handlers in ``gateway/handlers/health.py`` and ``gateway/monitoring.py`` hold that), so
+``appkeys`` can name these types without an import cycle.
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
 
 from .errors import GatewayError
+from .ratelimit import Limiter
 from .tasks import cancel_and_wait
 from .upstream.client import UpstreamClient
 from .upstream.http1 import InvalidHTTP
@@ -25,37 +25,26 @@ PROBE_TIMEOUT_SECONDS = 2.0
 _MAX_PROBE_ANSWER = 1024 * 1024
 
 
-def limiter_state(limiter: Any) -> str:
-    """``Limiter.backend_state``: redis, fallback, unavailable or memory."""
-    state = getattr(limiter, "backend_state", None)
-    return state if isinstance(state, str) else "memory"
-
-
-async def redis_check(limiter: Any) -> tuple[bool, str]:
+async def redis_check(limiter: Limiter) -> tuple[bool, str]:
     """(whether Redis lets the gateway serve, what the readiness check says about it).
 
     The limiter's state is how the hot path sees Redis: its circuit breaker opens on the first
-    failed call and closes when a ping succeeds. If the limiter also offers ``ping()``, Redis
-    is asked directly as well. On a cluster with some primaries down the gateway is ready, and
-    degraded: keys on the primaries that answer are served from Redis, the others under the
-    failure policy (``ping()`` names how many answer); it is not ready when none answers.
+    failed call and closes when a ping succeeds. Redis is asked directly as well. On a cluster
+    with some primaries down the gateway is ready, and degraded: keys on the primaries that
+    answer are served from Redis, the others under the failure policy (``ping()`` names how
+    many answer); it is not ready when none answers.
     """
-    state = limiter_state(limiter)
+    state = limiter.backend_state
     if state not in ("redis", "fallback", "unavailable"):
         return False, f"not in use (rate limits: {state})"
-    partly_up = bool(getattr(limiter, "partly_up", False))
-    if state != "redis" and not partly_up:
+    if state != "redis" and not limiter.partly_up:
         return False, f"unreachable (rate limits: {state})"
-    ping = getattr(limiter, "ping", None)
-    if callable(ping):
-        try:
-            async with asyncio.timeout(PROBE_TIMEOUT_SECONDS):
-                note = await ping()
-        except Exception as e:  # any failure means "not ready"; the kind is the reason
-            return False, f"unreachable ({type(e).__name__})"
-        if isinstance(note, str):
-            return True, note
-    return True, "ok"
+    try:
+        async with asyncio.timeout(PROBE_TIMEOUT_SECONDS):
+            note = await limiter.ping()
+    except Exception as e:  # any failure means "not ready"; the kind is the reason
+        return False, f"unreachable ({type(e).__name__})"
+    return True, note or "ok"
 
 
 class UpstreamProbe:

@@ -62,6 +62,14 @@ class Limiter(Protocol):
         """``memory``; or ``redis``, and while Redis is unreachable ``fallback`` (fail_open,
         per-process buckets) or ``unavailable`` (fail_closed). For metrics and readiness."""
 
+    @property
+    def partly_up(self) -> bool:
+        """On a Redis Cluster: some primaries are down, the others serve their keys."""
+
+    async def ping(self) -> str | None:
+        """Ask the backend directly (readiness): None when all of it answers, a note when only
+        part of it does; raises when none does."""
+
     async def acquire(self, key: ClientKey, *, stream: bool) -> Decision:
         """Take one token (and, for a stream, a concurrency lease) or refuse."""
 

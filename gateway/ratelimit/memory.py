@@ -21,6 +21,10 @@ _SWEEP_EVERY = 4096
 
 class MemoryLimiter:
     backend_state = "memory"
+    partly_up = False
+
+    async def ping(self) -> None:
+        """Nothing to reach: the buckets are this process's own."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
