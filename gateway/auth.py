@@ -10,20 +10,15 @@ with 429 for a while, without any lookup, while the keys this process knows keep
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import logging
 import time
 from typing import Protocol
 
 from .request_info import ClientKey
-from .settings import DEMO_KEY, KeySettings, Settings
+from .settings import DEMO_KEY, KeySettings, Settings, hash_key
 
 log = logging.getLogger("gateway.auth")
-
-
-def digest(key: str) -> str:
-    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 MAX_TRACKED_CLIENTS = 10_000
@@ -121,13 +116,13 @@ class ConfigKeyStore:
     def __init__(self, settings: Settings) -> None:
         keys = list(settings.keys)
         if not keys and settings.upstream.is_mock:
-            keys.append(KeySettings(name="demo", sha256=digest(DEMO_KEY), limits=settings.limits))
+            keys.append(KeySettings(name="demo", sha256=hash_key(DEMO_KEY), limits=settings.limits))
             log.warning("no [[keys]] configured: accepting the demo key %r (mock upstream only)",
                         DEMO_KEY)
         self._by_digest = {k.sha256: client_key(k) for k in keys}
 
     async def lookup(self, key: str, *, cached_only: bool = False) -> ClientKey | None:
-        return self._by_digest.get(digest(key))
+        return self._by_digest.get(hash_key(key))
 
 
 def bearer_token(authorization: str | None, x_api_key: str | None) -> str | None:

@@ -1,6 +1,8 @@
 """The command line: ``gateway serve``, ``gateway keys``, ``gateway mock-upstream``.
 
-It is the only place that reads files and the environment into settings.
+It builds the settings (``config.py``: the file, then ``GATEWAY_*`` variables over it) and
+hands them to the app factory; the only variable read after that is the upstream key's own,
+named by the settings, which ``create_app`` reads at start-up (``[upstream] api_key_env``).
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 ``Metrics.observe(info)`` runs once per request, where the access-log line is written (the errors
 middleware), from the same ``RequestInfo``; the open-streams gauge is the only metric kept
-elsewhere (around ``relay_stream``), because it must move while a stream runs.
+elsewhere (by ``Proxy.stream`` in ``gateway/stream/proxy.py``), because it must move while a
+stream runs.
 
 The hot path does little: label children are looked up once per label set and cached in plain
 dicts, so a request costs a few dict lookups and ``inc``/``observe`` calls.

@@ -387,5 +387,6 @@ def _key(index: int, entry: Any, defaults: Limits) -> KeySettings:
 
 
 def hash_key(key: str) -> str:
-    """The only form in which a client key is ever stored or compared."""
-    return hashlib.sha256(key.encode()).hexdigest()
+    """The only form in which a client key is ever stored or compared: its SHA-256, in hex (a
+    key read from a header may hold lone surrogates; they are hashed, not refused here)."""
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()

@@ -17,11 +17,11 @@ import openai
 import pytest
 import redis as syncredis
 
-from gateway.auth import ConfigKeyStore, digest
+from gateway.auth import ConfigKeyStore
 from gateway.errors import ServiceUnavailable
 from gateway.redis.batcher import open_redis
 from gateway.redis.keystore import RedisKeyStore, add_key, store_keys
-from gateway.settings import Limits, RedisSettings
+from gateway.settings import Limits, RedisSettings, hash_key
 
 from clients import chat_body
 from conftest import REDIS_URL, Upstream, settings_for
@@ -67,7 +67,7 @@ def test_cli_adds_lists_and_revokes_keys(tmp_path: Path, redis_url: str,
 
     dump = redis_dump(redis_prefix)
     assert key not in dump, "the raw key must never reach Redis"
-    assert digest(key) in dump
+    assert hash_key(key) in dump
     records, names = store_keys(redis_prefix)
     assert records in dump and names in dump
 
@@ -76,8 +76,8 @@ def test_cli_adds_lists_and_revokes_keys(tmp_path: Path, redis_url: str,
     rows = {line.split()[0]: line.split() for line in listed.stdout.splitlines()[1:]}
     assert rows["carol"][1:6] == ["redis", "120", "3", "2", "grok-3-mini,grok-4"]
     assert rows["config-key"][1] == "config"
-    assert key not in listed.stdout and digest(key) not in listed.stdout
-    assert digest(key)[:8] in listed.stdout  # a short id, not the hash
+    assert key not in listed.stdout and hash_key(key) not in listed.stdout
+    assert hash_key(key)[:8] in listed.stdout  # a short id, not the hash
 
     dup = run_cli("keys", "add", "--name", "carol", "--config", config)
     assert dup.returncode == 1 and "exists already" in dup.stderr and not dup.stdout
@@ -88,7 +88,7 @@ def test_cli_adds_lists_and_revokes_keys(tmp_path: Path, redis_url: str,
 
     revoked = run_cli("keys", "revoke", "carol", "--config", config)
     assert revoked.returncode == 0 and "revoked key 'carol'" in revoked.stderr
-    assert digest(key) not in redis_dump(redis_prefix)
+    assert hash_key(key) not in redis_dump(redis_prefix)
     assert "carol" not in run_cli("keys", "list", "--config", config).stdout
     again = run_cli("keys", "revoke", "carol", "--config", config)
     assert again.returncode == 1 and "no key named 'carol'" in again.stderr
@@ -162,7 +162,7 @@ async def test_revoked_key_gets_401_on_every_process_within_the_cache_time(
     for gw in gateways:
         logs = gw.logs()
         assert '"key":"dave"' in logs  # requests are logged by key name...
-        assert key not in logs and digest(key) not in logs  # ...never by the key
+        assert key not in logs and hash_key(key) not in logs  # ...never by the key
     assert key not in redis_dump(redis_prefix)
 
 

@@ -84,6 +84,7 @@ from aiohttp import web
 
 from . import faults
 from .replies import (
+    CREATED,
     chat_completion,
     chat_reply,
     count_chat_images,
@@ -108,7 +109,6 @@ MODELS = ("grok-4", "grok-4-1-fast-non-reasoning", "grok-3-mini", "grok-2-vision
 as xAI does."""
 STYLES = ("xai", "openai")
 DEFAULT_TEXT = "Ah, the meaning of life is forty-two, as everyone knows."
-CREATED = 1700000000
 _ids = itertools.count(1)
 
 

@@ -35,10 +35,10 @@ from typing import Any
 import orjson
 from redis.exceptions import WatchError
 
-from ..auth import KeyStore, digest
+from ..auth import KeyStore
 from ..errors import ServiceUnavailable
 from ..request_info import ClientKey
-from ..settings import Limits, RedisSettings
+from ..settings import Limits, RedisSettings, hash_key
 from .batcher import RedisBatcher, RedisBreaker
 from .topology import REDIS_ERRORS, RedisClient
 
@@ -114,7 +114,7 @@ async def add_key(client: RedisClient, prefix: str, name: str, limits: Limits,
     """Create a key; return it (the only time it exists in the clear) and its record."""
     check_name(name)
     raw_key = KEY_PREFIX + secrets.token_urlsafe(32)
-    stored = StoredKey(name=name, sha256=digest(raw_key), limits=limits, models=models,
+    stored = StoredKey(name=name, sha256=hash_key(raw_key), limits=limits, models=models,
                        created=datetime.datetime.now(datetime.UTC)
                        .isoformat(timespec="seconds"))
     records, names = store_keys(prefix)
@@ -180,7 +180,7 @@ class RedisKeyStore:
         found = await self._first.lookup(key, cached_only=cached_only)
         if found is not None:
             return found
-        sha = digest(key)
+        sha = hash_key(key)
         now = time.monotonic()
         known = self._known.get(sha)
         if known is not None and known[0] > now:

@@ -28,7 +28,7 @@ Stopping one process (SIGTERM or SIGINT) follows aiohttp's ``AppRunner.cleanup``
    come back in the rate-limit middleware's shielded ``finally``;
 4. aiohttp waits ``GRACE_SECONDS`` for handlers still finishing (the last frames being
    written), then cancels them and waits as long again;
-5. the cleanup contexts close the upstream session and Redis.
+5. the cleanup contexts close the upstream connection pool and Redis.
 
 So a stop takes at most ``drain_seconds + 5 + 2 * GRACE_SECONDS`` plus the cleanup; the systemd
 unit's ``TimeoutStopSec`` must be above that. A second SIGINT (Ctrl-C twice) ends the drain at

@@ -22,13 +22,12 @@ import redis
 from redis_topologies import LocalSentinels, local_sentinels
 
 from gateway.appkeys import LIMITER
-from gateway.auth import digest
 from gateway.ratelimit.redis import RedisLimiter, key_names
 from gateway.redis.batcher import open_redis
 from gateway.redis.keystore import store_keys
 from gateway.redis.topology import PROBE_SECONDS, close, connect, follow_sentinel_primary
 from gateway.request_info import ClientKey
-from gateway.settings import RedisSettings
+from gateway.settings import RedisSettings, hash_key
 
 from clients import AUTH, chat_body
 from conftest import KEY, Upstream, settings_for
@@ -268,7 +267,7 @@ async def test_keys_cli_adds_lists_and_revokes_keys_through_guarded_sentinels(
     records, _ = store_keys(prefix)
     primary = await asyncio.to_thread(guarded_sentinels.primary_port)
     with admin(primary) as client:
-        assert client.hexists(records, digest(key))  # on the primary the sentinels name
+        assert client.hexists(records, hash_key(key))  # on the primary the sentinels name
 
     listed = await asyncio.to_thread(run_cli, "keys", "list", "--config", path)
     assert listed.returncode == 0, listed.stderr
