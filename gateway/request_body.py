@@ -23,6 +23,9 @@ MAX_MODEL_CHARS = 256
 """Longer ``model`` names get 400: no provider's names come near it (xAI's, OpenAI's fine-tuned
 ``ft:...`` ones stay under 100), and the name goes into log lines and error messages."""
 _ENCODINGS = frozenset(("gzip", "x-gzip", "deflate", "br", "zstd", "identity"))
+MAX_NESTING = 254
+"""Arrays and objects nested deeper are refused with a 400: orjson reads 1,024 levels but writes
+254 at most, and the gateway re-encodes every body it sends on (``gateway/stream/proxy.py``)."""
 
 
 async def json_body(request: web.Request) -> dict[str, Any]:
@@ -51,6 +54,11 @@ async def json_body(request: web.Request) -> dict[str, Any]:
         raise InvalidRequest(f"Request body is not valid JSON: {e}") from None
     if not isinstance(body, dict):
         raise InvalidRequest(f"Request body must be a JSON object, not {kind_of(body)}")
+    # Counting brackets only bounds the depth (those in strings count too); the parsed body
+    # decides, and is walked only when the count allows a body too deep.
+    if raw.count(b"[") + raw.count(b"{") > MAX_NESTING and _nested_past(body, MAX_NESTING):
+        raise InvalidRequest(f"Request body nests arrays and objects more than {MAX_NESTING} "
+                             f"levels deep")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise InvalidRequest(f"'stream' must be a boolean, not {kind_of(stream)}", param="stream")
@@ -115,6 +123,19 @@ def require(body: dict[str, Any], field: str, kind: type, what: str) -> Any:
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise InvalidRequest(f"'{field}' must be {what}, not {kind_of(value)}", param=field)
     return value
+
+
+def _nested_past(value: Any, most: int) -> bool:
+    """Whether ``value`` holds arrays and objects nested more than ``most`` levels deep (the
+    value itself is the first level). Iterative: the depth is the attacker's."""
+    pending: list[tuple[Any, int]] = [(value, 1)]
+    while pending:
+        container, depth = pending.pop()
+        if depth > most:
+            return True
+        items = container.values() if isinstance(container, dict) else container
+        pending.extend((item, depth + 1) for item in items if isinstance(item, (dict, list)))
+    return False
 
 
 def kind_of(value: Any) -> str:

@@ -354,3 +354,24 @@ async def test_a_key_with_a_model_allow_list_must_name_a_model_on_every_route(
     err = error_of(raw)
     assert err["code"] == "missing_required_parameter" and err["param"] == "model"
     assert mock_upstream.state.requests == []
+
+
+# --- a body nested deeper than the gateway can send on -------------------------------------------
+
+async def test_a_body_nested_past_what_can_be_sent_on_is_a_400_that_costs_no_token(
+        mock_upstream: Upstream, start_gateway: Any) -> None:
+    """orjson reads 1,024 levels and writes 254: a body between the two was a 500 with a
+    traceback, after a token was spent. Now it is the client's 400, before the limiter; a body
+    as deep as can be sent on still goes through."""
+    _, base = await start_gateway(settings_for(mock_upstream.url, keys=[
+        {"name": "alice", "key": KEY, "burst": 1, "requests_per_minute": 1}]))
+    deep = {"tool_choice": {"x": orjson.loads(b"[" * 299 + b"]" * 299)}}  # 301 levels
+    status, _, raw = await post(base, chat_body(stream=False, fields=deep))
+    assert status == 400
+    err = error_of(raw)
+    assert err["type"] == "invalid_request_error" and "254 levels" in err["message"]
+    assert mock_upstream.state.requests == []
+    deepest = {"tool_choice": {"x": orjson.loads(b"[" * 252 + b"]" * 252)}}  # 254 levels
+    status, _, raw = await post(base, chat_body(stream=False, fields=deepest))
+    assert status == 200, raw  # the key's one token was still there
+    assert len(mock_upstream.state.requests) == 1
