@@ -30,8 +30,8 @@ from .middleware import CHAIN
 from .monitoring import monitoring_ctx
 from .ratelimit.memory import MemoryLimiter
 from .ratelimit.redis import RedisLimiter
-from .redis.batcher import open_redis
 from .redis.keystore import RedisKeyStore
+from .redis.lifecycle import open_redis
 from .settings import Settings
 from .stream.proxy import Proxy
 from .upstream.client import UpstreamClient

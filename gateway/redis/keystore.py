@@ -39,7 +39,8 @@ from ..auth import KeyStore
 from ..errors import ServiceUnavailable
 from ..request_info import ClientKey
 from ..settings import Limits, RedisSettings, hash_key
-from .batcher import RedisBatcher, RedisBreaker
+from .batcher import RedisBatcher
+from .breaker import RedisBreaker
 from .topology import REDIS_ERRORS, RedisClient
 
 KEY_PREFIX = "sk-gw-"

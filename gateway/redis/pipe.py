@@ -5,30 +5,59 @@ redirects (MOVED, ASK, TRYAGAIN) go back to the batcher, which follows them.
 
 Why two and not one: under a burst, the event loop is busy reading the rest of the requests
 while the first batch's replies come back; with one batch in flight the second (most of the
-burst) waited until the loop got round to reading those replies, and in a 200-stream burst a
-check's p99 wait was 40 to 60 ms; with two it is about 10. Why not more: each further batch in
-flight is one more write and read for fewer commands, more CPU on every request's path for no
-shorter wait (a stream whose events come in one read cost 6 % more).
+burst) waited until the loop got round to reading those replies, and a check's tail wait grew
+several-fold. Why not more: each further batch in flight is one more write and read for fewer
+commands, more CPU on every request's path for no shorter wait. (The figures, and how they
+were measured: ``docs/performance.md``.)
 
 On a connection redis-py opened (its handshake, AUTH, TLS, the sentinels' choice of primary),
-at a lower level than its connection API: the commands are packed here (a third of
-``pack_commands``' CPU) and written to the transport at once, and while the pipe holds the
-connection the transport's protocol is ``_Replies``, which feeds each read to a hiredis reader
-set up as redis-py sets up its own (its error classes, MOVED and ASK included) and resolves
-each caller from the read callback itself. redis-py's ``read_response`` cost a coroutine chain
-and a wake-up of a reader task per reply, and its send a coroutine, a drain and a timeout per
-batch: a check cost 46 us of CPU with one in flight and 18 us with four, against 40 and 13 now
-(and a stream's check and lease, 32 us against 24 with four). No pipeline object, pool
-checkout, retry wrapper or timer per reply either. Each command's reply must come within the
-connection's ``socket_timeout`` of its write: that timeout is taken off the connection while it
-is held here (one timer, for the oldest batch's deadline, stands in for one per reply) and put
-back with it, with redis-py's own protocol.
+at a lower level than its connection API: the commands are packed by ``commands.pack`` (for
+a fraction of ``pack_commands``' CPU) and written to the transport at once, and while the pipe
+holds the connection the transport's protocol is ``_Replies``, which feeds each read to a
+hiredis reader set up as redis-py sets up its own (its error classes, MOVED and ASK included)
+and resolves each caller from the read callback itself. redis-py's ``read_response`` costs a
+coroutine chain and a wake-up of a reader task per reply, and its send a coroutine, a drain and
+a timeout per batch; here there is no pipeline object, pool checkout, retry wrapper or timer
+per reply either (the CPU a check costs either way: ``docs/performance.md``). Each command's
+reply must come within the connection's ``socket_timeout`` of its write: that timeout is taken
+off the connection while it is held here (one timer, for the oldest batch's deadline, stands in
+for one per reply) and put back with it, with redis-py's own protocol.
 
-What this relies on in redis-py, which every Redis test exercises (``tests/test_redis_pipe.py``
-holds replies back at a proxy): a connected ``Connection``'s ``_writer`` is an asyncio
-``StreamWriter`` whose transport's protocol can be swapped and put back
-(``BaseTransport.set_protocol``), and ``BaseParser.parse_error`` maps an error reply to
-redis-py's exception classes.
+What this relies on in redis-py (and hiredis) beyond their documented API, each pinned by
+``tests/test_redis_internals.py``, which ``scripts/test`` runs on the floor of ``setup.cfg``'s
+range as well as on the installed version; every Redis test exercises them too
+(``tests/test_redis_pipe.py`` holds replies back at a proxy; ``tests/guarantees/`` has the
+sentinel, TLS and cluster tests):
+
+1. A connected ``AbstractConnection``'s ``_writer`` is an asyncio ``StreamWriter`` whose
+   transport's protocol (redis-py's) can be swapped for another with ``set_protocol`` and put
+   back, after which redis-py reads and writes on the connection as before; a
+   ``connection_lost`` passed on to redis-py's protocol while it is out tells redis-py that
+   the connection ended. (On asyncio's loop and on uvloop's, whose transports are its own.)
+2. ``redis._parsers.BaseParser.parse_error``, given an error reply's text, returns (does not
+   raise) redis-py's exception for it, as redis-py's own hiredis reader gets it for
+   ``replyError``: MOVED and ASK give ``MovedError`` and ``AskError`` (with ``host``, ``port``
+   and ``slot_id``; a ``MovedError`` is an ``AskError``), TRYAGAIN ``TryAgainError``, NOSCRIPT
+   ``NoScriptError``, LOADING ``BusyLoadingError`` (a redis-py ``ConnectionError``), and any
+   other a ``ResponseError``.
+3. ``connection.encoder`` has ``encoding``, ``encoding_errors`` and ``decode_responses``: how
+   redis-py decodes replies on that connection, so the reader here decodes the same.
+4. ``connection.socket_timeout`` is a plain attribute that redis-py reads at each read: None
+   while the pipe holds the connection; once it is put back, redis-py's reads time out by it.
+5. ``await connection.can_read()`` on a connected connection is False when nothing waits
+   unread, True when bytes do, and True or a redis-py ``ConnectionError`` when Redis closed it
+   (8.2 raises and leaves it connected; 8.0 and 8.1 say True or disconnect it), never False;
+   ``disconnect()`` and ``connect()`` then make it usable again (``_ready``).
+6. ``connection.should_reconnect()`` is True once its pool's
+   ``update_active_connections_for_reconnect()`` marked it while it was lent (the sentinel
+   follower, ``topology.follow_sentinel_primary``, after a failover), and the pool's
+   ``release`` closes a connection so marked.
+7. hiredis: a ``Reader``'s ``replyError`` may be any callable (its README says a class), whose
+   result ``gets()`` returns for an error reply; ``gets()`` returns ``notEnoughData`` until a
+   whole reply is in; a RESP3 push message comes out as a ``hiredis.PushNotification``.
+
+The pool is redis-py's ``ConnectionPool`` (``get_connection()``, ``release``: its documented
+API) or, on a cluster, a node's connections (``batcher._NodePool``, with the batcher's list).
 
 redis-py speaks RESP3, whose push messages (an invalidation, a cluster's maintenance notice)
 are no command's reply: they are dropped. A broken connection, a reply that is not RESP or one
@@ -54,11 +83,7 @@ from redis.exceptions import AskError, InvalidResponse, RedisError, TryAgainErro
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-Item = tuple[tuple[Any, ...], asyncio.Future[Any]]
-"""A command and its caller's future."""
-
-Redirected = list[tuple[Item, BaseException]]
-"""Commands a cluster node redirected (MOVED, ASK) or told to try again, with that reply."""
+from .commands import Item, Redirected, fail, pack, resolve
 
 
 class Pool(Protocol):
@@ -100,7 +125,7 @@ class RedisPipe:
         link = self._link
         if link is not None and link.batches >= IN_FLIGHT:
             await link.slot_free()
-        if link is not None and (link.dead or link.connection.should_reconnect()):
+        if link is not None and (link.dead or link.connection.should_reconnect()):  # item 6
             self._link = None
             self._retired.add(link)
             await link.retire(self._retired.discard)
@@ -129,7 +154,7 @@ async def _ready(connection: AbstractConnection) -> None:
     """Connected, with nothing unread: what redis-py's own pool checks, which a cluster node's
     connections skip. A connection Redis closed while it sat in the pool (its idle timeout, a
     restart) would otherwise look open to the pipe's protocol, which never hears of its end,
-    until a reply's deadline."""
+    until a reply's deadline. What ``can_read`` says: item 5."""
     async with asyncio.timeout(connection.socket_timeout):
         if connection.is_connected:
             try:  # bytes nobody asked for, or Redis closed it: either way, not to be written to
@@ -152,7 +177,7 @@ class _Link:
         self.connection = connection
         self.on_redirect = on_redirect
         self.timeout: float | None = connection.socket_timeout
-        connection.socket_timeout = None
+        connection.socket_timeout = None  # put back with the connection (item 4)
         self.loop = asyncio.get_running_loop()
         # Each command and its future, its reply's deadline, whether it ends its batch.
         self.inflight: collections.deque[tuple[Item, float | None, bool]] = collections.deque()
@@ -165,13 +190,13 @@ class _Link:
         self.on_given_back: Callable[[_Link], None] | None = None
         self._given_back = False
         self._ending: set[asyncio.Task[None]] = set()  # giving back, from a callback
-        encoder = connection.encoder
+        encoder = connection.encoder  # items 2, 3 and 7: the reader redis-py would set up
         self.reader = hiredis.Reader(
             protocolError=InvalidResponse, replyError=BaseParser.parse_error,
             notEnoughData=_NOT_ENOUGH_DATA,
             **({"encoding": encoder.encoding, "errors": encoder.encoding_errors}
                if encoder.decode_responses else {}))
-        writer = connection._writer  # connected (``RedisPipe`` saw to it)
+        writer = connection._writer  # connected (``RedisPipe`` saw to it); item 1
         assert writer is not None
         self.transport = cast(asyncio.Transport, writer.transport)
         self.protocol = self.transport.get_protocol()  # redis-py's, put back with it
@@ -326,42 +351,10 @@ class _Replies(asyncio.Protocol):
             self.link.protocol.connection_lost(exc)
 
 
-def pack(batch: list[Item]) -> bytes:
-    """The batch's commands in Redis' protocol (RESP), as redis-py's ``pack_commands`` writes
-    them for the arguments the gateway sends (str, int, bytes): in a third of its time, which
-    was a tenth of a stream's Redis cost."""
-    out: list[bytes] = []
-    for command, _ in batch:
-        out.append(b"*%d\r\n" % len(command))
-        for arg in command:
-            data = arg if isinstance(arg, bytes) else str(arg).encode()
-            out.append(b"$%d\r\n%b\r\n" % (len(data), data))
-    return b"".join(out)
-
-
 _REDIRECTS = (AskError, TryAgainError)  # MovedError is an AskError
 _NOT_ENOUGH_DATA: Any = object()  # what the reader returns until a whole reply is in
-_PUSH: Any = getattr(hiredis, "PushNotification", ())  # RESP3's unasked-for messages
+_PUSH = hiredis.PushNotification  # RESP3's unasked-for messages (item 7)
 
 
 def _timed_out(seconds: float | None) -> RedisTimeoutError:
     return RedisTimeoutError(f"no reply from Redis within {seconds}s")
-
-
-def fail(batch: list[tuple[Any, asyncio.Future[Any]]], error: BaseException) -> None:
-    """Each caller gets ``error`` (cancelled, for ``CancelledError``)."""
-    for _, future in batch:
-        if isinstance(error, asyncio.CancelledError):
-            future.cancel()
-        else:
-            resolve(future, error)
-
-
-def resolve(future: asyncio.Future[Any], reply: Any) -> None:
-    """Hand ``reply`` (a value, or the error to raise) to the caller waiting on ``future``."""
-    if future.done():
-        return  # its caller is gone
-    if isinstance(reply, BaseException):
-        future.set_exception(reply)
-    else:
-        future.set_result(reply)

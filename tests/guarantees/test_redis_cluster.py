@@ -24,7 +24,7 @@ from redis_topologies import LocalCluster, local_cluster, name_on_slot, on_node,
 from gateway.errors import ServiceUnavailable
 from gateway.ratelimit.redis import RedisLimiter, key_names
 from gateway.readiness import redis_check
-from gateway.redis.batcher import open_redis
+from gateway.redis.lifecycle import open_redis
 from gateway.redis.topology import PROBE_SECONDS, node_of
 from gateway.request_info import ClientKey
 from gateway.settings import RedisSettings

@@ -18,7 +18,7 @@ import redis.asyncio as aioredis
 
 from gateway.errors import ServiceUnavailable
 from gateway.ratelimit.redis import RedisLimiter, key_names
-from gateway.redis.batcher import open_redis
+from gateway.redis.lifecycle import open_redis
 from gateway.request_info import ClientKey
 from gateway.settings import RedisSettings
 

@@ -23,8 +23,8 @@ from redis_topologies import LocalSentinels, local_sentinels
 
 from gateway.appkeys import LIMITER
 from gateway.ratelimit.redis import RedisLimiter, key_names
-from gateway.redis.batcher import open_redis
 from gateway.redis.keystore import store_keys
+from gateway.redis.lifecycle import open_redis
 from gateway.redis.topology import PROBE_SECONDS, close, connect, follow_sentinel_primary
 from gateway.request_info import ClientKey
 from gateway.settings import RedisSettings, hash_key
