@@ -14,8 +14,18 @@ from typing import Any
 from .stream.render import Rewrite
 
 
-def upstream_model(aliases: Mapping[str, str], model: str) -> str:
-    return aliases.get(model, model)
+def apply_alias(aliases: Mapping[str, str], body: dict[str, Any]) -> Rewrite | None:
+    """Puts the upstream's name for the body's ``model`` in its place, and returns what sets the
+    client's name back in each answer object; None, and the body untouched, when the model has
+    no alias (or the body no model: an image request may leave it out)."""
+    model = body.get("model")
+    if not isinstance(model, str):
+        return None
+    upstream = aliases.get(model, model)
+    if upstream == model:
+        return None
+    body["model"] = upstream
+    return model_rewriter(model)
 
 
 def model_rewriter(client_model: str) -> Rewrite:

@@ -9,7 +9,9 @@ import orjson
 import pytest
 
 from gateway.aliases import model_rewriter
-from gateway.stream.render import CHAT, RESPONSES, StreamRenderer
+from gateway.stream.dialect import CHAT, RESPONSES
+from gateway.stream.render import StreamRenderer
+from gateway.upstream.errors import Secrets
 
 SECRET = "xai-operator-secret-key"
 
@@ -53,7 +55,7 @@ def test_an_error_member_however_spelled_ends_the_stream_with_the_gateways_frame
 
 
 def test_an_in_stream_error_never_carries_the_operator_key() -> None:
-    renderer = StreamRenderer(CHAT, secrets=(SECRET,))
+    renderer = StreamRenderer(CHAT, secrets=Secrets.of(SECRET))
     event = b'data: {"error": {"message": "bad key ' + SECRET.encode() + \
         b'", "code": "' + SECRET.encode() + b'"}}\n\n'
     _, _, failure = renderer.feed(event)
@@ -115,7 +117,7 @@ def test_done_in_the_middle_of_a_burst_ends_the_stream_there() -> None:
 
 
 def test_the_operator_key_inside_an_event_is_taken_out() -> None:
-    renderer = StreamRenderer(CHAT, secrets=(SECRET,))
+    renderer = StreamRenderer(CHAT, secrets=Secrets.of(SECRET))
     out, _, _ = renderer.feed(chunk(f"the key is {SECRET}") + chunk("next"))
     assert SECRET.encode() not in out
     assert b"the key is [redacted]" in out and out.endswith(chunk("next"))
@@ -161,7 +163,7 @@ def test_responses_usage_inside_the_terminal_event_is_noted() -> None:
 
 
 def test_a_responses_failure_is_relayed_with_the_key_taken_out() -> None:
-    renderer = StreamRenderer(RESPONSES, secrets=(SECRET,))
+    renderer = StreamRenderer(RESPONSES, secrets=Secrets.of(SECRET))
     failed = responses_event("response.failed", response={"error": {"message": SECRET}})
     out, done, failure = renderer.feed(failed)
     assert done and failure is None and SECRET.encode() not in out

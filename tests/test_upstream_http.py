@@ -1,6 +1,7 @@
-"""The upstream HTTP/1.1 client (``gateway/upstream/http1.py``) against real servers on loopback: a
-plain aiohttp server, raw TCP servers for answers aiohttp would never send, and the mock
-upstream over TLS, driven through the gateway with the OpenAI SDK."""
+"""The upstream HTTP/1.1 client (``gateway/upstream/http1.py``, its pool
+``gateway/upstream/pool.py``) against real servers on loopback: a plain aiohttp server, raw TCP
+servers for answers aiohttp would never send, and the mock upstream over TLS, driven through the
+gateway with the OpenAI SDK."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from aiohttp import web
 
 from gateway.mock.upstream import create_mock_app
 from gateway.upstream.client import UpstreamClient
-from gateway.upstream.http1 import ConnectionLost, ConnectionPool, InvalidHTTP
+from gateway.upstream.http1 import ConnectionLost, InvalidHTTP
+from gateway.upstream.pool import ConnectionPool
 
 from clients import async_sdk
 from conftest import Upstream, settings_for
@@ -245,6 +247,6 @@ def test_only_a_key_long_enough_to_be_one_is_looked_for_in_what_the_upstream_sen
     """A short key would match ordinary text: every event would be parsed and its letters
     taken out. Provider keys are dozens of characters."""
     settings = settings_for("http://127.0.0.1:1/v1")
-    assert UpstreamClient(settings, "http://127.0.0.1:1/v1", "k").secrets == ()
-    assert UpstreamClient(settings, "http://127.0.0.1:1/v1", "xai-0123456789").secrets == (
+    assert UpstreamClient(settings, "http://127.0.0.1:1/v1", "k").secrets.text == ()
+    assert UpstreamClient(settings, "http://127.0.0.1:1/v1", "xai-0123456789").secrets.text == (
         "xai-0123456789",)

@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ..aliases import model_rewriter, upstream_model
+from ..aliases import apply_alias
 from ..appkeys import PROXY, SETTINGS
 from ..errors import StreamNotSupported
 from ..request_body import require, take_body
@@ -29,11 +29,6 @@ def _checked(request: web.Request, body: dict[str, Any]) -> Awaitable[web.Respon
     require(body, "prompt", str, "a string")
     if "n" in body:
         require(body, "n", int, "an integer")
-    rewrite = None
-    model = body.get("model")
-    if isinstance(model, str):
-        upstream = upstream_model(request.app[SETTINGS].models.aliases, model)
-        if upstream != model:
-            body["model"], rewrite = upstream, model_rewriter(model)
+    rewrite = apply_alias(request.app[SETTINGS].models.aliases, body)
     proxy = request.app[PROXY]
     return proxy.plain.relay(info, proxy.post(request, "images/generations", body), rewrite)

@@ -14,11 +14,12 @@ from typing import Any
 
 from aiohttp import web
 
-from ..aliases import model_rewriter, upstream_model
+from ..aliases import apply_alias
 from ..appkeys import PROXY, SETTINGS
 from ..request_info import REQUEST_INFO
 from ..stream import fallback
-from ..stream.render import CHAT, RESPONSES, Dialect, Rewrite
+from ..stream.dialect import CHAT, RESPONSES, Dialect
+from ..stream.render import Rewrite
 from ..vision import require_vision_model
 
 Fallback = Callable[[web.Request, dict[str, Any], Rewrite | None], Awaitable[web.Response]]
@@ -41,11 +42,9 @@ def model_call(request: web.Request, api: ModelApi, body: dict[str, Any], images
     settings = request.app[SETTINGS]
     info = request[REQUEST_INFO]
     model = body["model"]
-    upstream = upstream_model(settings.models.aliases, model)
-    rewrite = model_rewriter(model) if upstream != model else None
-    body["model"] = upstream
+    rewrite = apply_alias(settings.models.aliases, body)
     if images:
-        require_vision_model(settings.vision, model, upstream, images[0])
+        require_vision_model(settings.vision, model, body["model"], images[0])
         if info.stream and settings.vision.stream_fallback != "off":
             return api.fallback(request, body, rewrite)
     proxy = request.app[PROXY]

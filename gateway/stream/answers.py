@@ -1,5 +1,6 @@
 """Plain answers: the upstream's whole answer, read within bounds, and the answers the gateway
-builds itself (a model list, the vision stream fallback). No streaming here (``relay.py``).
+builds itself (a model list, the vision stream fallback). No streaming here
+(``gateway/stream/relay.py``).
 
 An upstream answer is read whole only up to ``[upstream] max_answer_bytes``: past it the
 request fails with 502 and the connection is closed, so one huge answer cannot take the
@@ -28,9 +29,10 @@ from ..errors import (
 )
 from ..inflight import InFlight
 from ..request_info import RequestInfo
-from ..upstream.errors import from_upstream, holds_secret, redact_strings
+from ..upstream.errors import Secrets, from_upstream, holds_secret, redact_strings
 from ..upstream.http1 import AnswerTooLarge, InvalidHTTP, UpstreamResponse
-from .render import Rewrite, usage_of
+from .dialect import usage_of
+from .render import Rewrite
 
 _MAX_USAGE_PARSE = 1024 * 1024
 """A plain answer is parsed for its token counts (access log, metrics) only up to this size."""
@@ -45,12 +47,11 @@ class PlainAnswers:
     """Reads upstream answers whole; one per app, handed what it needs at start-up."""
 
     def __init__(self, in_flight: InFlight, timeout: float, max_bytes: int,
-                 secrets: tuple[str, ...], secret_bytes: tuple[bytes, ...]) -> None:
+                 secrets: Secrets) -> None:
         self.in_flight = in_flight
         self.timeout = timeout  # for the whole answer: the first-byte timeout
         self.max_bytes = max_bytes
         self.secrets = secrets
-        self.secret_bytes = secret_bytes
 
     async def relay(self, info: RequestInfo, call: Awaitable[UpstreamResponse],
                     rewrite: Rewrite | None = None,
@@ -90,7 +91,7 @@ class PlainAnswers:
         """The answer with every operator secret taken out of its strings (an upstream may
         echo what it was sent), as bytes and as the parsed value (None if not parsed). Looked
         for in the bytes, and, where escapes could spell it otherwise, in the parsed strings."""
-        secrets = self.secret_bytes
+        secrets = self.secrets.bytes
         if not secrets:
             return body, obj
         if obj is None and b"\\" in body:
@@ -106,7 +107,7 @@ class PlainAnswers:
             for secret in secrets:
                 body = body.replace(secret, b"[redacted]")
             return body, None
-        obj = redact_strings(obj, self.secrets)
+        obj = redact_strings(obj, self.secrets.text)
         return _dumps(obj), obj
 
     async def read(self, call: Awaitable[UpstreamResponse]) -> tuple[UpstreamResponse, bytes]:
@@ -145,7 +146,7 @@ class PlainAnswers:
             raise UpstreamTimeout(f"The upstream did not answer within "
                                   f"{self.timeout:g} seconds") from None
         if not 200 <= upstream.status < 300:
-            raise from_upstream(upstream.status, body, upstream.headers, self.secrets)
+            raise from_upstream(upstream.status, body, upstream.headers, self.secrets.text)
         return upstream, body
 
 

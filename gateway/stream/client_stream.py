@@ -1,5 +1,5 @@
 """The client's side of one event stream: the only code that touches aiohttp's transport,
-protocol and writer directly (``server_limits.py`` asks ``response_started`` here).
+protocol and writer directly (``gateway/server/limits.py`` asks ``response_started`` here).
 
 Why not ``StreamResponse.write``: it is a coroutine per chunk, and the relay writes from the
 upstream socket's read callback, where nothing can be awaited. So the response is started and

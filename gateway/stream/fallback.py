@@ -27,7 +27,8 @@ from ..errors import UpstreamProtocolError
 from ..request_info import REQUEST_INFO
 from ..upstream.http1 import UpstreamResponse
 from .answers import json_answer, sse_answer
-from .render import Rewrite, usage_of
+from .dialect import usage_of
+from .render import Rewrite
 
 FALLBACK_HEADERS = {"X-Stream-Fallback": "true"}
 _DONE = b"data: [DONE]\n\n"

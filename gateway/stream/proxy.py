@@ -20,8 +20,9 @@ from ..upstream.client import UpstreamClient
 from ..upstream.http1 import UpstreamResponse
 from .answers import PlainAnswers, response_headers
 from .client_stream import ClientStream
+from .dialect import CHAT, Dialect
 from .relay import StreamRelay
-from .render import CHAT, Dialect, Rewrite, StreamRenderer
+from .render import Rewrite, StreamRenderer
 
 
 class Proxy:
@@ -29,14 +30,12 @@ class Proxy:
                  metrics: Metrics) -> None:
         self.upstream = upstream
         self.stream_settings = settings.stream
-        self.secrets = upstream.secrets  # non-empty, and long enough to be keys
-        self.secret_bytes = tuple(s.encode() for s in self.secrets)
+        self.secrets = upstream.secrets  # built once, where the operator's key is known
         self.in_flight = in_flight
         self.open_streams = metrics.open_streams
         self.forward_headers = settings.upstream.forward_headers
         self.plain = PlainAnswers(in_flight, settings.stream.first_byte_timeout_seconds,
-                                  settings.upstream.max_answer_bytes, self.secrets,
-                                  self.secret_bytes)
+                                  settings.upstream.max_answer_bytes, self.secrets)
 
     def post(self, request: web.Request, path: str, body: dict[str, Any]
              ) -> Awaitable[UpstreamResponse]:
@@ -62,11 +61,10 @@ class Proxy:
     async def stream(self, request: web.Request, call: Awaitable[UpstreamResponse], *,
                      dialect: Dialect = CHAT, rewrite: Rewrite | None = None
                      ) -> web.StreamResponse:
-        """Relay the upstream's event stream to the client (``relay.py``)."""
+        """Relay the upstream's event stream to the client (``gateway/stream/relay.py``)."""
         info = request[REQUEST_INFO]
         settings = self.stream_settings
         renderer = StreamRenderer(dialect, rewrite=rewrite, secrets=self.secrets,
-                                  secret_bytes=self.secret_bytes,
                                   max_event_bytes=settings.max_event_bytes)
         relay = StreamRelay(ClientStream(request), renderer, settings, info,
                             {**SSE_HEADERS, **response_headers(info)}, self.secrets)

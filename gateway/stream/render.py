@@ -3,17 +3,19 @@
 ``StreamRenderer.feed`` takes each upstream read and returns what to send for the events it
 completes, whether the terminal event was among them, and the failure that ends the stream if
 there is one (the events before it are still sent). ``close`` does the same at the upstream's
-end. Framing is ``sse.SSEFramer``'s; what an event *is* is decided here, once, from its parsed
-object (``classify``):
+end. Framing is ``SSEFramer``'s (``gateway/stream/sse.py``); what an event *is* is decided
+here, once, from its parsed object, by the stream's dialect (``Dialect.classify``,
+``gateway/stream/dialect.py``):
 
 ========  ============================================================================
 DATA      an object to relay (chat chunk, Responses event); relayed as its own bytes
 USAGE     data that carries the request's token counts (``usage``; Responses: inside
-          ``response``); noted in ``usage``, relayed like DATA
+          ``response``); noted in ``usage`` (``gateway/stream/usage.py``), relayed like DATA
 TERMINAL  ``[DONE]``, or a Responses ``response.completed`` / ``incomplete`` / ``failed``
 ERROR     an object with an ``error`` member (however its key was spelled), or a Responses
           ``"type": "error"`` event: never relayed; the stream ends with the gateway's
-          own error frame, its strings redacted (``upstream_errors.stream_error``)
+          own error frame, its strings redacted (``stream_error``,
+          ``gateway/upstream/errors.py``)
 OTHER     a comment (an upstream's keep-alive), or JSON that is not an object
 ========  ============================================================================
 
@@ -21,18 +23,18 @@ Events already in the one-line form pass as the very bytes the upstream sent; an
 re-encoded (orjson, one ``data:`` line) only when it must change: multi-line or CR-framed
 events, a model alias to rewrite back, an operator secret to take out.
 
-Parsing every event into Python objects costs about 0.6 us an event, most of the relay's cost
-when events come in bursts. So a region of one-line ``data:`` events (nearly every upstream
-read) is first checked by simdjson, each payload on its own (about 0.25 us an event, building
-no objects), and sent as it is when no event in it *can* be anything but DATA. That is proved,
-not guessed: a JSON key or string can only be spelled with its own characters or with ``\\u``
-escapes, so a region holding neither ``"error"`` nor ``\\u`` holds no ``error`` member, and
-one that does not hold an operator secret's bytes holds no string with the secret in it. The
-byte checks only send a region to the exact path; they never decide what an event is. Usage is
-found the same way: each payload that spells ``"usage"`` is parsed, last first, until one
-carries it; for a read of one event (a paced stream's, with usage on every chunk as xAI sends
-it unasked) the very parse that validated it says whether it carries one, and the payload is
-kept, to be parsed only when the usage is read at the stream's end.
+Parsing every event into Python objects is most of the relay's cost when events come in
+bursts. So a region of one-line ``data:`` events (nearly every upstream read) is first checked
+by simdjson, each payload on its own (building no objects, for a fraction of a parse's cost:
+``docs/performance.md``), and sent as it is when no event in it *can* be anything but DATA.
+That is proved, not guessed: a JSON key or string can only be spelled with its own characters
+or with ``\\u`` escapes, so a region holding neither ``"error"`` nor ``\\u`` holds no ``error``
+member, and one that does not hold an operator secret's bytes holds no string with the secret
+in it. The byte checks only send a region to the exact path; they never decide what an event
+is. Usage is found the same way: each payload that spells ``"usage"`` is parsed, last first,
+until one carries it; for a read of one event (a paced stream's, with usage on every chunk as
+xAI sends it unasked) the very parse that validated it says whether it carries one, and the
+payload is kept, to be parsed only when the usage is read at the stream's end.
 ``tests/guarantees/test_render_fuzz.py`` holds every split of every stream to the bytes of a
 reference that parses every event.
 """
@@ -40,7 +42,6 @@ reference that parses every event.
 from __future__ import annotations
 
 import collections
-import enum
 import operator
 from collections.abc import Callable
 from typing import Any
@@ -49,118 +50,38 @@ import orjson
 import simdjson
 
 from ..errors import GatewayError, UpstreamFailure, UpstreamProtocolError
-from ..upstream.errors import holds_secret, redact_strings, stream_error
+from ..upstream.errors import NO_SECRETS, Secrets, holds_secret, redact_strings, stream_error
+from .dialect import CHAT, Dialect, Kind
 from .sse import DONE, Event, SSEFramer, SSEProtocolError, encode_event
+from .usage import KEPT_USAGE_BYTES, UsageTracker
 
 Rewrite = Callable[[Any], Any]
 """Changes a parsed answer object in place (model aliases)."""
-
-_RESPONSES_TERMINAL = frozenset(("response.completed", "response.incomplete", "response.failed"))
-
-
-class Kind(enum.IntEnum):
-    DATA = 0
-    USAGE = 1
-    TERMINAL = 2
-    ERROR = 3
-    OTHER = 4
-
-
-def usage_of(obj: Any) -> dict[str, Any] | None:
-    """The token counts an answer object carries (a chat completion or chunk, a Responses
-    ``response``), for the access log, the metrics and, later, settling a token budget."""
-    usage = obj.get("usage") if isinstance(obj, dict) else None
-    return usage if isinstance(usage, dict) else None
-
-
-class Dialect:
-    """Chat completions: ``[DONE]`` ends the stream; ``usage`` sits at the top of a chunk."""
-
-    responses_api = False
-
-    def classify(self, obj: Any) -> Kind:
-        if not isinstance(obj, dict):
-            return Kind.OTHER
-        if self.is_error(obj):
-            return Kind.ERROR
-        if self.is_terminal(obj):
-            return Kind.TERMINAL
-        return Kind.USAGE if self.usage(obj) is not None else Kind.DATA
-
-    def is_error(self, obj: dict[str, Any]) -> bool:
-        return obj.get("error") is not None
-
-    def is_terminal(self, obj: dict[str, Any]) -> bool:
-        return False  # [DONE] is not JSON: the renderer knows it before parsing
-
-    def usage(self, obj: Any) -> dict[str, Any] | None:
-        return usage_of(obj)
-
-    def error_frame(self, err: GatewayError, seq: int) -> bytes:
-        return err.sse_frame()
-
-
-class ResponsesDialect(Dialect):
-    """The Responses API: named events, a terminal ``response.*`` event that carries the usage
-    inside ``response``, and an ``error`` event of its own."""
-
-    responses_api = True
-
-    def is_error(self, obj: dict[str, Any]) -> bool:
-        return obj.get("error") is not None or obj.get("type") == "error"
-
-    def is_terminal(self, obj: dict[str, Any]) -> bool:
-        return obj.get("type") in _RESPONSES_TERMINAL
-
-    def usage(self, obj: Any) -> dict[str, Any] | None:
-        return usage_of(obj.get("response") if isinstance(obj, dict) else None)
-
-    def error_frame(self, err: GatewayError, seq: int) -> bytes:
-        return err.response_error_frame(seq)
-
-
-CHAT = Dialect()
-RESPONSES = ResponsesDialect()
 
 Rendered = tuple[bytes, bool, "UpstreamFailure | None"]
 """What to send now; whether the terminal event went out; the failure that ends the stream."""
 
 
-class StreamRenderer:
-    """One stream's framer and the counts the access log and metrics read when it ends."""
+class StreamRenderer(UsageTracker):
+    """One stream's framer and the counts the access log and metrics read when it ends (its
+    token ``usage`` among them, kept by ``UsageTracker``)."""
 
-    __slots__ = ("framer", "dialect", "rewrite", "secrets", "secret_bytes", "fast", "events",
-                 "seq", "bytes_out", "_usage", "_usage_payload")
+    __slots__ = ("framer", "rewrite", "secrets", "secret_bytes", "fast", "events", "seq",
+                 "bytes_out")
 
     def __init__(self, dialect: Dialect = CHAT, *, rewrite: Rewrite | None = None,
-                 secrets: tuple[str, ...] = (), secret_bytes: tuple[bytes, ...] | None = None,
-                 max_event_bytes: int = 4 * 1024 * 1024, fast: bool = True) -> None:
+                 secrets: Secrets = NO_SECRETS, max_event_bytes: int = 4 * 1024 * 1024,
+                 fast: bool = True) -> None:
+        super().__init__(dialect)
         self.framer = SSEFramer(max_event_bytes)
-        self.dialect = dialect
         self.rewrite = rewrite
-        self.secrets = tuple(s for s in secrets if s)
-        # Encoded once per app and handed over (``Proxy``), or here.
-        self.secret_bytes = secret_bytes if secret_bytes is not None else tuple(
-            s.encode() for s in self.secrets)
+        self.secrets = secrets
+        self.secret_bytes = secrets.bytes  # looked up on every read: one attribute, not two
         # The region shortcut: chat, no alias. ``fast=False`` is the reference that parses all.
         self.fast = fast and rewrite is None and not dialect.responses_api
         self.events = 0  # events sent, the terminal one included
         self.seq = 0  # data events sent: a Responses error event continues their numbering
         self.bytes_out = 0
-        self._usage: dict[str, Any] | None = None
-        self._usage_payload: bytes | None = None  # a newer usage, not parsed yet (``usage``)
-
-    @property
-    def usage(self) -> dict[str, Any] | None:
-        """The latest non-empty usage the stream carried. When the shortcut sends a one-event
-        read that carries one, it keeps the payload, parsed here, once, when the usage is read
-        (at the stream's end): xAI sends the running usage on every chunk, and taking it out of
-        each cost about a quarter of the relay's Python per event."""
-        payload = self._usage_payload
-        if payload is not None:
-            self._usage_payload = None
-            self._note_usage_in(payload)
-        return self._usage
 
     def feed(self, chunk: bytes) -> Rendered:
         """One upstream read."""
@@ -229,7 +150,7 @@ class StreamRenderer:
                 carries = _one_json_value(payloads[0], b'"usage"' in region)
                 if carries is _UNDECIDED:
                     return None
-                if carries and len(payloads[0]) <= _KEPT_USAGE_BYTES:
+                if carries and len(payloads[0]) <= KEPT_USAGE_BYTES:
                     self._usage_payload = payloads[0]
                 elif carries:  # not kept: a long one would double what a stream may hold
                     self._note_usage_in(payloads[0])
@@ -240,32 +161,6 @@ class StreamRenderer:
         self.events += n
         self.bytes_out += len(region)
         return region, done, None
-
-    def _usage_in(self, payloads: list[bytes], k: int) -> bool:
-        """Note the last usage among the payloads that spell it; False if one of them is not
-        an object (the per-event path then decides)."""
-        for i in range(k - 1, -1, -1):
-            if b'"usage"' in payloads[i]:
-                obj = orjson.loads(payloads[i])
-                if not isinstance(obj, dict):
-                    return False
-                if self._note_usage(obj):
-                    return True
-        return True
-
-    def _note_usage_in(self, payload: bytes) -> None:
-        try:
-            self._note_usage(orjson.loads(payload))
-        except orjson.JSONDecodeError:  # past orjson's limits, though simdjson took it
-            pass
-
-    def _note_usage(self, obj: Any) -> bool:
-        """The one usage rule of both paths: the latest non-empty usage object counts."""
-        usage = self.dialect.usage(obj)
-        if usage:
-            self._usage, self._usage_payload = usage, None
-            return True
-        return False
 
     # The exact path: every event parsed and classified.
 
@@ -315,7 +210,7 @@ class StreamRenderer:
         kind = self.dialect.classify(obj)
         if kind is Kind.ERROR:
             inner = obj.get("error")
-            raise stream_error(obj if inner is None else inner, self.secrets)
+            raise stream_error(obj if inner is None else inner, self.secrets.text)
         if kind is Kind.USAGE or kind is Kind.TERMINAL:
             self._note_usage(obj)
         try:
@@ -332,7 +227,7 @@ class StreamRenderer:
             changed = True
         if holds_secret(data, obj, self.secret_bytes) or (
                 kind is Kind.TERMINAL and obj.get("type") == "response.failed"):
-            clean = redact_strings(obj, self.secrets)
+            clean = redact_strings(obj, self.secrets.text)
             changed = changed or clean != obj
             obj = clean
         if changed:
@@ -346,13 +241,7 @@ def _malformed(e: SSEProtocolError) -> UpstreamProtocolError:
 
 _VALIDATOR = simdjson.Parser()
 _FIRST_BYTE = operator.itemgetter(0)
-
-
 _UNDECIDED: Any = object()
-_KEPT_USAGE_BYTES = 64 * 1024
-"""A payload that carries usage is kept to be parsed later up to this size (a chunk is some
-300 bytes): the framer's ``max_event_bytes`` bounds what a stream holds, and a kept payload
-must not double it."""
 
 
 def _one_json_value(payload: bytes, spells_usage: bool) -> Any:
@@ -361,7 +250,7 @@ def _one_json_value(payload: bytes, spells_usage: bool) -> Any:
     object at the top): True or False. ``_UNDECIDED`` sends the exact path to decide: not one
     valid value, not an object, or ``"usage"`` spelled twice (a duplicate key: orjson and
     clients take the last, simdjson the first). One parse, and no Python objects built: the
-    usage itself is parsed only when it is read (``StreamRenderer.usage``)."""
+    usage itself is parsed only when it is read (``UsageTracker.usage``)."""
     if payload[:1] == b"\xef":
         return _UNDECIDED
     try:
@@ -379,9 +268,9 @@ def _one_json_value(payload: bytes, spells_usage: bool) -> Any:
 def _each_one_json_value(payloads: list[bytes], k: int) -> bool:
     """Whether each of the first ``k`` payloads is one valid JSON value, UTF-8 included,
     checked one by one so that no value can start in one event and end in the next. simdjson
-    validates without building Python objects (about 0.2 us an event; orjson takes 0.6), each
-    proxy dropped at once so that the parser is reused; it also skips a leading UTF-8 BOM,
-    which a client's parser refuses, so none may start so."""
+    validates without building Python objects (cheaper than orjson's parse), each proxy dropped
+    at once so that the parser is reused; it also skips a leading UTF-8 BOM, which a client's
+    parser refuses, so none may start so."""
     if k < len(payloads):
         payloads = payloads[:k]
     if b"\xef" in bytes(map(_FIRST_BYTE, payloads)):  # type: ignore[arg-type]

@@ -22,7 +22,7 @@ from .client_stream import ClientGone
 
 
 class Watched(Protocol):
-    """What the watchdog needs of a stream (``relay.StreamRelay``)."""
+    """What the watchdog needs of a stream (``StreamRelay``, ``gateway/stream/relay.py``)."""
 
     @property
     def running(self) -> bool: ...

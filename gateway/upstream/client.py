@@ -1,9 +1,10 @@
 """The one pooled HTTP client to the upstream provider, with its credentials and retries.
 
-One ``ConnectionPool`` (``http1.py``) per upstream for the app's whole life: keep-alive
-connections are reused across requests. Requests carry the operator's key, the gateway's own
-headers and the client's that ``[upstream] forward_headers`` names, bounded; the client's own
-credentials never go up.
+One ``ConnectionPool`` (``gateway/upstream/pool.py``) per upstream for the app's whole life:
+keep-alive connections are reused across requests. Requests carry the operator's key, the
+gateway's own headers and the client's that ``[upstream] forward_headers`` names, bounded; the
+client's own credentials never go up. The key is also where the operator's ``Secrets`` are
+built, once, for the stream layer to withhold (``gateway/upstream/errors.py``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from urllib.parse import urlsplit
 
 from ..errors import UpstreamProtocolError, UpstreamTimeout, UpstreamUnreachable
 from ..settings import Settings
-from .http1 import ConnectionPool, InvalidHTTP, UpstreamResponse
+from .errors import NO_SECRETS, Secrets
+from .http1 import InvalidHTTP, UpstreamResponse
+from .pool import ConnectionPool
 
 log = logging.getLogger("gateway.upstream")
 
@@ -37,7 +40,7 @@ class UpstreamClient:
         self._retries = settings.upstream.max_retries
         self._backoff = settings.upstream.retry_backoff_seconds
         # Header names a request may carry up (lower case): the gateway's own, and the
-        # client's that the settings name (never credentials: settings.py refuses those).
+        # client's that the settings name (never credentials: gateway/settings.py refuses those).
         self._forwarded = frozenset(
             (*_GATEWAYS_OWN, *(h.lower() for h in settings.upstream.forward_headers)))
         url = urlsplit(self._base)
@@ -48,18 +51,13 @@ class UpstreamClient:
         if api_key:
             fixed += f"Authorization: Bearer {api_key}\r\n"
         self._fixed_headers = fixed.encode("latin-1")
+        # What must never reach a client: what the stream layer looks for in everything the
+        # upstream sends, built here, the one place the operator's key is known. A key shorter
+        # than ``MIN_SECRET_CHARS`` is not one (real provider keys are dozens of characters):
+        # looked for, it would match ordinary text in every event.
+        self.secrets: Secrets = (Secrets.of(api_key) if len(api_key) >= MIN_SECRET_CHARS
+                                 else NO_SECRETS)
         self.pool: ConnectionPool | None = None
-
-    @property
-    def secrets(self) -> tuple[str, ...]:
-        """Strings that must never reach a client: what the relay looks for in everything the
-        upstream sends. A key shorter than ``MIN_SECRET_CHARS`` is not one (real provider keys
-        are dozens of characters): looked for, it would match ordinary text in every event."""
-        return (self._api_key,) if len(self._api_key) >= MIN_SECRET_CHARS else ()
-
-    @property
-    def base_url(self) -> str:
-        return self._base
 
     async def start(self) -> None:
         self.pool = ConnectionPool(self._base, self._stream.connect_timeout_seconds)

@@ -1,14 +1,15 @@
 """What an upstream says, made safe to show a client: it reaches a client only through this
 module (``from_upstream`` for an error status, ``stream_error`` for an error inside a stream,
 ``redact_strings`` for an upstream event or answer relayed whole), because an upstream may echo
-anything it was sent, the operator's key included.
+anything it was sent, the operator's key included. What is withheld travels as one ``Secrets``
+value, its text and its bytes side by side.
 
-The rules: every string is redacted (``errors.redact``) before it is cut to size, never after,
-so a key cannot straddle the cut; ``code`` and ``type`` pass only when they look like
-identifiers; ``Retry-After`` and ``retry-after-ms`` only as numbers. A 4xx's JSON message
-describes the client's request and passes (redacted, bounded); a 5xx's message, and any body
-that is not a JSON error, may hold stack traces and internal host names, so the client gets a
-generic message and the detail, redacted and bounded, goes to one warning line of the
+The rules: every string is redacted (``redact``, ``gateway/errors.py``) before it is cut to
+size, never after, so a key cannot straddle the cut; ``code`` and ``type`` pass only when they
+look like identifiers; ``Retry-After`` and ``retry-after-ms`` only as numbers. A 4xx's JSON
+message describes the client's request and passes (redacted, bounded); a 5xx's message, and any
+body that is not a JSON error, may hold stack traces and internal host names, so the client gets
+a generic message and the detail, redacted and bounded, goes to one warning line of the
 ``gateway.upstream`` log.
 """
 
@@ -20,6 +21,7 @@ import math
 import re
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import timezone
 from typing import Any, TypeGuard
 
@@ -36,6 +38,29 @@ _MAX_DETAIL = 1000  # characters of a withheld upstream answer the log gets
 _MAX_DETAIL_SOURCE = 64 * 1024  # bytes of it looked at for them
 _MAX_RETRY_SECONDS = 86400
 _DELAY_SECONDS = re.compile(r"\d{1,10}(?:\.\d{1,6})?")
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class Secrets:
+    """Strings that must never reach a client (the operator's key), in both forms they are
+    looked for: ``text`` in parsed strings (``redact``), ``bytes`` in what an upstream sent.
+    Built once, where the operator's key is known (``UpstreamClient``), and handed as one value
+    to everything that passes on what an upstream says; the bytes are encoded there, once per
+    app, not once per request. Its ``repr`` tells how many, never what they are."""
+
+    text: tuple[str, ...] = ()
+    bytes: tuple[bytes, ...] = ()
+
+    @classmethod
+    def of(cls, *secrets: str) -> Secrets:
+        text = tuple(s for s in secrets if s)
+        return cls(text, tuple(s.encode() for s in text))
+
+    def __repr__(self) -> str:
+        return f"Secrets({len(self.text)} withheld)"
+
+
+NO_SECRETS = Secrets()
 
 
 def from_upstream(status: int, body: bytes, headers: Mapping[str, str],

@@ -1,36 +1,37 @@
-"""HTTP/1.1 to the upstream: keep-alive connections on asyncio protocols, parsed by httptools.
+"""HTTP/1.1 to the upstream: one keep-alive connection on an asyncio protocol, and the answer it
+carries, parsed by httptools. The connections are opened, kept and reused by ``ConnectionPool``
+(``gateway/upstream/pool.py``).
 
 Why not aiohttp's client: it hands every read of a response body to a task through a
 ``StreamReader``, so each streamed chunk costs a task switch and a coroutine resume, which was
-most of the relay's CPU (``scripts/bench.py``: a pass-through built this way costs 1.3 ms of
-CPU per 50-chunk stream against 2.1 ms for the same on ``ClientSession``). Here the body is
+most of the relay's CPU (``scripts/bench.py`` compares a pass-through built this way with the
+same on ``ClientSession``; the figures are in ``docs/performance.md``). Here the body is
 delivered from the read callback itself: ``UpstreamResponse.stream`` hands each read's body to
 the relay as one piece (one render and one client write a read), written out before it returns.
 httptools is llhttp (Node's parser, as used by uvicorn): chunked bodies, lengths and errors are
 decoded in C.
 
-The upstream is always asked for an identity encoding (``UpstreamClient``): an answer that is
-compressed anyway is refused, never relayed as bytes no client expects. Connections are opened
-with Happy Eyeballs (RFC 8305, aiohappyeyeballs, as aiohttp does): a host whose IPv6 route is
-broken costs 0.25 s, not the connect timeout.
+The upstream is always asked for an identity encoding (``UpstreamClient``,
+``gateway/upstream/client.py``): an answer that is compressed anyway is refused, never relayed
+as bytes no client expects.
 """
 
 from __future__ import annotations
 
 import asyncio
-import socket
-import ssl
 from collections.abc import Callable
-from typing import Any, cast
-from urllib.parse import urlsplit
+from typing import Protocol, cast
 
-import aiohappyeyeballs
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
 _MAX_HEAD_BYTES = 64 * 1024
 _NO_BODY_STATUSES = frozenset((204, 304))
-_DNS_SECONDS = 60.0  # how long the upstream host's addresses are reused
+_HOLD_BYTES = 64 * 1024
+"""What an answer keeps of its body while nobody reads it yet (its headers are in, its owner has
+not called ``stream`` or ``read``: the relay is still sending the client its own headers). Past
+it, the socket is not read until the owner comes: a fast upstream would otherwise fill memory at
+the loopback's speed for as long as that moment lasts (under load, the whole answer)."""
 
 
 class InvalidHTTP(Exception):
@@ -61,12 +62,12 @@ class UpstreamResponse:
     """
 
     __slots__ = ("status", "headers", "_conn", "_chunks", "_size", "_limit", "_max", "_waiter",
-                 "_on_data", "_on_end", "complete", "error")
+                 "_on_data", "_on_end", "_held", "complete", "error")
 
-    def __init__(self, conn: _Connection) -> None:
+    def __init__(self, conn: Connection) -> None:
         self.status = 0
         self.headers: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
-        self._conn: _Connection | None = conn
+        self._conn: Connection | None = conn
         self._chunks: list[bytes] = []
         self._size = 0
         self._limit: int | None = None
@@ -74,6 +75,7 @@ class UpstreamResponse:
         self._waiter: asyncio.Future[None] | None = None
         self._on_data: DataSink | None = None  # once streamed: where each read's body goes
         self._on_end: EndSink | None = None
+        self._held = False  # the socket paused for want of a reader (``_HOLD_BYTES``)
         self.complete = False
         self.error: BaseException | None = None
 
@@ -83,6 +85,7 @@ class UpstreamResponse:
 
     async def read(self, limit: int | None = None) -> bytes:
         """The whole body, or its first ``limit`` bytes (the rest is not waited for)."""
+        self._take()
         if not self.complete and self.error is None and (limit is None or self._size < limit):
             self._limit = limit
             self._waiter = asyncio.get_running_loop().create_future()
@@ -113,6 +116,7 @@ class UpstreamResponse:
         once), then call ``on_end`` with None at the answer's end or with the error that broke
         it. Both run inside the socket's read callback: they must not block or raise."""
         self._on_data = on_data
+        self._take()  # before what is held goes on: a full client pauses the socket again
         self._pass_on()
         if self.complete or self.error is not None:
             on_end(self.error)
@@ -137,6 +141,7 @@ class UpstreamResponse:
         self._let_go(reusable=False)
 
     def _let_go(self, reusable: bool) -> None:
+        self._take()  # a connection back in the pool reads its next answer
         conn, self._conn = self._conn, None
         self._on_data = self._on_end = None
         if conn is not None:
@@ -156,8 +161,20 @@ class UpstreamResponse:
         self._size += len(data)
         if self._max is not None and self._size > self._max:
             self._overflow(self._max)
-        elif self._limit is not None and self._size >= self._limit:
+            return
+        if self._limit is not None and self._size >= self._limit:
             self._wake()
+        if self._on_data is None and self._waiter is None and self._size > _HOLD_BYTES \
+                and not self._held and self._conn is not None \
+                and self._conn.transport is not None:
+            self._held = True  # no reader yet: the rest waits in the socket (``_HOLD_BYTES``)
+            self._conn.transport.pause_reading()
+
+    def _take(self) -> None:
+        """A reader has come (or the answer is let go): the socket is read again."""
+        if self._held:
+            self._held = False
+            self.resume_reading()
 
     def _overflow(self, max_bytes: int) -> None:
         """Past ``read_all``'s cap: drop what was kept, fail the read, close the connection
@@ -186,7 +203,18 @@ class UpstreamResponse:
             self._waiter.set_result(None)
 
 
-class _Connection(asyncio.Protocol):
+class Pool(Protocol):
+    """What a connection tells the pool it belongs to (``ConnectionPool``,
+    ``gateway/upstream/pool.py``, which imports this module: never the other way)."""
+
+    def put(self, conn: Connection) -> None:
+        """Back for reuse: its answer was read to its end."""
+
+    def forget(self, conn: Connection) -> None:
+        """Closed: never to be handed out again."""
+
+
+class Connection(asyncio.Protocol):
     """One keep-alive connection; it carries one request at a time."""
 
     # The request in flight (set by ``send``).
@@ -197,7 +225,7 @@ class _Connection(asyncio.Protocol):
     until_close: bool  # a body without length or chunking: it ends with the socket
     informational: bool  # a 1xx answer (103 Early Hints) came first: the real one follows
 
-    def __init__(self, pool: ConnectionPool) -> None:
+    def __init__(self, pool: Pool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.response: UpstreamResponse | None = None
@@ -320,80 +348,3 @@ class _Connection(asyncio.Protocol):
         self._end(error)
         if self.transport is not None:
             self.transport.abort()
-
-
-class ConnectionPool:
-    """Keep-alive connections to one upstream origin, most recently used first."""
-
-    def __init__(self, base_url: str, connect_timeout: float, idle_seconds: float = 60) -> None:
-        url = urlsplit(base_url)
-        if url.scheme not in ("http", "https") or not url.hostname:
-            raise ValueError(f"not an http(s) URL: {base_url!r}")
-        self.host = url.hostname
-        self.port = url.port or (443 if url.scheme == "https" else 80)
-        self.ssl = ssl.create_default_context() if url.scheme == "https" else None
-        self.connect_timeout = connect_timeout
-        self.idle_seconds = idle_seconds
-        self._addresses: tuple[float, list[Any]] | None = None  # (until, getaddrinfo's answer)
-        self._idle: list[_Connection] = []
-        self._busy: set[_Connection] = set()
-        self.closed = False
-
-    async def send(self, request: bytes) -> UpstreamResponse:
-        """Send one request; the answer once its headers have arrived."""
-        conn = await self._acquire()
-        try:
-            return await conn.send(request)
-        except BaseException:
-            conn.abort()
-            raise
-
-    async def _acquire(self) -> _Connection:
-        if self.closed:
-            raise ConnectionLost("the upstream pool is closed")
-        loop = asyncio.get_running_loop()
-        fresh_after = loop.time() - self.idle_seconds
-        while self._idle:
-            conn = self._idle.pop()
-            if conn.transport is not None and not conn.transport.is_closing() \
-                    and conn.idle_since > fresh_after:
-                self._busy.add(conn)
-                return conn
-            conn.abort()
-        async with asyncio.timeout(self.connect_timeout):
-            sock = await aiohappyeyeballs.start_connection(
-                await self._resolve(), happy_eyeballs_delay=0.25, interleave=1)
-            _, conn = await loop.create_connection(
-                lambda: _Connection(self), sock=sock, ssl=self.ssl,
-                server_hostname=self.host if self.ssl else None)
-        self._busy.add(conn)
-        return conn
-
-    async def _resolve(self) -> list[Any]:
-        loop = asyncio.get_running_loop()
-        if self._addresses is None or self._addresses[0] < loop.time():
-            infos = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
-            self._addresses = (loop.time() + _DNS_SECONDS, infos)
-        return self._addresses[1]
-
-    def put(self, conn: _Connection) -> None:
-        self._busy.discard(conn)
-        if self.closed:
-            conn.abort()
-            return
-        conn.idle_since = asyncio.get_running_loop().time()
-        self._idle.append(conn)
-
-    def forget(self, conn: _Connection) -> None:
-        self._busy.discard(conn)
-        if conn in self._idle:
-            self._idle.remove(conn)
-
-    @property
-    def open_connections(self) -> int:
-        return len(self._idle) + len(self._busy)
-
-    def close(self) -> None:
-        self.closed = True
-        for conn in [*self._idle, *self._busy]:
-            conn.abort()

@@ -1,8 +1,9 @@
 """What a request builds is freed the moment it ends, by reference counting: no reference cycle
 keeps a stream, its request or the upstream's answer alive for the garbage collector.
 
-A cycle per request makes every object hanging off it wait for a collection (some 20 a
-stream), and those collections cost about 5 % of a short stream's CPU (scripts/bench.py).
+A cycle per request makes every object hanging off it wait for a collection, and those
+collections are a share of a short stream's CPU worth saving (``scripts/bench.py``; the
+figures are in ``docs/performance.md``).
 Each way a request ends is tried: a stream that completes, one ended by the upstream's error
 event or by its broken connection, one whose client leaves, one the upstream refuses, a plain
 answer, a request refused by auth or by the rate limit, a Responses stream.

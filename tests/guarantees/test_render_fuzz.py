@@ -14,7 +14,9 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.stream.render import CHAT, RESPONSES, Dialect, StreamRenderer
+from gateway.stream.dialect import CHAT, RESPONSES, Dialect
+from gateway.stream.render import StreamRenderer
+from gateway.upstream.errors import Secrets
 
 SECRET = "xai-operator-secret-key"
 
@@ -104,8 +106,8 @@ def split(data: bytes, cuts: list[int]) -> list[bytes]:
 def check(dialect: Dialect, events: list[bytes], cuts: list[int], newline: bytes = b"\n"
           ) -> None:
     data = b"".join(events).replace(b"\n", newline)
-    reference = outcome(StreamRenderer(dialect, secrets=(SECRET,), fast=False), [data])
-    got = outcome(StreamRenderer(dialect, secrets=(SECRET,)), split(data, cuts))
+    reference = outcome(StreamRenderer(dialect, secrets=Secrets.of(SECRET), fast=False), [data])
+    got = outcome(StreamRenderer(dialect, secrets=Secrets.of(SECRET)), split(data, cuts))
     assert got == reference
     for sent in (got[0], got[2] or b""):  # the key, as a client's parser reads it
         assert SECRET.encode() not in sent.decode("utf-8", "replace").encode()
