@@ -2,8 +2,8 @@
 """Benchmark the gateway against the upstream directly and nginx as a plain proxy, in one run.
 
 Starts the mock upstream, nginx (``proxy_buffering off``, one worker, no auth, no limits, no
-framing), a naive aiohttp pass-through (scripts/naive_relay.py: the usual relay on aiohttp)
-and the gateway (auth, a Redis rate-limit check when Redis answers, SSE framing), each
+framing), a naive aiohttp pass-through (benchlib/relays/naive.py: the usual relay on
+aiohttp) and the gateway (auth, a Redis rate-limit check when Redis answers, SSE framing), each
 as its own process on loopback, and runs the same load against all of them, interleaved round
 by round (the order rotating) so machine noise hits each alike. Reports medians over rounds, as
 a JSON summary and, with ``--table``, a Markdown table after it.
@@ -11,12 +11,13 @@ a JSON summary and, with ``--table``, a Markdown table after it.
 Scenarios (``--only`` picks some; ``all`` is every one):
   load     issue 13's table: --streams concurrent paced streams (--chunks, --chunk-delay-ms)
            and light load (--light-streams): TTFB p50/p99 and whole-stream p99, and each
-           proxy's over direct; CPU per paced stream of each proxy; CPU per stream whose 100
-           events arrive in one read (the mock's burst mode writes them in one write)
+           proxy's over direct; CPU per paced stream of each proxy; CPU per stream whose
+           --one-read-chunks events arrive in one read (the mock's burst mode writes them in
+           one write); each beside the target issue 13 set for it
   field    the figures of the public cross-gateway benchmark "On the Bench": added latency
            (plain request, concurrency 1), added time to first token, added inter-frame
            latency on a paced stream, streams sustained (a ladder of concurrencies), requests/s
-           at p99 bounds of 1, 5, 10 and 50 ms (a ladder of concurrencies)
+           at each p99 bound of --rps-bounds (a ladder of concurrencies)
   cpu      N concurrent streams of C chunks, D ms apart: CPU per stream of the proxy process
   ttfb     one stream at a time: added time to first byte over calling the upstream directly
   burst    chunks with no pause: chunks per second through each proxy
@@ -25,13 +26,14 @@ Scenarios (``--only`` picks some; ``all`` is every one):
            processes, for each N of --workers-list, and the cores the proxy, the upstream and
            the client each used (what limited the run)
   layers   what each layer costs: CPU per stream of nginx, a bare Python relay
-           (scripts/floor_relay.py), the naive relay, the gateway's hot-path work on raw
-           protocols (scripts/lean_relay.py), the gateway with its in-process limiter and with
-           Redis, each beside nginx's, for a stream of one event, one of 100 events in one
-           read, --streams paced streams and long streams (500 events 2 ms apart; per event)
+           (benchlib/relays/floor.py), the naive relay, the gateway's hot-path work on raw
+           protocols (benchlib/relays/lean.py), the gateway with its in-process limiter and with
+           Redis, each beside nginx's, for a stream of one event, one whose --one-read-chunks
+           events arrive in one read, --streams paced streams and long streams of events close
+           together (also per event)
 
 CPU is the scheduler's nanosecond count of every thread of the process and its children
-(/proc/PID/task/TID/schedstat), not the 10 ms ticks of /proc/PID/stat.
+(/proc/PID/task/TID/schedstat), not the coarse clock ticks (SC_CLK_TCK) of /proc/PID/stat.
 
 Clients: burst, workers and the requests/s ladder use wrk when it is installed (a Python client
 would be what limits them); the other scenarios use scripts/loadtest.py, which verifies every
@@ -41,8 +43,8 @@ event loop ran (``client`` in the summary): a client that lags is what limits a 
 Upstreams: ``--mocks K`` runs K mock processes on one port (SO_REUSEPORT; the kernel spreads
 connections over them) for machines where one would be the bottleneck. The workers scenario
 uses a replay upstream instead (``--serve-replay``): it answers every stream with the bytes the
-mock sent for one burst stream, recorded at start, framed as the mock frames them, for a few
-microseconds of CPU, so that the upstream is never what limits it.
+mock sent for one burst stream, recorded at start, framed as the mock frames them, at next to
+no CPU, so that the upstream is never what limits it.
 """
 
 from __future__ import annotations
@@ -59,20 +61,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-# benchlib/ and loadtest.py beside this file, however it is started
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib.proxies import redis_available  # noqa: E402
-from benchlib.scenarios.burst import scenario_burst  # noqa: E402
-from benchlib.scenarios.cpu import scenario_cpu  # noqa: E402
-from benchlib.scenarios.field import scenario_field  # noqa: E402
-from benchlib.scenarios.layers import scenario_layers  # noqa: E402
-from benchlib.scenarios.load import scenario_load  # noqa: E402
-from benchlib.scenarios.many import scenario_many  # noqa: E402
-from benchlib.scenarios.ttfb import scenario_ttfb  # noqa: E402
-from benchlib.scenarios.workers import scenario_workers  # noqa: E402
-from benchlib.table import table  # noqa: E402
-from benchlib.targets import Bench, targets_started  # noqa: E402
-from benchlib.upstreams import serve_mock, serve_replay  # noqa: E402
+from benchlib.proxies import redis_available
+from benchlib.scenarios.burst import scenario_burst
+from benchlib.scenarios.cpu import scenario_cpu
+from benchlib.scenarios.field import scenario_field
+from benchlib.scenarios.layers import scenario_layers
+from benchlib.scenarios.load import scenario_load
+from benchlib.scenarios.many import scenario_many
+from benchlib.scenarios.ttfb import scenario_ttfb
+from benchlib.scenarios.workers import scenario_workers
+from benchlib.table import table
+from benchlib.targets import Bench, targets_started
+from benchlib.upstreams import serve_mock, serve_replay
 
 # The scenarios in the order they run, whatever the order of --only.
 RUNS: dict[str, Callable[[Bench], dict[str, Any]]] = {

@@ -6,32 +6,35 @@ scripts/bench.py. So both gateways run at once (the other commit from a git work
 nginx beside them, against one mock upstream and one Redis, and each round runs every load
 against each of the three in turn, the order alternating. Medians over the rounds; "lower in"
 counts the rounds where this tree's gateway cost less than the other's in the same round, and
-the middle half of the rounds' changes shows the spread (one that straddles zero is noise: on
-a 2-core VM the paced and long loads move by up to 8 % between identical trees).
+the middle half of the rounds' changes shows the spread (one that straddles zero is noise: the
+paced and long loads drift the most between identical trees; docs/performance.md says how much).
 
-    python scripts/bench_ab.py BASE [--rounds 10] [--loads one,one_read,paced,long] [--no-redis]
+    python scripts/bench_ab.py BASE [--rounds N] [--loads one,one_read,paced,long] [--no-redis]
 
-Loads (CPU of the proxy process per stream; nginx's for the ratio):
-  one       a stream of one event, 20 at a time, on kept-alive connections: a request's cost
-  one_read  a stream of 100 events that arrive in one read, 20 at a time
-  paced     200 concurrent streams of 50 events 20 ms apart, each on a new connection
-  long      20 streams of 500 events 2 ms apart: nearly all per event
+Loads (CPU of the proxy process per stream; nginx's for the ratio; each one's size in LOADS):
+  one       streams of one event, a few at a time, on kept-alive connections: a request's cost
+  one_read  streams whose events all arrive in one read, a few at a time
+  paced     many concurrent paced streams, each on a new connection
+  long      a few long streams of events close together: nearly all per event
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from benchlib.clients import load
-from benchlib.processes import ROOT, Target, free_port
+from benchlib.processes import ROOT, Target
 from benchlib.proxies import gateway_started, nginx_started, redis_available
 from benchlib.rounds import median
 from benchlib.upstreams import upstream_group
+
+from gateway.mock.ports import free_port
 
 LOADS: dict[str, dict[str, Any]] = {
     "one": {"concurrency": 20, "requests": 3000, "mock": {"chunks": 1}},
@@ -65,7 +68,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("base", help="the commit to compare this tree against (HEAD, main~3, a sha)")
     p.add_argument("--rounds", type=int, default=10)
-    p.add_argument("--loads", default=",".join(LOADS))
+    p.add_argument("--loads", default=",".join(LOADS), help="comma-separated, of: " + "; ".join(
+        f"{name} {json.dumps(size)}" for name, size in LOADS.items()))
     p.add_argument("--no-redis", action="store_true", help="the in-process limiter")
     p.add_argument("--clients", type=int, default=2, help="load client processes")
     a = p.parse_args()

@@ -33,9 +33,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import multiprocessing
 import os
-import socket
 import statistics
 import subprocess
 import tempfile
@@ -45,27 +45,25 @@ from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
+import loadtest
 import redis.asyncio as aioredis
 from aiohttp import web
+from benchlib.processes import started
+from benchlib.table import markdown
 
 from gateway.app import create_app
+from gateway.mock.ports import free_port
 from gateway.ratelimit.memory import MemoryLimiter
 from gateway.ratelimit.redis import RedisLimiter
 from gateway.redis.topology import close, connect
 from gateway.request_info import ClientKey
+from gateway.schema import settings_from
 from gateway.settings import RedisSettings, Settings
 
 KEY = "sk-bench-000000000000000001"
 BIG = ClientKey(name="bench", requests_per_minute=1e9, burst=1_000_000_000,
                 max_concurrent_streams=1000)
-
-
-def _use_uvloop() -> None:
-    try:
-        import uvloop
-    except ImportError:
-        return
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+TIMINGS = ["mean", "p50", "p99"]  # the columns of a row of timings
 
 
 async def sequential_checks(limiter: Any, n: int) -> list[float]:
@@ -73,9 +71,9 @@ async def sequential_checks(limiter: Any, n: int) -> list[float]:
     for i in range(n):
         key = BIG if i % 2 else ClientKey(name=f"bench-{i % 64}", requests_per_minute=1e9,
                                           burst=1_000_000_000, max_concurrent_streams=1000)
-        started = time.perf_counter()
+        t0 = time.perf_counter()
         await limiter.acquire(key, stream=False)
-        timings.append(time.perf_counter() - started)
+        timings.append(time.perf_counter() - t0)
     return timings
 
 
@@ -109,9 +107,8 @@ async def concurrent_checks(url: str, prefix: str, seconds: float, concurrency: 
 
 def _process_checks(args: tuple[str, str, float, int, float, str]) -> int:
     url, prefix, seconds, concurrency, start_at, mode = args
-    _use_uvloop()
     time.sleep(max(0.0, start_at - time.time()))
-    return asyncio.run(concurrent_checks(url, prefix, seconds, concurrency, mode))
+    return loadtest.run_loop(concurrent_checks(url, prefix, seconds, concurrency, mode))
 
 
 def many_processes(url: str, prefix: str, seconds: float, procs: int, concurrency: int,
@@ -147,9 +144,9 @@ async def gateway_requests(settings: Settings, n: int, seconds: float,
                 await one()
             timings = []
             for _ in range(n):
-                started = time.perf_counter()
+                t0 = time.perf_counter()
                 await one()
-                timings.append(time.perf_counter() - started)
+                timings.append(time.perf_counter() - t0)
             stop = time.monotonic() + seconds
             done = 0
 
@@ -173,75 +170,85 @@ def bench_settings(redis: dict[str, Any] | None) -> Settings:
     }
     if redis:
         data["redis"] = redis
-    return Settings.from_mapping(data)
+    return settings_from(data)
 
 
 def us(seconds: float) -> str:
-    return f"{seconds * 1e6:8.1f} µs"
+    return f"{seconds * 1e6:,.1f} µs"
 
 
-def summary(timings: list[float]) -> str:
-    timings = sorted(timings)
-    p99 = timings[int(len(timings) * 0.99)]
-    return (f"mean {us(statistics.fmean(timings))}  p50 {us(timings[len(timings) // 2])}  "
-            f"p99 {us(p99)}")
+def timing_cells(timings: list[float]) -> list[str]:
+    """The ``TIMINGS`` columns: mean, p50 and p99, as loadtest.py takes its percentiles."""
+    return [us(statistics.fmean(timings)),
+            *(us(loadtest.percentile(timings, p) or 0.0) for p in (50, 99))]
 
 
-async def main_async(args: argparse.Namespace, prefix: str) -> None:
-    import logging
-    logging.basicConfig(level=logging.ERROR)
+def section(title: str, head: list[str], rows: list[list[str]], *notes: str) -> None:
+    """One section of the report: its title, its Markdown table, a line per note."""
+    print("\n".join(["", title, "", *markdown(head, rows), *notes]), flush=True)
 
-    print("1. one check, sequential")
-    memory = MemoryLimiter()
-    mem = await sequential_checks(memory, args.checks)
-    print(f"   memory limiter      {summary(mem)}")
+
+async def sequential_section(args: argparse.Namespace, prefix: str) -> None:
+    """Section 1: one check at a time, each limiter, and Redis' round trip alone."""
+    memory = await sequential_checks(MemoryLimiter(), args.checks)
     settings = RedisSettings(url=args.redis_url, key_prefix=prefix, timeout_seconds=2)
     client = connect(settings)
     limiter = RedisLimiter(client, settings)
     await sequential_checks(limiter, 200)  # loads the script
     red = await sequential_checks(limiter, args.checks)
-    print(f"   redis limiter       {summary(red)}   (one EVALSHA round trip)")
     ping = []
     for _ in range(args.checks):
-        started = time.perf_counter()
+        t0 = time.perf_counter()
         await client.ping()
-        ping.append(time.perf_counter() - started)
-    print(f"   redis PING          {summary(ping)}   (the round trip alone)")
+        ping.append(time.perf_counter() - t0)
     await limiter.close()
     await close(client)
+    section("1. one check, sequential", ["", *TIMINGS], [
+        ["memory limiter", *timing_cells(memory)],
+        ["redis limiter (one EVALSHA round trip)", *timing_cells(red)],
+        ["redis PING (the round trip alone)", *timing_cells(ping)]])
 
-    print("2. checks per second one Redis sustains (concurrent script calls)")
+
+async def sustained_section(args: argparse.Namespace, prefix: str) -> None:
+    """Section 2: the checks one process gets from one Redis, what each costs Redis, and the
+    gateway's CPU per check by tasks in flight (what batching saves)."""
     before = await evalsha_stats(args.redis_url)
     one = await concurrent_checks(args.redis_url, prefix, args.seconds, args.concurrency)
     after = await evalsha_stats(args.redis_url)
-    print(f"   1 process x {args.concurrency} tasks    {one / args.seconds:10,.0f} checks/s")
+    rows = [[f"1 process x {args.concurrency} tasks", f"{one / args.seconds:,.0f} checks/s"]]
     calls, usec = after[0] - before[0], after[1] - before[1]
     if calls:
-        print(f"   Redis CPU per check {usec / calls:8.1f} µs  => one Redis core tops out near "
-              f"{calls / usec * 1e6:,.0f} checks/s")
-    for stream in (False, True):  # what batching saves the gateway: CPU by tasks in flight
+        rows.append(["Redis CPU per check", f"{usec / calls:,.1f} µs: one Redis core tops out "
+                                            f"near {calls / usec * 1e6:,.0f} checks/s"])
+    in_flight = (1, 4, args.concurrency)
+    for stream in (False, True):
         costs = []
-        for concurrency in (1, 4, args.concurrency):
+        for concurrency in in_flight:
             cpu = time.process_time()
             done = await concurrent_checks(args.redis_url, prefix, args.seconds / 2,
                                            concurrency, stream=stream)
-            costs.append(f"{concurrency}: {us((time.process_time() - cpu) / done)}")
-        print(f"   gateway CPU per {'stream (check, lease, release)' if stream else 'check'}"
-              f" by tasks in flight: {', '.join(costs)}")
+            costs.append(us((time.process_time() - cpu) / done))
+        what = "stream (check, lease, release)" if stream else "check"
+        rows.append([f"gateway CPU per {what}, by tasks in flight",
+                     ", ".join(f"{n}: {c}" for n, c in zip(in_flight, costs, strict=True))])
+    section("2. checks per second one Redis sustains (concurrent script calls)",
+            ["", "measured"], rows)
 
-    print("3. through the gateway (POST chat/completions, mock upstream in-process)")
+
+async def gateway_section(args: argparse.Namespace, prefix: str) -> None:
+    """Section 3: the same requests through a real gateway, memory limiter against Redis."""
     results = {}
     for name, redis in (("memory", None),
                         ("redis", {"url": args.redis_url, "key_prefix": prefix})):
-        timings, rps = await gateway_requests(bench_settings(redis), args.requests,
-                                              args.seconds, args.concurrency)
-        results[name] = (timings, rps)
-        print(f"   {name:6} limiter  sequential {summary(timings)}   "
-              f"{args.concurrency} concurrent: {rps:8,.0f} req/s")
-    cost = statistics.fmean(results["redis"][0]) - statistics.fmean(results["memory"][0])
-    cost50 = (statistics.median(results["redis"][0])
-              - statistics.median(results["memory"][0]))
-    print(f"   => the Redis limiter adds {us(cost)} (mean), {us(cost50)} (p50) per request")
+        results[name] = await gateway_requests(bench_settings(redis), args.requests,
+                                               args.seconds, args.concurrency)
+    mean = statistics.fmean(results["redis"][0]) - statistics.fmean(results["memory"][0])
+    p50 = statistics.median(results["redis"][0]) - statistics.median(results["memory"][0])
+    section("3. through the gateway (POST chat/completions, mock upstream in-process)",
+            ["limiter", *(f"sequential {t}" for t in TIMINGS), f"{args.concurrency} concurrent"],
+            [[name, *timing_cells(timings), f"{rps:,.0f} req/s"]
+             for name, (timings, rps) in results.items()],
+            f"=> the Redis limiter adds {us(mean)} (mean), {us(p50)} (p50) per request")
 
 
 async def evalsha_stats(*urls: str) -> tuple[int, int]:
@@ -259,7 +266,9 @@ async def evalsha_stats(*urls: str) -> tuple[int, int]:
 
 
 async def one_deployment(urls: list[str], mode: str, prefix: str, args: argparse.Namespace
-                         ) -> None:
+                         ) -> list[str]:
+    """Section 4's row for one deployment: sequential timings, then checks per second from one
+    process, with the gateway's and Redis' CPU per check."""
     settings = RedisSettings(url=urls[0], key_prefix=prefix, timeout_seconds=2, mode=mode)
     client = connect(settings)
     limiter = RedisLimiter(client, settings)
@@ -271,21 +280,25 @@ async def one_deployment(urls: list[str], mode: str, prefix: str, args: argparse
     done = await concurrent_checks(urls[0], prefix, args.seconds, args.concurrency, mode)
     cpu, after = time.process_time() - cpu, await evalsha_stats(*urls)
     calls, usec = after[0] - before[0], after[1] - before[1]
-    print(f"   {mode:8} sequential {summary(seq)}")
-    print(f"   {mode:8} 1 process x {args.concurrency}: {done / args.seconds:8,.0f} checks/s, "
-          f"gateway CPU {us(cpu / done)}/check, Redis CPU {usec / max(calls, 1):6.1f} µs/check")
+    return [mode, *timing_cells(seq), f"{done / args.seconds:,.0f} checks/s", us(cpu / done),
+            f"{usec / max(calls, 1):,.1f} µs"]
 
 
 def cluster_vs_single(args: argparse.Namespace, prefix: str) -> None:
-    print("4. a 3-primary Redis Cluster vs one Redis (both private, on this host)")
+    head = ["", *(f"sequential {t}" for t in TIMINGS),
+            f"1 process x {args.concurrency}", "gateway CPU per check", "Redis CPU per check"]
+    if args.procs > 1:
+        head.append(f"{args.procs} processes x {args.concurrency}")
+    rows = []
     with private_redis(1) as single, private_redis(3, cluster=True) as nodes:
         for deployment, mode in ((single, "single"), (nodes, "cluster")):
-            asyncio.run(one_deployment(deployment, mode, prefix, args))
+            row = loadtest.run_loop(one_deployment(deployment, mode, prefix, args))
             if args.procs > 1:
                 rate = many_processes(deployment[0], prefix, args.seconds, args.procs,
                                       args.concurrency, mode)
-                print(f"   {mode:8} {args.procs} processes x {args.concurrency}: "
-                      f"{rate:8,.0f} checks/s")
+                row.append(f"{rate:,.0f} checks/s")
+            rows.append(row)
+    section("4. a 3-primary Redis Cluster vs one Redis (both private, on this host)", head, rows)
 
 
 async def cleanup(url: str, prefix: str) -> None:
@@ -311,7 +324,7 @@ def main() -> None:
                         help="only section 4: a private 3-primary cluster vs a private Redis")
     args = parser.parse_args()
     prefix = f"gwbench:{uuid.uuid4().hex[:10]}"
-    _use_uvloop()
+    logging.basicConfig(level=logging.ERROR)
     if args.cluster:
         cluster_vs_single(args, prefix)
         return
@@ -319,58 +332,37 @@ def main() -> None:
         if args.own_redis:
             args.redis_url = servers.enter_context(private_redis(1))[0]
         try:
-            asyncio.run(main_async(args, prefix))
+            for run in (sequential_section, sustained_section, gateway_section):
+                loadtest.run_loop(run(args, prefix))
             if args.procs > 1:
                 rate = many_processes(args.redis_url, prefix, args.seconds, args.procs,
                                       args.concurrency)
-                print(f"   {args.procs} processes x {args.concurrency} tasks "
-                      f"{rate:10,.0f} checks/s   (section 2, several gateway workers)")
+                print(f"\n{args.procs} processes x {args.concurrency} tasks: {rate:,.0f} checks/s "
+                      "(section 2, several gateway workers)")
         finally:
-            asyncio.run(cleanup(args.redis_url, prefix))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_port(port: int) -> None:
-    for _ in range(250):
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.02)
-    raise SystemExit(f"redis-server on port {port} did not start")
+            loadtest.run_loop(cleanup(args.redis_url, prefix))
 
 
 @contextlib.contextmanager
 def private_redis(count: int, cluster: bool = False) -> Iterator[list[str]]:
     """The URLs of ``count`` private redis-servers on free ports (with ``cluster``, joined into
     a cluster of as many primaries, no replicas), each with its folder in one temporary folder;
-    all killed and the folder removed at the end, however it ends."""
-    procs: list[subprocess.Popen[bytes]] = []
-    with tempfile.TemporaryDirectory(prefix="gwbench-") as folder:
-        try:
-            urls = []
-            for i in range(count):
-                port = _free_port()
-                os.mkdir(f"{folder}/{i}")
-                argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save",
-                        "", "--appendonly", "no", "--dir", f"{folder}/{i}"]
-                if cluster:
-                    argv += ["--cluster-enabled", "yes", "--cluster-port", str(_free_port())]
-                procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL,
-                                              stderr=subprocess.DEVNULL))
-                _wait_port(port)
-                urls.append(f"redis://127.0.0.1:{port}/0")
+    all stopped and the folder removed at the end, however it ends."""
+    with tempfile.TemporaryDirectory(prefix="gwbench-") as folder, \
+            contextlib.ExitStack() as servers:
+        urls = []
+        for i in range(count):
+            port = free_port()
+            os.mkdir(f"{folder}/{i}")
+            argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                    "--appendonly", "no", "--dir", f"{folder}/{i}"]
             if cluster:
-                _create_cluster(urls)
-            yield urls
-        finally:
-            for proc in procs:
-                proc.kill()
-                proc.wait()
+                argv += ["--cluster-enabled", "yes", "--cluster-port", str(free_port())]
+            servers.enter_context(started(argv, port))
+            urls.append(f"redis://127.0.0.1:{port}/0")
+        if cluster:
+            _create_cluster(urls)
+        yield urls
 
 
 def _create_cluster(urls: list[str]) -> None:

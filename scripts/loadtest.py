@@ -16,7 +16,7 @@ reads (chunk count, size, pacing); a real upstream ignores it... or rejects it, 
 
 The client measures itself, so that a run can tell whether the client was what limited it:
 ``client_cores`` (CPU seconds per second of the client processes) and ``loop_lag_ms`` (how late
-a 5 ms timer fires in the client's event loop). ``--processes N`` splits the load over N client
+a short timer fires in the client's event loop). ``--processes N`` splits the load over N client
 processes (one event loop each) when one is too slow. ``--gaps`` records the time between
 consecutive data events as the client reads them (``gap_ms``; events that arrive in one read
 are 0 apart), and ``--stall-ms`` counts the streams with a gap above it (``stalled``).

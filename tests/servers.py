@@ -35,13 +35,9 @@ from urllib.parse import urlsplit
 import aiohttp
 import redis
 
+from gateway.mock.ports import free_port  # the one helper, shared with scripts/benchlib
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def clean_environ(**extra: str) -> dict[str, str]:

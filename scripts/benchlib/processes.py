@@ -2,8 +2,8 @@
 
 Every server runs in its own session (``started``), so that stopping it stops its workers too,
 and its cost is read from /proc for the whole process tree: the scheduler's nanosecond count of
-every thread (/proc/PID/task/TID/schedstat) where the kernel keeps one, the 10 ms ticks of
-/proc/PID/stat otherwise.
+every thread (/proc/PID/task/TID/schedstat) where the kernel keeps one, the coarse clock ticks
+(SC_CLK_TCK) of /proc/PID/stat otherwise.
 """
 
 from __future__ import annotations
@@ -21,12 +21,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent.parent  # the repository: servers run from there
 TICK = os.sysconf("SC_CLK_TCK")
 SCHEDSTAT = Path("/proc/self/schedstat").exists()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_port(port: int, timeout: float = 15) -> None:

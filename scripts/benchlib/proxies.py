@@ -1,9 +1,11 @@
 """The proxies under test, configured for the bench, and the Redis beside the gateway.
 
 nginx is the floor: one worker (``--workers-list`` asks for more), ``proxy_buffering off``, no
-auth, no limits, no framing. The naive relay (scripts/naive_relay.py) is the usual aiohttp
-pass-through. The gateway does its whole work: auth, a rate-limit check in Redis when Redis
-answers (in memory otherwise), SSE framing, metrics; its limits are set far above any load here.
+auth, no limits, no framing. The naive relay (relays/naive.py) is the usual aiohttp
+pass-through; the floor and lean relays (relays/) price the layers under the gateway. Each relay
+is a program of its own, started by its path. The gateway does its whole work: auth, a
+rate-limit check in Redis when Redis answers (in memory otherwise), SSE framing, metrics; its
+limits are set far above any load here.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 from .processes import ROOT, started
 
 KEY = "sk-bench-0000000000000000"  # the gateway's one client key; every client sends it
+RELAYS = Path(__file__).resolve().parent / "relays"
 
 
 NGINX_CONF = """
@@ -58,7 +61,7 @@ def nginx_started(tmp: Path, upstream: int, port: int, workers: int = 1
 
 def naive_started(upstream: int, port: int
                   ) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
-    return started([sys.executable, str(ROOT / "scripts" / "naive_relay.py"), str(port),
+    return started([sys.executable, str(RELAYS / "naive.py"), str(port),
                     f"http://127.0.0.1:{upstream}/v1"], port)
 
 
@@ -114,12 +117,12 @@ def gateway_started(tmp: Path, upstream: int, redis_url: str | None, port: int,
 
 def floor_started(upstream: int, port: int
                   ) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
-    return started([sys.executable, str(ROOT / "scripts" / "floor_relay.py"), str(port),
+    return started([sys.executable, str(RELAYS / "floor.py"), str(port),
                     str(upstream)], port)
 
 
 def lean_started(upstream: int, redis_url: str | None, port: int
                  ) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
-    return started([sys.executable, str(ROOT / "scripts" / "lean_relay.py"), str(port),
+    return started([sys.executable, str(RELAYS / "lean.py"), str(port),
                     f"http://127.0.0.1:{upstream}/v1", KEY, redis_url or "-",
                     f"gwbench-lean:{os.getpid()}"], port)

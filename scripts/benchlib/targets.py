@@ -13,8 +13,10 @@ from typing import Any
 
 import loadtest
 
+from gateway.mock.ports import free_port
+
 from .clients import load
-from .processes import Target, free_port
+from .processes import Target
 from .proxies import gateway_started, naive_started, nginx_started, redis_pid
 from .upstreams import upstream_group
 

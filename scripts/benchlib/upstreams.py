@@ -4,8 +4,8 @@ One upstream is ``gateway mock-upstream``. Several (``--mocks K``) share one por
 SO_REUSEPORT, each started as ``scripts/bench.py --serve-mock`` so that the kernel spreads the
 connections over them. The workers scenario uses a replay upstream instead
 (``--serve-replay``): every stream is answered with the bytes the mock sent for one burst
-stream, recorded at start and written as the mock writes them, for a few microseconds of CPU, so
-that the upstream is never what limits that run.
+stream, recorded at start and written as the mock writes them, at next to no CPU, so that the
+upstream is never what limits that run.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ BENCH_SCRIPT = ROOT / "scripts" / "bench.py"
 
 def serve_mock(port: int, ready: Path) -> None:
     """``--serve-mock``: the project's mock upstream as one of several processes on ``port``."""
-    sys.path.insert(0, str(ROOT))
     from aiohttp import web
 
     from gateway.mock.upstream import BACKLOG, create_mock_app
@@ -46,12 +45,12 @@ def serve_mock(port: int, ready: Path) -> None:
 REPLAY_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
                b"Transfer-Encoding: chunked\r\nServer: bench-replay\r\n\r\n")
 REPLAY_404 = b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
-BATCH_BYTES = 64 * 1024  # the mock's burst writes (gateway/mock/upstream.py, _BATCH_BYTES)
+BATCH_BYTES = 64 * 1024  # the mock's burst writes (gateway/mock/stream.py, _BATCH_BYTES)
 
 
 def replay_answer(body: bytes) -> bytes:
-    """The whole HTTP answer for a recorded SSE body: its events in batches of up to 64 KiB,
-    one HTTP chunk each, as the mock writes a burst."""
+    """The whole HTTP answer for a recorded SSE body: its events in batches of up to
+    ``BATCH_BYTES``, one HTTP chunk each, as the mock writes a burst."""
     events = [e + b"\n\n" for e in body.split(b"\n\n") if e]
     chunks, batch = [], b""
     for event in events:

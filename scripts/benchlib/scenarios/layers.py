@@ -1,24 +1,24 @@
 """``layers``: what each layer costs, as CPU per stream beside nginx's, all in one run:
 
   nginx            what issue 13 measures against
-  floor            the least a relay in Python does (scripts/floor_relay.py: uvloop protocols,
-                   the bytes passed on from the read callback, httptools finding where each
-                   message ends)
-  naive            the usual aiohttp pass-through (scripts/naive_relay.py)
+  floor            the least a relay in Python does (benchlib/relays/floor.py: uvloop
+                   protocols, the bytes passed on from the read callback, httptools finding
+                   where each message ends)
+  naive            the usual aiohttp pass-through (benchlib/relays/naive.py)
   lean             the gateway's own hot-path work on raw protocols, no aiohttp
-                   (scripts/lean_relay.py: the key, the body parsed, the limiter's check and
+                   (benchlib/relays/lean.py: the key, the body parsed, the limiter's check and
                    lease, http1 upstream, the renderer): what a server of its own would cost
   gateway_memory   the gateway with its in-process limiter: aiohttp's server, auth, the body
                    checked, the SSE renderer's decisions, the lease, metrics
   gateway          the same with the Redis limiter: a round trip for the check and one for
                    the lease's release (Redis's own CPU not counted)
 
-under four loads: a stream of one event (what a request costs) and a stream whose 100 events
-arrive in one read, both on kept-alive connections; --streams concurrent paced streams, each on
-a connection of its own (as the load scenario runs them); and long streams, 500 events 2 ms
-apart, whose cost is nearly all per event (reported per event too). The difference from one
-layer to the next is what that layer adds; ``floor`` against ``nginx`` is what Python itself
-costs here.
+under four loads: a stream of one event (what a request costs) and a stream whose
+--one-read-chunks events arrive in one read, both on kept-alive connections; --streams
+concurrent paced streams, each on a connection of its own (as the load scenario runs them); and
+long streams (``LONG_EVENTS`` events, ``LONG_GAP_S`` apart), whose cost is nearly all per event
+(reported per event too). The difference from one layer to the next is what that layer adds;
+``floor`` against ``nginx`` is what Python itself costs here.
 """
 
 from __future__ import annotations
@@ -26,13 +26,16 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
+from gateway.mock.ports import free_port
+
 from ..clients import load, measured
-from ..processes import Target, free_port
+from ..processes import Target
 from ..proxies import floor_started, gateway_started, lean_started
 from ..rounds import median, rotated
 from ..targets import Bench
 
 LONG_EVENTS = 502  # the long load's events: 500 content chunks, the finish chunk, [DONE]
+LONG_GAP_S = 0.002  # between two of its content chunks
 
 
 def scenario_layers(b: Bench) -> dict[str, Any]:
@@ -46,7 +49,7 @@ def scenario_layers(b: Bench) -> dict[str, Any]:
         "paced": {"concurrency": a.streams, "requests": a.streams, "mock": b.paced(),
                   "events": a.chunks + 2, "processes": a.clients},
         "long": {"concurrency": a.one_read_concurrency, "requests": a.one_read_concurrency,
-                 "mock": {"chunks": LONG_EVENTS - 2, "chunk_delay": 0.002},
+                 "mock": {"chunks": LONG_EVENTS - 2, "chunk_delay": LONG_GAP_S},
                  "events": LONG_EVENTS},
     }
     with contextlib.ExitStack() as st:

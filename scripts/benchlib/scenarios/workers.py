@@ -11,8 +11,10 @@ import shutil
 import time
 from typing import Any
 
+from gateway.mock.ports import free_port
+
 from ..clients import load, wrk_chunks_per_s
-from ..processes import Target, free_port
+from ..processes import Target
 from ..proxies import gateway_started, nginx_started
 from ..rounds import median, rotated
 from ..targets import Bench

@@ -4,7 +4,7 @@ SSE framing and no error handling (what the performance issue calls "a naive 50-
 pass-through"): ``ClientSession`` in, ``StreamResponse.write`` out, a task switch per chunk.
 scripts/bench.py runs it beside nginx and the gateway, whose relay avoids exactly that cost.
 
-    python scripts/naive_relay.py PORT UPSTREAM_BASE_URL
+    python scripts/benchlib/relays/naive.py PORT UPSTREAM_BASE_URL
 """
 
 from __future__ import annotations

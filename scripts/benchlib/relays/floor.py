@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The least a relay in Python can do: a measuring stick for scripts/bench.py's ``ladder``.
+"""The least a relay in Python can do: a measuring stick for scripts/bench.py's ``layers``.
 
 uvloop protocols on both sides, keep-alive upstream connections, each request's bytes and each
 answer's bytes passed on as the socket yields them, from the read callback. httptools (C)
@@ -8,7 +8,7 @@ else is parsed, checked or re-framed. No auth, no limits, no error handling, no 
 not a proxy, the floor under every proxy written in Python on this machine (the gateway's own
 per-chunk path is this one plus the SSE renderer's decision).
 
-    python scripts/floor_relay.py PORT UPSTREAM_PORT
+    python scripts/benchlib/relays/floor.py PORT UPSTREAM_PORT
 """
 
 from __future__ import annotations

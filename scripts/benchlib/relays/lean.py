@@ -4,14 +4,15 @@ to price a server of the gateway's own against aiohttp's.
 
 Per request it does what the gateway does on its hot path, with the gateway's own modules: the
 key looked up by its SHA-256, the JSON body parsed, the rate-limit check and the stream's lease
-(``RedisLimiter``, or ``MemoryLimiter`` without Redis), the upstream call on ``http1``'s
-keep-alive pool with the operator's key, every upstream read through ``StreamRenderer`` (the
-same decisions, the operator's key looked for), chunked framing to the client, the lease given
-back at the end. It leaves out what a product needs and this does not measure: the body's
-field checks, the error shapes (a refusal is a bare status), metrics and the access log,
-timeouts, back-pressure, a client that leaves mid-stream.
+(``RedisLimiter``, or ``MemoryLimiter`` without Redis), the upstream call on the keep-alive
+``ConnectionPool`` (gateway/upstream/pool.py) with the operator's key, every upstream read
+through ``StreamRenderer`` (the same decisions, the operator's key looked for), chunked framing
+to the client, the lease given back at the end. It leaves out what a product needs and this
+does not measure: the body's field checks, the error shapes (a refusal is a bare status),
+metrics and the access log, timeouts, back-pressure, a client that leaves mid-stream.
 
-    python scripts/lean_relay.py PORT UPSTREAM_BASE_URL CLIENT_KEY REDIS_URL|- [KEY_PREFIX]
+    python scripts/benchlib/relays/lean.py \
+        PORT UPSTREAM_BASE_URL CLIENT_KEY REDIS_URL|- [KEY_PREFIX]
 """
 
 from __future__ import annotations
@@ -20,21 +21,20 @@ import asyncio
 import collections
 import hashlib
 import sys
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import httptools
 import orjson
 import uvloop
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the gateway beside it
-from gateway.ratelimit.memory import MemoryLimiter  # noqa: E402
-from gateway.ratelimit.redis import RedisLimiter  # noqa: E402
-from gateway.redis.topology import connect  # noqa: E402
-from gateway.request_info import ClientKey  # noqa: E402
-from gateway.settings import RedisSettings  # noqa: E402
-from gateway.stream.render import StreamRenderer  # noqa: E402
-from gateway.upstream.http1 import ConnectionPool  # noqa: E402
+from gateway.ratelimit.memory import MemoryLimiter
+from gateway.ratelimit.redis import RedisLimiter
+from gateway.redis.topology import connect
+from gateway.request_info import ClientKey
+from gateway.settings import RedisSettings
+from gateway.stream.render import StreamRenderer
+from gateway.upstream.errors import Secrets
+from gateway.upstream.pool import ConnectionPool
 
 OPERATOR_KEY = "mock-upstream-key"
 STREAM_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache"
@@ -59,8 +59,7 @@ class Gateway:
         self.limiter = limiter
         self.keys = {hashlib.sha256(client_key.encode()).digest(): ClientKey(
             "bench", requests_per_minute=1e8, burst=10_000_000, max_concurrent_streams=100_000)}
-        self.secrets = (OPERATOR_KEY,)
-        self.secret_bytes = (OPERATOR_KEY.encode(),)
+        self.secrets = Secrets.of(OPERATOR_KEY)
 
 
 class Client(asyncio.Protocol):
@@ -137,7 +136,7 @@ class Client(asyncio.Protocol):
             upstream.close()
             self.transport.write(refusal(502))
             return
-        renderer = StreamRenderer(secrets=g.secrets, secret_bytes=g.secret_bytes)
+        renderer = StreamRenderer(secrets=g.secrets)
         transport = self.transport
         transport.write(STREAM_HEAD)
         ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
