@@ -10,11 +10,11 @@ with 429 for a while, without any lookup, while the keys this process knows keep
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import time
 from typing import Protocol
 
+from .addresses import client_block
 from .request_info import ClientKey
 from .settings import DEMO_KEY, KeySettings, Settings, hash_key
 
@@ -47,7 +47,7 @@ class AuthFailureThrottle:
         """Seconds until ``client`` may fail again; 0 when it may now."""
         if self._rate <= 0 or not self._buckets:
             return 0.0
-        entry = self._buckets.get(_client_block(client))
+        entry = self._buckets.get(client_block(client))
         if entry is None:
             return 0.0
         tokens = self._refilled(entry, time.monotonic() if now is None else now)
@@ -58,7 +58,7 @@ class AuthFailureThrottle:
         if self._rate <= 0:
             return
         now = time.monotonic() if now is None else now
-        block = _client_block(client)
+        block = client_block(client)
         entry = self._buckets.pop(block, None)  # re-inserted last: the most recent failure
         if entry is None and len(self._buckets) >= self._max_clients:
             self._make_room(now)
@@ -79,19 +79,6 @@ class AuthFailureThrottle:
         excess = len(self._buckets) - self._max_clients * 9 // 10
         for block in list(self._buckets)[:max(excess, 0)]:
             del self._buckets[block]
-
-
-def _client_block(address: str) -> str:
-    """The unit a client is throttled by: its IPv4 address, or its IPv6 /64."""
-    if ":" not in address:
-        return address
-    try:
-        ip = ipaddress.IPv6Address(address.split("%", 1)[0])
-    except ValueError:
-        return address
-    if ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return str(ipaddress.IPv6Network((ip, 64), strict=False).network_address) + "/64"
 
 
 class KeyStore(Protocol):
@@ -115,7 +102,7 @@ class ConfigKeyStore:
 
     def __init__(self, settings: Settings) -> None:
         keys = list(settings.keys)
-        if not keys and settings.upstream.is_mock:
+        if settings.uses_demo_key:
             keys.append(KeySettings(name="demo", sha256=hash_key(DEMO_KEY), limits=settings.limits))
             log.warning("no [[keys]] configured: accepting the demo key %r (mock upstream only)",
                         DEMO_KEY)

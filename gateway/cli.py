@@ -11,14 +11,15 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import math
 import os
 import sys
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from .config import check_upstream_key, load_settings
-from .settings import ConfigError, Limits, Settings
+from .config import check_demo_on_loopback, check_upstream_key, load_settings
+from .settings import MAX_INT, ConfigError, Limits, Settings
 
 if TYPE_CHECKING:
     from .redis.topology import RedisClient
@@ -59,6 +60,7 @@ def serve(args: argparse.Namespace) -> int:
     if settings.server.workers < 1:
         raise ConfigError("--workers", "must be at least 1")
     check_upstream_key(settings, os.environ)  # before the port is taken: exit 2, naming it
+    check_demo_on_loopback(settings)
     setup_access_log()  # one bare JSON line per request on stdout; diagnostics stay on stderr
     return run(settings)
 
@@ -164,6 +166,28 @@ def _limits_text(limits: Limits) -> str:
             f"{limits.max_concurrent_streams} streams")
 
 
+def _positive_number(text: str) -> float:
+    """A finite number above 0: argparse names the option and exits with status 2 otherwise."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not (math.isfinite(value) and 0 < value <= MAX_INT):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    """A whole number from 1 to the 64-bit limit, or argparse's exit with status 2."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if not 1 <= value <= MAX_INT:
+        raise argparse.ArgumentTypeError(f"must be from 1 to {MAX_INT}, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -185,11 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     keys_sub = p.add_subparsers(dest="keys_command", required=True)
     k = keys_sub.add_parser("add", help="create a key and print it, once")
     k.add_argument("--name", required=True, help="unique name (logs, metrics, revoke)")
-    k.add_argument("--rpm", type=float, help="requests per minute (default: [limits])")
-    k.add_argument("--burst", type=int,
+    k.add_argument("--rpm", type=_positive_number,
+                   help="requests per minute (default: [limits])")
+    k.add_argument("--burst", type=_count,
                    help="requests in a row before the per-minute rate applies "
                         "(default: [limits])")
-    k.add_argument("--max-streams", type=int, help="simultaneous streams (default: [limits])")
+    k.add_argument("--max-streams", type=_count, help="simultaneous streams (default: [limits])")
     k.add_argument("--models", help="comma-separated model allow-list (default: all)")
     keys_sub.add_parser("list", help="names and limits (never the keys)")
     k = keys_sub.add_parser("revoke", help="delete a key; every instance refuses it shortly")

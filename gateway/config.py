@@ -1,15 +1,17 @@
 """Settings from where an operator keeps them: a TOML file, then ``GATEWAY_<SECTION>_<KEY>``
-environment variables over it; validated by ``settings.py``. The only module of the two that
+environment variables over it; validated by ``schema.py``. The only module of the two that
 reads a file or the environment."""
 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import tomllib
 from collections.abc import Mapping
 from typing import Any
 
+from .schema import settings_from
 from .settings import SECTIONS, XAI_URL, ConfigError, Settings
 
 
@@ -26,7 +28,7 @@ def load_settings(path: str | None, environ: Mapping[str, str] | None = None) ->
         except tomllib.TOMLDecodeError as e:
             raise ConfigError("--config", f"{path} is not valid TOML: {e}") from None
     data = _apply_environment(data, environ)
-    settings = Settings.from_mapping(data)
+    settings = settings_from(data)
     if not settings.upstream.url_given:
         # The built-in mock only for the embedded default: no file, no GATEWAY_* setting and no
         # key. A deployment that forgot its key must not answer clients from the mock with 200s;
@@ -51,6 +53,25 @@ def check_upstream_key(settings: Settings, environ: Mapping[str, str]) -> None:
                       'mock upstream instead, set [upstream] url = "mock"')
 
 
+
+
+def check_demo_on_loopback(settings: Settings) -> None:
+    """The demo key is public: a gateway that accepts it listens on loopback only, so that
+    ``--host 0.0.0.0`` on the embedded default does not serve anyone who can reach the host."""
+    host = settings.server.host
+    if settings.uses_demo_key and not _loopback(host):
+        raise ConfigError("server.host", f"{host!r} is not a loopback address, and with no "
+                          "client keys configured the gateway accepts the public demo key; "
+                          "add keys ([[keys]] in the --config file) to serve on other addresses")
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name other than localhost may resolve to anything
 
 
 def _apply_environment(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from aiohttp import web
 
 from gateway.app import create_app
 from gateway.mock.upstream import MOCK_STATE, MockState, run_mock_upstream
+from gateway.schema import settings_from
 from gateway.server.limits import GatewayRunner
 from gateway.settings import Settings
 
@@ -57,7 +58,7 @@ def settings_for(upstream_url: str, **sections: Any) -> Settings:
             data[name] = {**data[name], **value}
         else:
             data[name] = value
-    return Settings.from_mapping(data)
+    return settings_from(data)
 
 
 @contextlib.asynccontextmanager

@@ -141,3 +141,44 @@ def test_the_mock_upstream_speaks_the_style_it_is_started_with(style: str, error
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "127.0.0.1.nip.io"])
+def test_the_demo_key_is_never_served_past_loopback(host: str) -> None:
+    """With no configuration, ``--host 0.0.0.0`` served the built-in mock with the public demo
+    key on every interface: it now stops at start-up, exit status 2, saying how to add keys."""
+    result = run_cli("serve", "--host", host, "--port", str(free_port()), timeout=30)
+    assert result.returncode == 2
+    assert "server.host" in result.stderr and "[[keys]]" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+PAST_BOUNDS = [
+    ({"chunks": 10**9}, "chunks"), ({"chunk_bytes": 10**9}, "chunk_bytes"),
+    ({"chunks": 4096, "chunk_bytes": 65536}, "'chunks' times 'chunk_bytes'"),
+    ({"answer_bytes": 10**12}, "answer_bytes"), ({"headers_delay": 10**7}, "headers_delay"),
+    ({"chunk_delay": "soon"}, "chunk_delay")]
+
+
+@pytest.mark.parametrize("command", ["serve", "mock-upstream"])
+def test_the_mock_refuses_options_past_its_bounds_in_process_and_standalone(command: str) -> None:
+    """The mock's options are the client's: one request for a billion chunks took the embedded
+    default's process from 52 to 307 MB. Past its bounds an option is a 400 naming it, from the
+    mock inside ``gateway serve`` and from ``gateway mock-upstream`` alike."""
+    port = free_port()
+    proc = spawn([sys.executable, "-m", "gateway", command, "--port", str(port)], cwd=ROOT,
+                 env=clean_environ(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                 stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: accepts(port), 20, f"gateway {command} on port {port}")
+        for mock, option in PAST_BOUNDS:
+            answer = requests.post(
+                f"http://127.0.0.1:{port}/v1/chat/completions", timeout=10,
+                headers={"Authorization": f"Bearer {DEMO_KEY}"},
+                json={"model": "grok-4", "stream": True, "mock": mock,
+                      "messages": [{"role": "user", "content": "hi"}]})
+            assert answer.status_code == 400, mock
+            assert option in answer.text and "mock option" in answer.text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)

@@ -19,8 +19,8 @@ import redis as syncredis
 
 from gateway.auth import ConfigKeyStore
 from gateway.errors import ServiceUnavailable
-from gateway.redis.batcher import open_redis
 from gateway.redis.keystore import RedisKeyStore, add_key, store_keys
+from gateway.redis.lifecycle import open_redis
 from gateway.settings import Limits, RedisSettings, hash_key
 
 from clients import chat_body
@@ -92,6 +92,20 @@ def test_cli_adds_lists_and_revokes_keys(tmp_path: Path, redis_url: str,
     assert "carol" not in run_cli("keys", "list", "--config", config).stdout
     again = run_cli("keys", "revoke", "carol", "--config", config)
     assert again.returncode == 1 and "no key named 'carol'" in again.stderr
+
+
+@pytest.mark.parametrize(("option", "value"), [
+    ("--rpm", "nan"), ("--rpm", "inf"), ("--rpm", "1e309"), ("--rpm", "0"),
+    ("--burst", "99999999999999999999"), ("--max-streams", "0")])
+def test_cli_refuses_a_limit_that_is_not_a_finite_number_naming_the_option(
+        tmp_path: Path, redis_url: str, redis_prefix: str, option: str, value: str) -> None:
+    """``--rpm nan`` was stored (as ``null``): every request with the key was then a 500, and
+    ``keys list`` crashed for the whole store; ``--burst`` past 64 bits was a traceback."""
+    config = str(cli_config(tmp_path, redis_url, redis_prefix))
+    added = run_cli("keys", "add", "--name", "dave", f"{option}={value}", "--config", config)
+    assert added.returncode == 2 and not added.stdout
+    assert f"argument {option}:" in added.stderr and "Traceback" not in added.stderr
+    assert "dave" not in redis_dump(redis_prefix)
 
 
 def test_keys_cli_without_redis_is_a_clear_error(tmp_path: Path) -> None:

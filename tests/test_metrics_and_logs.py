@@ -277,3 +277,26 @@ async def test_the_event_loops_lateness_is_measured(gateway: Any) -> None:
     count = value(samples, "gateway_event_loop_lag_seconds_count")
     late = count - value(samples, "gateway_event_loop_lag_seconds_bucket", le="0.1")
     assert count >= 2 and late >= 1
+
+
+async def metrics_from(base: str, address: str) -> tuple[int, bytes]:
+    """``GET /metrics`` from a client socket bound to ``address`` (any of 127.0.0.0/8 reaches
+    the gateway on 127.0.0.1)."""
+    connector = aiohttp.TCPConnector(local_addr=(address, 0))
+    async with aiohttp.ClientSession(connector=connector) as s, s.get(f"{base}/metrics") as r:
+        return r.status, await r.read()
+
+
+async def test_metrics_answer_only_the_addresses_allowed(
+        mock_upstream: Upstream, start_gateway: Any) -> None:
+    """Key names and per-key usage: by default for this host's own addresses (127.0.0.1 and
+    ::1, not all of 127.0.0.0/8), 403 in the error shape for any other."""
+    _, base = await start_gateway(settings_for(mock_upstream.url))
+    assert (await metrics_from(base, "127.0.0.1"))[0] == 200
+    status, raw = await metrics_from(base, "127.0.0.2")
+    assert status == 403
+    assert json.loads(raw)["error"]["code"] == "metrics_not_allowed" and b"alice" not in raw
+    _, wider = await start_gateway(settings_for(
+        mock_upstream.url, server={"metrics_allow": ["127.0.0.0/8"]}))
+    status, raw = await metrics_from(wider, "127.0.0.2")
+    assert status == 200 and b"gateway_requests_total" in raw

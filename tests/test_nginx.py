@@ -7,6 +7,7 @@ so its ``MockState`` is readable) are started once for the module, on free loopb
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import time
 import uuid
@@ -267,8 +268,11 @@ async def test_nginx_own_errors_are_openai_shaped_and_metrics_stay_local(
     assert status == 200 and b"gateway_requests_total" in raw
 
 
-def _slow_client(port: int, payload: bytes) -> socket.socket:
-    s = socket.create_connection(("127.0.0.1", port), timeout=20)
+def _slow_client(port: int, payload: bytes, source: str | None = None) -> socket.socket:
+    """A connection to nginx that sends ``payload`` and then nothing, from ``source`` (another
+    loopback address, as another host would be) when given."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=20,
+                                 source_address=None if source is None else (source, 0))
     s.sendall(payload)
     return s
 
@@ -310,6 +314,35 @@ async def test_slow_clients_are_cut_by_nginx_timeouts(deployment: Deployment) ->
     assert b"200 OK" not in got[0] and b"200 OK" not in got[1]
     # nginx buffers request bodies: the stalled one never reached a gateway process.
     assert deployment.gateway_line("stalled-body-1") is None
+
+
+async def test_one_address_cannot_take_every_connection_from_another(
+        deployment: Deployment) -> None:
+    """Uploads that never end, from one address: past its ``limit_conn`` share nginx answers
+    429 in the error shape at once, and another address is served as before."""
+    share = int(re.search(r"limit_conn per_address (\d+);", NGINX_CONF.read_text())[1])
+    stalled_upload = (
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n"
+        f"Authorization: Bearer {KEY}\r\nContent-Type: application/json\r\n"
+        "Content-Length: 1000\r\n\r\n").encode() + b'{"model":'
+    port = deployment.nginx.port
+    held = [_slow_client(port, stalled_upload, "127.0.0.2") for _ in range(share)]
+    try:
+        await asyncio.sleep(0.5)  # nginx has read every head: each counts against the share
+        extra = _slow_client(port, stalled_upload, "127.0.0.2")
+        held.append(extra)
+        refused = await asyncio.get_running_loop().run_in_executor(None, _closed_by_peer, extra)
+        assert refused.startswith(b"HTTP/1.1 429 ")
+        err = orjson.loads(refused.partition(b"\r\n\r\n")[2])["error"]
+        assert (err["type"], err["code"]) == ("rate_limit_error", "too_many_connections")
+        connector = aiohttp.TCPConnector(local_addr=("127.0.0.3", 0))
+        async with aiohttp.ClientSession(connector=connector) as s, s.post(
+                f"{deployment.url}/v1/chat/completions", json=chat_body(stream=True),
+                headers=AUTH) as r:
+            assert r.status == 200 and (await r.read()).endswith(b"data: [DONE]\n\n")
+    finally:
+        for sock in held:
+            sock.close()
 
 
 def test_the_tested_config_is_the_shipped_one(tmp_path: Path) -> None:

@@ -9,9 +9,10 @@ from typing import Any
 import pytest
 
 from gateway.config import load_settings
-from gateway.redis.batcher import open_redis
+from gateway.redis.lifecycle import open_redis
 from gateway.redis.topology import describe, safe_url
-from gateway.settings import ConfigError, RedisSettings, Settings
+from gateway.schema import settings_from
+from gateway.settings import ConfigError, RedisSettings
 
 from servers import free_port
 
@@ -32,7 +33,7 @@ def test_single_is_the_default_and_sentinel_mode_comes_from_the_environment() ->
 
 
 def test_a_cluster_url_with_a_password_is_described_without_it() -> None:
-    s = Settings.from_mapping({"redis": {"mode": "cluster",
+    s = settings_from({"redis": {"mode": "cluster",
                                          "url": "rediss://gw:hunter2@node1:6379"}})
     assert s.redis is not None and describe(s.redis) == "rediss://gw:***@node1:6379 (cluster)"
 
@@ -53,7 +54,7 @@ def test_a_cluster_url_with_a_password_is_described_without_it() -> None:
 ])
 def test_invalid_redis_modes_name_the_setting(redis: dict[str, Any], setting: str) -> None:
     with pytest.raises(ConfigError) as info:
-        Settings.from_mapping({"redis": redis})
+        settings_from({"redis": redis})
     assert info.value.setting == setting
 
 
@@ -71,14 +72,14 @@ def test_safe_url_hides_a_password_in_the_userinfo_and_in_the_query(url: str, sh
 
 
 def test_no_repr_of_the_settings_and_no_config_error_shows_a_password() -> None:
-    s = Settings.from_mapping({"redis": {"mode": "sentinel", "sentinels": ["h:26379"],
+    s = settings_from({"redis": {"mode": "sentinel", "sentinels": ["h:26379"],
                                          "service_name": "gw", "password": "data-hunter2",
                                          "sentinel_password": "sentinel-hunter2"}})
     assert s.redis is not None and "hunter2" not in repr(s) + repr(s.redis)
-    s = Settings.from_mapping({"redis": {"url": "redis://gw:url-hunter2@h:6379/0"}})
+    s = settings_from({"redis": {"url": "redis://gw:url-hunter2@h:6379/0"}})
     assert "hunter2" not in repr(s)
     with pytest.raises(ConfigError) as info:
-        Settings.from_mapping({"redis": {"mode": "sentinel", "service_name": "gw",
+        settings_from({"redis": {"mode": "sentinel", "service_name": "gw",
                                          "sentinels": ["gw:entry-hunter2@h:26379"]}})
     assert info.value.setting == "redis.sentinels" and "hunter2" not in str(info.value)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config import check_upstream_key, load_settings
+from gateway.schema import settings_from
 from gateway.settings import ConfigError, Settings, hash_key
 
 CONTRACT = """
@@ -96,11 +97,11 @@ def test_serving_a_real_upstream_without_its_key_is_refused_naming_the_variable(
         check_upstream_key(settings, {})
     assert e.value.setting == "upstream.api_key" and "XAI_API_KEY is not set" in str(e.value)
     check_upstream_key(settings, {"XAI_API_KEY": "xai-123"})
-    own = Settings.from_mapping({"upstream": {"url": "http://127.0.0.1:9/v1",
+    own = settings_from({"upstream": {"url": "http://127.0.0.1:9/v1",
                                               "api_key_env": "MY_UPSTREAM_KEY"}})
     with pytest.raises(ConfigError, match="MY_UPSTREAM_KEY is not set"):
         check_upstream_key(own, {"XAI_API_KEY": "xai-123"})
-    check_upstream_key(Settings.from_mapping({"upstream": {"url": "mock"}}), {})
+    check_upstream_key(settings_from({"upstream": {"url": "mock"}}), {})
     check_upstream_key(load_settings(None, {}), {})  # the embedded default: the mock
 
 
@@ -126,12 +127,24 @@ def test_client_connection_limits_have_safe_defaults_and_come_from_the_environme
     ({"upstream": {"max_answer_bytes": 0}}, "upstream.max_answer_bytes"),
     ({"upstream": {"forward_headers": ["Authorization"]}}, "upstream.forward_headers"),
     ({"upstream": {"forward_headers": ["x-api-key"]}}, "upstream.forward_headers"),
+    *(({"upstream": {"forward_headers": [name]}}, "upstream.forward_headers") for name in (
+        "api-key", "x-goog-api-key", "x_api_key", "X_Api_Key", "set-cookie",
+        "openai-organization", "openai-project", "forwarded", "x-forwarded-for",
+        "X-Forwarded-Host", "x_forwarded_proto", "x-real-ip", "via", "proxy-connection")),
     ({"upstream": {"forward_headers": ["not a header"]}}, "upstream.forward_headers"),
     ({"upstream": {"forward_headers": ["x-grok-conv-id", "X-Grok-Conv-Id"]}},
      "upstream.forward_headers"),
     ({"vision": {"stream_fallback": "maybe"}}, "vision.stream_fallback"),
     ({"redis": {"failure_policy": "pray"}}, "redis.failure_policy"),
     ({"limits": {"burst": 0}}, "limits.burst"),
+    ({"limits": {"requests_per_minute": float("nan")}}, "limits.requests_per_minute"),
+    ({"limits": {"requests_per_minute": float("inf")}}, "limits.requests_per_minute"),
+    ({"limits": {"burst": 2**64}}, "limits.burst"),
+    ({"stream": {"idle_timeout_seconds": float("inf")}}, "stream.idle_timeout_seconds"),
+    ({"keys": [{"name": "a", "key": "sk-12345678", "requests_per_minute": float("nan")}]},
+     "keys[a].requests_per_minute"),
+    ({"keys": [{"name": "a", "key": "sk-12345678", "burst": 99999999999999999999}]},
+     "keys[a].burst"),
     ({"stream": {"keepalive": 3}}, "stream.keepalive"),
     ({"bogus": {}}, "bogus"),
     ({"keys": [{"name": "a", "key": "short"}]}, "keys[a].key"),
@@ -142,7 +155,7 @@ def test_client_connection_limits_have_safe_defaults_and_come_from_the_environme
 ])
 def test_invalid_settings_name_the_setting(data: dict, setting: str) -> None:
     with pytest.raises(ConfigError) as e:
-        Settings.from_mapping(data)
+        settings_from(data)
     assert e.value.setting == setting
     assert setting in str(e.value)
 
@@ -154,3 +167,17 @@ def test_bad_toml_and_missing_file_are_config_errors(tmp_path: Path) -> None:
         load_settings(str(bad), {})
     with pytest.raises(ConfigError, match="cannot read"):
         load_settings(str(tmp_path / "missing.toml"), {})
+
+
+@pytest.mark.parametrize("spelled", ["nan", "inf", "1e309"])
+def test_a_limit_that_is_not_a_finite_number_is_refused_from_the_file(
+        tmp_path: Path, spelled: str) -> None:
+    """TOML spells NaN and the infinities (and reads 1e309 as one): each stops start-up naming
+    the setting, where it was taken and every request with the key was a 500."""
+    config = tmp_path / "gateway.toml"
+    config.write_text(f"[limits]\nrequests_per_minute = {spelled}\n")
+    with pytest.raises(ConfigError) as e:
+        load_settings(str(config), {})
+    assert e.value.setting == "limits.requests_per_minute"
+    assert "finite" in str(e.value)
+

@@ -7,8 +7,9 @@
   down it is 200, its redis check saying ``degraded: 2 of 3 primaries answer ...`` (keys on
   those are served from Redis, the others' under the failure policy); 503 only when no primary
   answers.
-- ``GET /metrics``: the Prometheus text format (``gateway.metrics``); with ``--workers`` any
-  worker answers for all of them.
+- ``GET /metrics``: the Prometheus text format (``gateway.metrics``), for the addresses in
+  ``[server] metrics_allow`` only (403 for others); with ``--workers`` any worker answers for
+  all of them.
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ import asyncio
 
 from aiohttp import web
 
+from ..addresses import allowed, networks
 from ..appkeys import LIMITER, METRICS, SETTINGS, UPSTREAM, UPSTREAM_PROBE
+from ..errors import PermissionDenied
 from ..metrics import CONTENT_TYPE
 from ..readiness import redis_check
+from ..request_info import REQUEST_INFO
 
 _NO_STORE = {"Cache-Control": "no-store"}
 
@@ -45,7 +49,12 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    """Key names and per-key usage: only for ``[server] metrics_allow`` (by default this host
+    alone), judged by the address ``X-Forwarded-For`` gives when a trusted proxy sends it."""
     app = request.app
+    if not allowed(request[REQUEST_INFO].client_ip, networks(app[SETTINGS].server.metrics_allow)):
+        raise PermissionDenied("/metrics is served only to the addresses in [server] "
+                               "metrics_allow", code="metrics_not_allowed")
     m = app[METRICS]
     m.set_limiter_state(app[LIMITER].backend_state)
     # With several workers, rendering reads every worker's files: keep that off the loop.

@@ -12,10 +12,10 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from ..accesslog import log_request
+from ..addresses import client_ip
 from ..appkeys import METRICS, SETTINGS
 from ..errors import SSE_HEADERS, GatewayError, MethodNotAllowed, NotFound, PayloadTooLarge
 from ..request_info import REQUEST_INFO, RequestInfo
-from .client_address import client_ip
 from .negotiation import wants_event_stream
 
 log = logging.getLogger("gateway")

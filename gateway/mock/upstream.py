@@ -11,7 +11,8 @@ OpenAI's instead: tool arguments in fragments, usage only in the ``include_usage
 ``{"error": {"message", "type", "param", "code"}}``. Any other ``style`` is answered 400.
 
 Behaviour is asked for in the request body, under ``"mock"`` (the gateway forwards bodies as
-they are; with the OpenAI SDK pass ``extra_body={"mock": {...}}``):
+they are; with the OpenAI SDK pass ``extra_body={"mock": {...}}``), each numeric option within
+the bounds of ``bounds.py`` (else 400):
 
 ===================  ======================================================================
 ``style``            ``xai`` (the default) or ``openai``: the dialect, as above (else 400)
@@ -83,6 +84,7 @@ import orjson
 from aiohttp import web
 
 from . import faults
+from .bounds import out_of_bounds
 from .replies import (
     CREATED,
     chat_completion,
@@ -158,6 +160,10 @@ async def _preamble(request: web.Request) -> tuple[dict[str, Any], dict[str, Any
     body = await _body(request)
     state.record(request, body, await request.read())  # read once: aiohttp keeps the bytes
     opts = body.get("mock") or {}
+    if not isinstance(opts, dict):
+        return body, {}, faults.error(400, "mock options must be an object", state.style)
+    if (problem := out_of_bounds(opts)) is not None:
+        return body, opts, faults.error(400, problem, state.style)
     if "style" in opts and opts["style"] not in STYLES:
         # A misspelt style ("OpenAI") would otherwise test the default dialect unnoticed.
         return body, opts, faults.error(

@@ -15,6 +15,9 @@ limits by itself. ``[server]`` settings, all per process:
                                slowly that it is not complete by then
 ``max_connections``            open client connections; one more gets a 503 and is closed at
                                once, until one of them closes
+``max_connections_per_address``  open connections from one address (IPv6: one /64), trusted
+                               proxies exempt; one more is refused as above, so one host
+                               cannot take every slot from the others
 =============================  ==================================================================
 
 And every request aiohttp's parser refuses (a NUL or ``\\x0b`` in a header, a bad
@@ -59,6 +62,7 @@ from aiohttp.http_exceptions import BadHttpMethod
 from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import StreamReader
 
+from ..addresses import client_block
 from ..errors import GatewayError, InvalidRequest, ServiceUnavailable
 from ..settings import ServerSettings
 from ..stream.client_stream import response_started
@@ -105,27 +109,29 @@ class GuardedRequestHandler(web.RequestHandler):
         super().__init__(guard, loop=loop, **kwargs)
         self._guard = guard
         self._clock = loop
-        self._counted = False  # admitted under max_connections, and not yet lost
+        self._counted: str | None = None  # admitted: its address's block, until lost
         self._head_timer: asyncio.TimerHandle | None = None
         self._body: StreamReader | None = None
         self._body_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if not self._guard.admit():
+        peer = transport.get_extra_info("peername")
+        block, refusal = self._guard.admit(peer[0] if isinstance(peer, tuple) else "")
+        if refusal is not None:
             # Answered before its request: at the cap, reading it would cost what the cap saves.
             stream = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-            stream.write(self._guard.full_response)
+            stream.write(refusal)
             stream.close()
             self.force_close()  # anything that still arrives is ignored
             return
-        self._counted = True
+        self._counted = block
         super().connection_made(transport)
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        if not self._counted:
+        if self._counted is None:
             return  # refused in connection_made: aiohttp never saw it
-        self._counted = False
-        self._guard.release()
+        self._guard.release(self._counted)
+        self._counted = None
         self._stop_head_timer()
         self._stop_body_timer()
         super().connection_lost(exc)
@@ -216,12 +222,19 @@ class GuardedServer(web.Server):
         self.request_factory = self._make_watched_request
         self.limits = limits
         self.open_connections = 0
+        self._per_block: dict[str, int] = {}  # open connections per client address block
+        self._exempt = frozenset(limits.trusted_proxies)
         self._refused = 0
         self._refusals_reported = -REFUSALS_REPORT_SECONDS
         self.full_response = _raw_response(
             "503 Service Unavailable",
             ServiceUnavailable("The gateway has too many open connections; retry shortly",
                                code="too_many_connections"),
+            "Retry-After: 1")
+        self.address_full_response = _raw_response(
+            "503 Service Unavailable",
+            ServiceUnavailable("Too many open connections from this address; close some or "
+                               "retry shortly", code="too_many_connections"),
             "Retry-After: 1")
         self.head_timeout_response = _raw_response(
             "408 Request Timeout",
@@ -239,22 +252,36 @@ class GuardedServer(web.Server):
             protocol.watch_body(payload)
         return request
 
-    def admit(self) -> bool:
-        """Count one more open connection, unless that would pass ``max_connections``."""
-        if self.open_connections < self.limits.max_connections:
-            self.open_connections += 1
-            return True
+    def admit(self, address: str) -> tuple[str, bytes | None]:
+        """Count one more open connection from ``address``: (its block, None), or (its block,
+        the answer that refuses it) past ``max_connections`` or the address's share."""
+        block = client_block(address)
+        held = self._per_block.get(block, 0)
+        if self.open_connections >= self.limits.max_connections:
+            return block, self._refuse(self.full_response, "max_connections")
+        if held >= self.limits.max_connections_per_address and address not in self._exempt:
+            return block, self._refuse(self.address_full_response, "max_connections_per_address")
+        self.open_connections += 1
+        self._per_block[block] = held + 1
+        return block, None
+
+    def _refuse(self, answer: bytes, limit: str) -> bytes:
         self._refused += 1
         now = self._handler_loop.time()
         if now - self._refusals_reported >= REFUSALS_REPORT_SECONDS:
-            log.warning("%d open client connections ([server] max_connections): refused %d new "
+            log.warning("%d open client connections ([server] %s reached): refused %d new "
                         "connections with 503 since the last report", self.open_connections,
-                        self._refused)
+                        limit, self._refused)
             self._refused, self._refusals_reported = 0, now
-        return False
+        return answer
 
-    def release(self) -> None:
+    def release(self, block: str) -> None:
         self.open_connections -= 1
+        held = self._per_block[block] - 1
+        if held:
+            self._per_block[block] = held
+        else:
+            del self._per_block[block]
 
 
 class GatewayRunner(web.AppRunner):

@@ -49,8 +49,12 @@ async def serve(mock_upstream: Upstream, start_gateway: Any) -> Serve:
     return start
 
 
-async def connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    return await asyncio.open_connection("127.0.0.1", port)
+async def connect(port: int, source: str | None = None
+                  ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to the gateway on 127.0.0.1, from ``source`` (another loopback address,
+    as another host would be) when given."""
+    return await asyncio.open_connection(
+        "127.0.0.1", port, local_addr=None if source is None else (source, 0))
 
 
 async def read_until_closed(reader: asyncio.StreamReader, timeout: float) -> bytes:
@@ -214,6 +218,33 @@ async def test_connections_past_the_cap_get_503_at_once_and_are_accepted_again_b
             await asyncio.sleep(0.02)
     finally:
         for _, writer in held:
+            writer.close()
+
+
+async def test_one_address_past_its_share_of_connections_is_refused_and_others_are_served(
+        serve: Serve) -> None:
+    """Idle sockets from one host took every slot: 210 of them made every request of another
+    client a 503. Now one address holds at most its share (by default a quarter of the cap)."""
+    port = await serve(max_connections=8, keepalive_timeout_seconds=10)
+    hog = [await connect(port, "127.0.0.2") for _ in range(8)]
+    try:
+        refused = 0
+        for reader, _ in hog:
+            with contextlib.suppress(TimeoutError):
+                raw = await read_until_closed(reader, timeout=0.3)  # the held ones say nothing
+                if raw:
+                    err = json_error(raw, 503)
+                    assert err["code"] == "too_many_connections"
+                    assert "this address" in err["message"]
+                    refused += 1
+        assert refused == 6  # two of eight held
+        others = [await connect(port, "127.0.0.3") for _ in range(2)]  # another host's share
+        hog += others
+        for reader, writer in others:
+            writer.write(HEALTHZ)
+            assert (await read_response(reader)).startswith(b"HTTP/1.1 200 ")
+    finally:
+        for _, writer in hog:
             writer.close()
 
 
