@@ -29,7 +29,7 @@ same object as one SSE frame. After headers are sent the status can no longer ch
 then writes the frame and ends the stream. ``"error"`` is always an object: a bare string makes
 the OpenAI SDK drop the message.
 
-What an upstream says reaches a client only through ``upstream_errors.py``, which applies
+What an upstream says reaches a client only through ``gateway/upstream/errors.py``, which applies
 ``redact`` (below) to every string of it.
 """
 

@@ -1,6 +1,6 @@
 """What the mock upstream says: chat replies (text, tool calls, structured output, reasoning)
 and their chunks, and generated images. Pure functions, no I/O. (The Responses API's objects
-and events, built from the same ``ChatReply``, are ``mock_responses``'.)
+and events, built from the same ``ChatReply``, are ``responses.py``'s.)
 
 The shapes follow the xAI / OpenAI references closely enough that the OpenAI SDK parses them:
 chat chunks as in https://docs.x.ai/docs/guides/streaming-response, in xAI's style by default
@@ -23,7 +23,7 @@ CREATED = 1700000000
 REASONING_MODELS = ("grok-3-mini*",)
 """Models that stream ``reasoning_content`` before their answer. xAI: "In Chat Completions,
 only grok-3-mini returns message.reasoning_content" (https://docs.x.ai/docs/guides/reasoning);
-among the models the mock serves (``mock_upstream.MODELS``), only grok-3-mini streams it."""
+among the models the mock serves (``upstream.MODELS``), only grok-3-mini streams it."""
 VISION_MODELS = ("grok-4*", "*vision*")
 """Models the mock accepts image parts for; others answer 400, as xAI does."""
 DEFAULT_REASONING = "The user asks a question. Let me think it through step by step."

@@ -1,7 +1,7 @@
 """What the mock upstream says on the Responses API (``POST /v1/responses``): the ``response``
 object and its named events. Pure functions, no I/O.
 
-A request is answered as chat would answer it (``mock_replies.chat_reply``, fed the Responses
+A request is answered as chat would answer it (``replies.chat_reply``, fed the Responses
 request translated to chat terms), so both APIs decide tool calls and structured output alike:
 function ``tools`` become ``function_call`` output items, a ``text.format`` of ``json_schema``
 an ``output_text`` that is JSON matching the schema. Shapes and event order as in the SDK's

@@ -23,7 +23,7 @@ from .replies import encode_event
 @dataclass
 class MockState:
     style: str = "xai"  # the default of the ``style`` option, for the whole mock
-    models: tuple[str, ...] = ()  # the models it serves (``mock_upstream.MODELS``)
+    models: tuple[str, ...] = ()  # the models it serves (``upstream.MODELS``)
     requests: list[dict[str, Any]] = field(default_factory=list)
     open_streams: int = 0
     peak_open_streams: int = 0  # the most streams open at once

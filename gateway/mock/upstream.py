@@ -5,7 +5,7 @@ It speaks xAI's dialect by default, so that tests see what production will: each
 in one chunk, the usage in the final ``include_usage`` chunk when asked for and the running
 ``usage`` on every chunk when not, ``completion_tokens`` without the reasoning tokens,
 ``reasoning_content`` from grok-3-mini, 404 for a model it does not serve (``MODELS``), and xAI's
-error body ``{"code", "error": "<message>"}`` (``mock_replies.reply_chunks`` gives the evidence).
+error body ``{"code", "error": "<message>"}`` (``replies.reply_chunks`` gives the evidence).
 ``style: "openai"`` (per request, or ``create_mock_app(style=...)`` for the whole mock) gives
 OpenAI's instead: tool arguments in fragments, usage only in the ``include_usage`` chunk, and
 ``{"error": {"message", "type", "param", "code"}}``. Any other ``style`` is answered 400.
@@ -67,7 +67,7 @@ plain or as named events; function ``tools`` and ``text.format`` as chat's ``too
 ``response_format``; ``error_after`` sends its own ``event: error``), ``models``,
 ``models/{id}`` and ``images/generations`` (``b64_json`` or ``url``; never streams).
 
-``MockState`` (``app[MOCK_STATE]``, from ``mock_stream``) records what the mock saw, for tests
+``MockState`` (``app[MOCK_STATE]``, from ``stream.py``) records what the mock saw, for tests
 to assert on.
 """
 

@@ -89,7 +89,7 @@ class GatewayServer:
 
         self.settings = settings
         self.app = create_app(settings)
-        # Header, body and idle timeouts and the connection cap ([server]): see server_limits.
+        # Header, body and idle timeouts and the connection caps ([server]): see limits.py.
         # Idle connections (nginx's) close after keepalive_timeout_seconds; nginx's upstream
         # keepalive_timeout must be shorter, so that nginx, not the gateway, closes them.
         self._runner = GatewayRunner(self.app, settings.server, shutdown_timeout=GRACE_SECONDS)
