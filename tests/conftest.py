@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -38,6 +39,22 @@ class Upstream:
     @property
     def state(self) -> MockState:
         return self.app[MOCK_STATE]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def settled_heap() -> None:
+    """Each test module starts with the heap so far collected and frozen (``gc.freeze``), so the
+    collector scans only what the module itself makes.
+
+    Why: aiohttp keeps the applications it served in a cache (its middleware chain, up to 1,024
+    entries), so in one test process every test's gateway app stays alive, and the heap grows
+    test after test. A full collection of it paused the event loop that hosts a test's gateway
+    and mock upstream for up to half a second (measured in a whole-suite run), longer than the
+    tight timeouts some tests set: a warm-up request then timed out. A gateway process serves
+    one app; this is the test process's own affair.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 @pytest.fixture
