@@ -6,12 +6,15 @@ The tree (status, OpenAI ``type``, ``code``)::
     ├── InvalidRequest            400 invalid_request_error  invalid_request
     │   └── StreamNotSupported    400 invalid_request_error  stream_not_supported
     ├── AuthenticationFailed      401 authentication_error   invalid_api_key
+    │   └── KeyRevoked            401 authentication_error   api_key_revoked (an open stream's)
     ├── PermissionDenied          403 permission_error       model_not_allowed
+    │   └── KeyRecordDamaged      403 permission_error       permission_denied
     ├── NotFound                  404 invalid_request_error  not_found
     ├── MethodNotAllowed          405 invalid_request_error  method_not_allowed
     ├── PayloadTooLarge           413 invalid_request_error  request_too_large
     ├── UnsupportedMediaType      415 invalid_request_error  unsupported_media_type
     ├── RateLimited               429 rate_limit_error       rate_limit_exceeded
+    ├── StreamTooLong             504 server_error           stream_max_duration
     ├── ServiceUnavailable        503 server_error           service_unavailable
     │   └── ShuttingDown          503 server_error           gateway_restarting
     └── UpstreamFailure           502 upstream_error         upstream_error
@@ -35,6 +38,7 @@ What an upstream says reaches a client only through ``gateway/upstream/errors.py
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -106,10 +110,25 @@ class AuthenticationFailed(GatewayError):
     code = "invalid_api_key"
 
 
+class KeyRevoked(AuthenticationFailed):
+    """The key of an open stream was revoked (``gateway keys revoke``): the stream ends with
+    this frame (a request that starts after it gets ``invalid_api_key``)."""
+
+    code = "api_key_revoked"
+
+
 class PermissionDenied(GatewayError):
     status = 403
     type = "permission_error"
     code = "model_not_allowed"
+
+
+class KeyRecordDamaged(PermissionDenied):
+    """A known key whose record in the key store cannot be read: the key is the client's own,
+    so not 401, and the fault is none of the client's making, yet only the operator can mend it
+    (by revoking and adding the key again)."""
+
+    code = "permission_denied"
 
 
 class NotFound(GatewayError):
@@ -141,6 +160,15 @@ class RateLimited(GatewayError):
     status = 429
     type = "rate_limit_error"
     code = "rate_limit_exceeded"
+
+
+class StreamTooLong(GatewayError):
+    """A stream that reached ``[stream] max_duration_seconds``: no stream holds its lease, its
+    upstream connection and a process's memory for ever."""
+
+    outcome = "timeout"
+    status = 504
+    code = "stream_max_duration"
 
 
 class ServiceUnavailable(GatewayError):
@@ -199,6 +227,11 @@ class UpstreamAnswerTooLarge(UpstreamProtocolError):
 
 _KEYLIKE = re.compile(r"\b(?:sk|xai)-[A-Za-z0-9_\-*]{6,}")
 
+PART_CHARS = 8
+"""The fewest consecutive characters of a secret that count as a part of it. No run this long
+reaches a client or a log line: the rest of a key that is shown less a few characters is
+within a guesser's reach, and a shorter run would match ordinary text."""
+
 
 def bounded(text: str, limit: int) -> str:
     """At most ``limit`` characters of ``text``, then ``...``: whatever goes into an answer or a
@@ -207,8 +240,53 @@ def bounded(text: str, limit: int) -> str:
 
 
 def redact(message: str, secrets: tuple[str, ...] = ()) -> str:
-    """Remove anything that looks like a credential before a message reaches a client."""
+    """Remove anything that looks like a credential before a message reaches a client: every
+    run of ``PART_CHARS`` or more consecutive characters of a secret (the whole of it, or what
+    an upstream echoed of it less a few characters at either end, or from its middle), each
+    run as one ``[redacted]``, and anything key-like."""
     for secret in secrets:
-        if secret:
+        if len(secret) >= PART_CHARS:
+            message = _without_parts(message, secret)
+        elif secret:
             message = message.replace(secret, "[redacted]")
     return _KEYLIKE.sub("[redacted]", message)
+
+
+def _without_parts(text: str, secret: str) -> str:
+    """``text`` with each run of the secret's characters (``PART_CHARS`` or more) replaced.
+
+    The leftmost ``PART_CHARS``-character window of the secret is found (one pattern of all
+    of them), then the run is followed past it for as long as it goes on matching the secret,
+    from every place the window holds in the secret. The search goes on after the run: a run
+    that began inside it was taken out with it, up to where it ends."""
+    found = _windows(secret).search(text)
+    if found is None:
+        return text
+    pieces: list[str] = []
+    done = 0
+    while found is not None:
+        start, end = found.span()
+        for j in _offsets(secret)[found.group()]:
+            at, k = start + PART_CHARS, j + PART_CHARS
+            while at < len(text) and k < len(secret) and text[at] == secret[k]:
+                at, k = at + 1, k + 1
+            end = max(end, at)
+        pieces += (text[done:start], "[redacted]")
+        done = end
+        found = _windows(secret).search(text, end)
+    pieces.append(text[done:])
+    return "".join(pieces)
+
+
+@functools.lru_cache(maxsize=8)
+def _offsets(secret: str) -> dict[str, tuple[int, ...]]:
+    """Each ``PART_CHARS``-character window of the secret, and where it starts in it."""
+    offsets: dict[str, list[int]] = {}
+    for j in range(len(secret) - PART_CHARS + 1):
+        offsets.setdefault(secret[j:j + PART_CHARS], []).append(j)
+    return {window: tuple(at) for window, at in offsets.items()}
+
+
+@functools.lru_cache(maxsize=8)
+def _windows(secret: str) -> re.Pattern[str]:
+    return re.compile("|".join(map(re.escape, _offsets(secret))))

@@ -15,13 +15,19 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from gateway.errors import UpstreamFailure, UpstreamStatus
+from gateway.errors import PART_CHARS, UpstreamFailure, UpstreamStatus, redact
 from gateway.upstream.errors import from_upstream, redact_strings, stream_error
+from gateway.upstream.secrets import Secrets
 
 SECRET = "opk-9Fq3Zr7Lx2Vb8Nm4Tw6Hy1"  # like no key format: only the secrets list catches it
 SECRETS = (SECRET,)
 PIECES = {SECRET[i:i + 6] for i in range(len(SECRET) - 5)}
+PARTS = [SECRET[:-3], SECRET[2:], SECRET[3:-3], SECRET[6:14]]
+"""What an upstream may echo of the key: less a few characters at either end, eight from its
+middle. Each is redacted as the whole key is."""
 
 
 def assert_no_piece(text: str) -> None:
@@ -258,3 +264,76 @@ def test_redact_strings_walks_nesting_deeper_than_the_recursion_limit() -> None:
     for _ in range(5000):
         clean = clean[0]
     assert clean == ["[redacted]"]
+
+
+# --- Parts of the key (issue 24) --------------------------------------------------------------
+
+@pytest.mark.parametrize("part", PARTS)
+def test_a_part_of_the_key_in_a_message_param_or_code_is_redacted_or_dropped(part: str) -> None:
+    failure = from_upstream(400, openai_body(message=f"bad key {part}!", param=part, code=part),
+                            {}, SECRETS)
+    assert fields(failure) == {"message": "bad key [redacted]!", "type": "invalid_request_error",
+                               "param": "[redacted]", "code": "upstream_http_400"}
+    xai = from_upstream(400, orjson.dumps({"error": part, "code": part}), {}, SECRETS)
+    assert (xai.message, xai.code) == ("[redacted]", "upstream_http_400")
+    streamed = stream_error({"message": f"m {part}", "code": part}, SECRETS)
+    assert (streamed.message, streamed.code) == ("Upstream error: m [redacted]", "upstream_error")
+    assert redact_strings({part: [part]}, SECRETS) == {"[redacted]": ["[redacted]"]}
+
+
+@pytest.mark.parametrize("text, redacted", [
+    (f"{SECRET[:7]} and {SECRET[-7:]}", f"{SECRET[:7]} and {SECRET[-7:]}"),  # seven: no part
+    (SECRET[:12] + SECRET[6:20], "[redacted][redacted]"),  # one run, then another
+    (f"x{SECRET[4:]}{SECRET}y", "x[redacted][redacted]y"),
+    (SECRET.lower(), SECRET.lower()),  # not the key's characters
+])
+def test_redact_takes_out_each_run_of_eight_or_more_of_the_keys_characters(
+        text: str, redacted: str) -> None:
+    assert redact(text, SECRETS) == redacted
+
+
+KEY_CHARACTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+keys = st.text(KEY_CHARACTERS, min_size=12, max_size=90)
+
+
+def echoes(key: str) -> st.SearchStrategy[str]:
+    """Text an upstream sends: ordinary characters, JSON, and pieces of the key, any length."""
+    cut = st.tuples(st.integers(0, len(key)), st.integers(0, len(key)))
+    return st.lists(st.one_of(
+        st.text(KEY_CHARACTERS + ' "{}:,.é', max_size=40),
+        st.sampled_from(['{"id":"chatcmpl-7f3a9c2b1e","created":1700000000}', "The ",
+                         "data: ", "\n", "usage"]),
+        cut.map(lambda c: key[min(c):max(c)])), max_size=12).map("".join)
+
+
+@settings(max_examples=400, deadline=None)
+@given(data=st.data(), key=keys)
+def test_no_run_of_eight_characters_of_the_key_survives_redact_and_bytes_holding_one_are_found(
+        data: st.DataObject, key: str) -> None:
+    """``redact`` leaves no part; ``Secrets.may_be_in`` never says no where bytes hold one,
+    and, where few of its probes are in them, says exactly whether they do."""
+    text = data.draw(echoes(key))
+    parts = {key[i:i + PART_CHARS] for i in range(len(key) - PART_CHARS + 1)}
+    assert not any(part in redact(text, (key,)) for part in parts)
+    raw = text.encode()
+    secrets = Secrets.of(key)
+    holds = any(part.encode() in raw for part in parts)
+    found = secrets.may_be_in(raw)
+    assert found or not holds
+    if len(raw) - len(raw.translate(None, secrets.probes)) <= 8:
+        assert found == holds
+    assert all(len(part.encode().translate(None, secrets.probes)) < PART_CHARS
+               for part in parts)  # every part holds a probe
+    # Bytes known to hold no part, bounded by bytes no key holds, are left out of the search:
+    # no answer changes (a part cannot cross their ends).
+    clean = ('{"id":"' + redact(data.draw(echoes(key)), (key,)) + '",').encode()
+    pieces = data.draw(st.lists(st.one_of(st.just(clean), echoes(key).map(str.encode)),
+                                max_size=8))
+    mixed = b"".join(pieces)
+    holds = any(part.encode() in mixed for part in parts)
+    assert secrets.may_be_in(mixed, clean) or not holds
+
+
+def test_a_secret_shorter_than_a_part_is_refused() -> None:
+    with pytest.raises(ValueError, match="fewer than 8 characters"):
+        Secrets.of("short")

@@ -11,7 +11,7 @@ import pytest
 from gateway.aliases import model_rewriter
 from gateway.stream.dialect import CHAT, RESPONSES
 from gateway.stream.render import StreamRenderer
-from gateway.upstream.errors import Secrets
+from gateway.upstream.secrets import Secrets
 
 SECRET = "xai-operator-secret-key"
 
@@ -59,7 +59,7 @@ def test_an_in_stream_error_never_carries_the_operator_key() -> None:
     event = b'data: {"error": {"message": "bad key ' + SECRET.encode() + \
         b'", "code": "' + SECRET.encode() + b'"}}\n\n'
     _, _, failure = renderer.feed(event)
-    assert SECRET.encode() not in renderer.error_frame(failure)
+    assert failure is not None and SECRET.encode() not in renderer.error_frame(failure)
 
 
 def test_json_that_is_not_an_object_is_relayed_alike_on_every_path() -> None:
@@ -203,3 +203,104 @@ def test_a_responses_error_becomes_the_gateways_error_event_continuing_the_numbe
 def test_the_shortcut_takes_only_regions_of_one_line_events_each_one_json_value(
         chunk: bytes, shortcut: bool) -> None:
     assert (StreamRenderer(CHAT)._region(chunk) is not None) is shortcut
+
+
+# --- Nothing of the key, on any line, whole or in part (issue 24) ------------------------------
+
+KEY = "opk-9Fq3Zr7Lx2Vb8Nm4Tw6Hy1"  # like no key format: only the renderer's secrets catch it
+PIECES = {KEY[i:i + 8] for i in range(len(KEY) - 7)}
+PARTS = [KEY, KEY[:-3], KEY[2:], KEY[3:-3], KEY[6:14]]
+
+
+def no_piece(out: bytes) -> bool:
+    text = out.decode("utf-8", "replace")
+    return not any(piece in text for piece in PIECES)
+
+
+def both_paths(read: bytes, dialect: Any = CHAT) -> bytes:
+    """What the shortcut and the reference that parses every event send: the same bytes."""
+    fast = StreamRenderer(dialect, secrets=Secrets.of(KEY)).feed(read)
+    reference = StreamRenderer(dialect, secrets=Secrets.of(KEY), fast=False).feed(read)
+    assert fast == reference
+    return fast[0]
+
+
+@pytest.mark.parametrize("part", PARTS, ids=["whole", "less_3", "less_first_2", "middle",
+                                             "eight"])
+@pytest.mark.parametrize("burst", [False, True])
+def test_a_part_of_the_key_in_an_event_is_taken_out_as_one_run(part: str, burst: bool) -> None:
+    read = chunk(f"auth={part}.") + (chunk("next") if burst else b"")
+    out = both_paths(read)
+    assert no_piece(out) and b'"content":"auth=[redacted]."' in out
+
+
+@pytest.mark.parametrize("event, sent", [
+    (b": debug auth=" + KEY[:-2].encode() + b"\n\n", b""),
+    (b": debug auth=" + KEY.encode() + b"\n" + chunk(), chunk()),
+    (b"event: " + KEY[3:].encode() + b"\n" + chunk(), b"event: [redacted]\n" + chunk()),
+    (b"event: message " + KEY[3:].encode() + b"\n" + chunk(),
+     b"event: message [redacted]\n" + chunk()),
+    (b"id: " + KEY[:-3].encode() + b"\n" + chunk(), chunk()),
+    (b"id: 7\nretry: " + KEY[6:14].encode() + b"\n" + chunk(), b"id: 7\n" + chunk()),
+    (b"event: " + KEY.encode() + b"\nevent: delta\n" + chunk(), b"event: delta\n" + chunk()),
+    (b"id: " + KEY.encode() + b"\ndata: [DONE]\n\n", DONE),
+], ids=["comment_event", "comment_line", "event", "event_appended", "id", "retry",
+        "overridden_event", "done_with_an_id"])
+def test_every_line_of_an_event_is_checked_not_only_its_data(event: bytes, sent: bytes) -> None:
+    out = both_paths(event)
+    assert out == sent and no_piece(out)
+
+
+def test_lines_without_a_part_of_the_key_pass_as_they_came() -> None:
+    read = b": ping " + KEY[:7].encode() + b"\n\nid: 7\nevent: delta\n" + chunk(KEY[1:8])
+    assert both_paths(read) == read  # seven characters: not a part
+
+
+def test_a_responses_event_name_with_the_key_appended_is_redacted() -> None:
+    read = responses_event("response.created").replace(
+        b"response.created\n", b"response.created " + KEY[2:].encode() + b"\n", 1)
+    out = both_paths(read, RESPONSES)
+    assert out == responses_event("response.created").replace(
+        b"response.created\n", b"response.created [redacted]\n", 1)
+
+
+@pytest.mark.parametrize("spelled", [
+    KEY[3:].replace("F", "\\u0046"),  # an escape: the shortcut sends it to the exact path
+    KEY[:-2].replace("-", "\\u002d"),
+])
+def test_an_escaped_part_of_the_key_is_taken_out(spelled: str) -> None:
+    read = b'data: {"choices": [{"delta": {"content": "' + spelled.encode() + b'"}}]}\n\n'
+    out = both_paths(read)
+    assert no_piece(orjson.loads(out[6:])["choices"][0]["delta"]["content"].encode())
+
+
+def test_a_key_holding_a_slash_is_found_spelled_with_an_escaped_slash() -> None:
+    key = "opk/9Fq3Zr7Lx2Vb8Nm4"
+    read = chunk("x").replace(b'"x"', b'"' + key.replace("/", "\\/").encode() + b'"')
+    renderer = StreamRenderer(CHAT, secrets=Secrets.of(key))
+    out, _, _ = renderer.feed(read)
+    assert orjson.loads(out[6:])["choices"][0]["delta"]["content"] == "[redacted]"
+
+
+def test_an_error_code_holding_part_of_the_key_is_dropped_and_its_message_redacted() -> None:
+    renderer = StreamRenderer(CHAT, secrets=Secrets.of(KEY))
+    event = b'data: {"error": {"message": "bad ' + KEY[:-3].encode() + b'", "code": "' + \
+        KEY[2:].encode() + b'"}}\n\n'
+    _, _, failure = renderer.feed(event)
+    assert failure is not None and (failure.message, failure.code) == (
+        "Upstream error: bad [redacted]", "upstream_error")
+    assert no_piece(renderer.error_frame(failure))
+
+
+def test_a_streams_repeated_head_is_left_out_of_the_search_and_a_key_in_a_new_one_found() -> None:
+    """The id every chunk repeats (random, like a key) is looked at once; a chunk whose head
+    differs, the key in its id, is looked at whole."""
+    renderer = StreamRenderer(CHAT, secrets=Secrets.of(KEY))
+    head = "chatcmpl-B9MHDbslfkBeAs8l4bebGdFOJ6PeG"  # an OpenAI id: capitals, like the key's
+    for word in ("a", "b"):
+        assert renderer.feed(chunk(word).replace(b'"c1"', f'"{head}"'.encode()))[0] \
+            == chunk(word).replace(b'"c1"', f'"{head}"'.encode())
+    assert renderer.clean is not None and head.encode() in renderer.clean
+    leaky = chunk("c").replace(b'"c1"', f'"{KEY[1:]}"'.encode())
+    out, _, _ = renderer.feed(leaky)
+    assert no_piece(out) and b'"id":"[redacted]"' in out

@@ -104,3 +104,14 @@ def test_take_cuts_the_completed_region_and_holds_the_rest() -> None:
     assert framer.take(CHUNK[7:].replace(b"\n", b"\r\n")) == CHUNK
     assert not framer.clean  # its line endings were rewritten: re-encode, do not forward
     assert framer.split(CHUNK)[0].data == CHUNK[6:-2]
+
+
+def test_reencoding_writes_the_fields_given_and_no_comment() -> None:
+    """What the renderer hands back when it took a secret out of an event's name, or dropped
+    its id: the data as it was, no comment line."""
+    [event] = SSEFramer().feed(b": note\nevent: delta\nid: 7\nretry: 100\ndata: {"
+                               b'"a": 1}\n\n')
+    assert encode_event(event) == b'event: delta\nid: 7\nretry: 100\ndata: {"a":1}\n\n'
+    assert encode_event(event, None, (b"delta [redacted]", None, None)) == \
+        b'event: delta [redacted]\ndata: {"a":1}\n\n'
+    assert encode_event(event, {"b": 2}, (None, b"8", None)) == b'id: 8\ndata: {"b":2}\n\n'

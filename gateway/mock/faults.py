@@ -1,6 +1,7 @@
 """What the mock upstream answers when asked to fail (``gateway/mock/upstream.py`` documents
 the options): error statuses shaped as xAI's (the default) or OpenAI's, echoes of the key it was
-sent into any field or header, error events inside a stream, and answers too long to hold.
+sent (whole or in part) into any field, header, answer text or line of an event stream, error
+events inside a stream, and answers too long to hold.
 
 xAI's error body is ``{"code": "<a gRPC status, in words>", "error": "<message>"}``: a string
 ``error``, and a ``code`` that is a phrase, not an identifier (``XAI_CODES``). OpenAI's is
@@ -38,8 +39,57 @@ def error(status: int, message: str, shape: str, code: str | None = None) -> web
     return web.json_response(error_body(shape, status, err), status=status)
 
 
-def echoed_key(request: web.Request) -> str:
-    return request.headers.get("Authorization", "").removeprefix("Bearer ")
+ERROR_FIELDS = ("message", "type", "code", "param")
+STREAM_LINES = {"comment_line": b": debug auth=", "event": b"event: ", "id": b"id: ",
+                "retry": b"retry: "}
+"""``echo_auth`` places that are a line of the stream's first event, and the line's start."""
+STREAM_PLACES = (*STREAM_LINES, "comment", "event_name")
+NOT_HEADERS = frozenset((*ERROR_FIELDS, *STREAM_PLACES, "text"))
+
+
+def echoed_key(request: web.Request, opts: dict[str, Any]) -> str:
+    """The request's key (its ``Authorization``, ``Bearer`` taken off), or the part of it that
+    ``echo_slice`` (``[start, end]``, Python's slice bounds, either null) names: an upstream
+    that echoes the key less a few characters at either end."""
+    key = request.headers.get("Authorization", "").removeprefix("Bearer ")
+    part = opts.get("echo_slice")
+    if isinstance(part, list) and len(part) == 2 and all(
+            p is None or (isinstance(p, int) and not isinstance(p, bool)) for p in part):
+        key = key[part[0]:part[1]]
+    return key
+
+
+def echoing_text(request: web.Request, opts: dict[str, Any]) -> dict[str, Any]:
+    """``opts`` with the answer's ``text`` holding the key when ``echo_auth`` names ``text``."""
+    if "text" not in (opts.get("echo_auth") or []):
+        return opts
+    return {**opts, "text": f"the key is {echoed_key(request, opts)} as it was sent"}
+
+
+def echoing_events(request: web.Request, opts: dict[str, Any], events: list[bytes]
+                   ) -> list[bytes]:
+    """``events`` with the key outside their ``data:`` lines where ``echo_auth`` says: a
+    comment event of its own before the first (``comment``), a line of the first event (a
+    comment, ``event:``, ``id:``, ``retry:``), or after every event's name (``event_name``,
+    the Responses API's)."""
+    places = opts.get("echo_auth") or []
+    if not events or not any(place in STREAM_PLACES for place in places):
+        return events
+    key = echoed_key(request, opts).encode()
+    lines = b"".join(start + key + b"\n" for place, start in STREAM_LINES.items()
+                     if place in places)
+    events = [lines + events[0], *events[1:]]
+    if "event_name" in places:
+        events = [_named(e, key) if e.startswith(b"event: ") else e for e in events]
+    if "comment" in places:
+        events = [b": debug auth=" + key + b"\n\n", *events]
+    return events
+
+
+def _named(event: bytes, key: bytes) -> bytes:
+    """The event with `` <key>`` after its name (its first line, however it ends)."""
+    end = min(at for at in (event.find(b"\r"), event.find(b"\n"), len(event)) if at >= 0)
+    return event[:end] + b" " + key + event[end:]
 
 
 def refusal(request: web.Request, status: int, opts: dict[str, Any], shape: str
@@ -47,12 +97,11 @@ def refusal(request: web.Request, status: int, opts: dict[str, Any], shape: str
     """The answer to ``status``, shaped (``shape`` unless ``error_shape`` says) and leaking as
     the options ask."""
     echo = opts.get("echo_auth") or []
-    key = echoed_key(request)
+    key = echoed_key(request, opts)
     headers = {str(k): str(v) for k, v in (opts.get("error_headers") or {}).items()}
     if opts.get("location"):
         headers["Location"] = str(opts["location"])
-    headers.update({name: key for name in echo
-                    if name not in ("message", "type", "code", "param")})
+    headers.update({name: key for name in echo if name not in NOT_HEADERS})
     size = opts.get("error_text_bytes")
     if isinstance(size, int):
         text = b"x" * size
@@ -90,7 +139,7 @@ def leaky_error(request: web.Request, opts: dict[str, Any]) -> dict[str, Any]:
     """The ``error_after`` error object with ``error_code`` and ``echo_auth`` applied."""
     err: dict[str, Any] = {"message": "mock mid-stream failure", "type": "server_error",
                            "param": None, "code": opts.get("error_code", "mock_failure")}
-    err.update({name: echoed_key(request) for name in opts.get("echo_auth") or []
+    err.update({name: echoed_key(request, opts) for name in opts.get("echo_auth") or []
                 if name in err})
     return err
 

@@ -48,8 +48,12 @@ the bounds of ``bounds.py`` (else 400):
 ``echo_auth``        a list of places to write the request's key into (its ``Authorization``,
                      ``Bearer`` taken off), as an upstream that echoes it would: ``message``,
                      ``type``, ``code``, ``param`` (of ``status``'s error body, or of the
-                     ``error_after`` event), or a header name of ``status``'s answer
-                     (``Retry-After``, ``retry-after-ms``, ``Location``)
+                     ``error_after`` event), a header name of ``status``'s answer
+                     (``Retry-After``, ``retry-after-ms``, ``Location``), ``text`` (the
+                     answer's, plain or streamed), or outside a stream's ``data:`` lines:
+                     ``comment`` (an event of its own), ``comment_line``, ``event``, ``id``,
+                     ``retry`` (lines of the first event), ``event_name`` (after each name)
+``echo_slice``       with ``echo_auth``: ``[start, end]``, echo only ``key[start:end]``
 ``error_shape``      with ``status``: ``xai`` or ``openai``, whatever the ``style``
 ``error_code``       with ``status`` or ``error_after``: the error's ``code``
 ``error_headers``    with ``status``: more headers for that answer (``{"Retry-After": "7"}``)
@@ -199,14 +203,15 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if isinstance(opts.get("answer_bytes"), int) and not body.get("stream"):
         return await faults.long_answer(request, request.app[MOCK_STATE],
                                              opts["answer_bytes"], bool(opts.get("answer_chunked")))
+    opts = faults.echoing_text(request, opts)
     reply = chat_reply(body, opts, _words(opts))
     if not body.get("stream"):
         return web.json_response(chat_completion(model, reply, f"chatcmpl-{next(_ids)}",
                                                  style))
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     fmt = opts.get("format", "oneline")
-    events = [encode_event(c, fmt) for c in reply_chunks(model, reply, include_usage,
-                                                         style=style)]
+    events = faults.echoing_events(request, opts, [
+        encode_event(c, fmt) for c in reply_chunks(model, reply, include_usage, style=style)])
     if opts.get("reasoning_silence") and reply.reasoning and "pause_after" not in opts:
         opts = {**opts, "pause_after": len(reply.reasoning), "pause": opts["reasoning_silence"]}
     if opts.get("echo_auth") or opts.get("error_code"):
@@ -227,6 +232,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
     images = count_input_images(body.get("input"))
     if images and not sees_images(model):
         return faults.no_vision(model, style)
+    opts = faults.echoing_text(request, opts)
     words = seen_words(images) if images and "text" not in opts else _words(opts)
     reply = responses_reply(body, opts, words)
     if not body.get("stream"):
@@ -237,6 +243,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
     if opts.get("format") in ("crlf", "cr"):
         ending = b"\r\n" if opts["format"] == "crlf" else b"\r"
         events = [e.replace(b"\n", ending) for e in events]
+    events = faults.echoing_events(request, opts, events)
     error_event = responses_error_event
     if opts.get("echo_auth") or opts.get("error_code"):
         error_event = functools.partial(faults.responses_leaky_error_event,

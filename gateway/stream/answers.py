@@ -4,7 +4,10 @@ builds itself (a model list, the vision stream fallback). No streaming here
 
 An upstream answer is read whole only up to ``[upstream] max_answer_bytes``: past it the
 request fails with 502 and the connection is closed, so one huge answer cannot take the
-process's memory. An answer that echoes the operator's key has it taken out, as in a stream.
+process's memory. The client gets JSON or nothing of it: a success that is not JSON (an HTML
+page from whatever stands in front of the upstream) is a 502 in the error shape
+(``not_json``). An answer that echoes the operator's key, or part of it, has it taken out, as
+in a stream.
 Like a stream, a plain request is tracked by ``InFlight``: at shutdown, past
 the drain time, it is answered 503 ``gateway_restarting`` (nothing was sent yet, so the status
 can still say so).
@@ -18,6 +21,7 @@ from collections.abc import Awaitable
 from typing import Any
 
 import orjson
+import simdjson
 from aiohttp import web
 
 from ..errors import (
@@ -29,13 +33,16 @@ from ..errors import (
 )
 from ..inflight import InFlight
 from ..request_info import RequestInfo
-from ..upstream.errors import Secrets, from_upstream, holds_secret, redact_strings
+from ..upstream.errors import from_upstream, not_json, redact_strings
 from ..upstream.http1 import AnswerTooLarge, InvalidHTTP, UpstreamResponse
+from ..upstream.secrets import Secrets
 from .dialect import usage_of
 from .render import Rewrite
 
 _MAX_USAGE_PARSE = 1024 * 1024
-"""A plain answer is parsed for its token counts (access log, metrics) only up to this size."""
+"""A plain answer is parsed for its token counts (access log, metrics) only up to this size;
+a longer one is only validated (simdjson builds no Python objects)."""
+_VALIDATOR = simdjson.Parser()
 
 
 def response_headers(info: RequestInfo) -> dict[str, str]:
@@ -56,15 +63,10 @@ class PlainAnswers:
     async def relay(self, info: RequestInfo, call: Awaitable[UpstreamResponse],
                     rewrite: Rewrite | None = None,
                     extra_headers: dict[str, str] | None = None) -> web.Response:
-        """The upstream's status and JSON, to the client (model aliases rewritten back)."""
+        """The upstream's status and JSON, to the client (model aliases rewritten back), as
+        ``application/json`` whatever the upstream called it: what is decided is the body."""
         upstream, body = await self.read(call)
-        obj = None
-        if rewrite is not None or len(body) <= _MAX_USAGE_PARSE:
-            try:
-                obj = orjson.loads(body)
-            except orjson.JSONDecodeError:
-                if rewrite is not None:
-                    raise UpstreamProtocolError("The upstream answered with invalid JSON") from None
+        obj = self._parsed(upstream, body, whole=rewrite is not None)
         body, obj = self._without_secrets(body, obj)
         if rewrite is not None:
             rewrite(obj)
@@ -72,42 +74,45 @@ class PlainAnswers:
         info.usage = usage_of(obj) or info.usage
         info.first_byte = time.monotonic()
         info.bytes_out = len(body)
-        return web.Response(status=upstream.status, body=body,
-                            content_type=upstream.content_type or "application/json",
+        return web.Response(status=upstream.status, body=body, content_type="application/json",
                             headers={**response_headers(info), **(extra_headers or {})})
 
     async def fetch_json(self, call: Awaitable[UpstreamResponse]) -> Any:
         """The upstream's JSON answer, parsed, for answers the gateway reshapes or keeps."""
-        _, body = await self.read(call)
-        try:
-            obj = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            raise UpstreamProtocolError("The upstream answered with invalid JSON") from None
-        obj = self._without_secrets(body, obj)[1]
+        upstream, body = await self.read(call)
+        obj = self._without_secrets(body, self._parsed(upstream, body, whole=True))[1]
         _dumps(obj)  # the caller re-encodes it: a value too deep for that is the upstream's fault
         return obj
 
-    def _without_secrets(self, body: bytes, obj: Any) -> tuple[bytes, Any]:
-        """The answer with every operator secret taken out of its strings (an upstream may
-        echo what it was sent), as bytes and as the parsed value (None if not parsed). Looked
-        for in the bytes, and, where escapes could spell it otherwise, in the parsed strings."""
-        secrets = self.secrets.bytes
-        if not secrets:
-            return body, obj
-        if obj is None and b"\\" in body:
-            obj = _json_or_none(body)  # escapes may spell a secret: look at the strings
+    def _parsed(self, upstream: UpstreamResponse, body: bytes, whole: bool) -> Any:
+        """The answer's JSON value (None when it was only validated: a long answer that no
+        rewrite needs); an answer that is not JSON fails, as ``not_json``."""
         try:
-            if not holds_secret(body, obj, secrets):
+            if whole or len(body) <= _MAX_USAGE_PARSE or not _valid(body):
+                return orjson.loads(body)  # where simdjson refuses, orjson decides
+            return None
+        except orjson.JSONDecodeError:
+            raise not_json(upstream.status, upstream.content_type, body,
+                           self.secrets.text) from None
+
+    def _without_secrets(self, body: bytes, obj: Any) -> tuple[bytes, Any]:
+        """The answer with every operator secret, and every part of one, taken out of its
+        strings (an upstream may echo what it was sent), as bytes and as the parsed value (None
+        if not parsed). Looked for in the bytes, and, where escapes could spell it otherwise,
+        in the parsed strings."""
+        secrets = self.secrets
+        if not secrets.probes:
+            return body, obj
+        try:
+            if obj is None and (b"\\" in body or secrets.may_be_in(body)):
+                obj = orjson.loads(body)  # a long answer, parsed only where it must be
+            if obj is None or not secrets.may_hold(body, obj):
                 return body, obj
+        except orjson.JSONDecodeError:  # what simdjson took and orjson does not
+            raise UpstreamProtocolError("The upstream answered with invalid JSON") from None
         except orjson.JSONEncodeError:
             raise _too_deep() from None
-        if obj is None:
-            obj = _json_or_none(body)
-        if obj is None:  # not JSON: the bytes themselves
-            for secret in secrets:
-                body = body.replace(secret, b"[redacted]")
-            return body, None
-        obj = redact_strings(obj, self.secrets.text)
+        obj = redact_strings(obj, secrets.text)
         return _dumps(obj), obj
 
     async def read(self, call: Awaitable[UpstreamResponse]) -> tuple[UpstreamResponse, bytes]:
@@ -150,6 +155,18 @@ class PlainAnswers:
         return upstream, body
 
 
+def _valid(body: bytes) -> bool:
+    """Whether simdjson reads ``body`` as one JSON value, which it does without building Python
+    objects; it also skips a UTF-8 BOM, which a client's parser refuses."""
+    if body[:1] == b"\xef":
+        return False
+    try:
+        _VALIDATOR.parse(body)  # the proxy is dropped at once: the parser is free again
+    except ValueError:
+        return False
+    return True
+
+
 def _dumps(obj: Any) -> bytes:
     try:
         return orjson.dumps(obj)
@@ -161,13 +178,6 @@ def _too_deep() -> UpstreamProtocolError:
     """orjson reads 1024 levels of nesting and writes 254: an answer between the two cannot
     be re-encoded, and is refused as malformed (a 502), not left to fail as a bug (a 500)."""
     return UpstreamProtocolError("The upstream answered with JSON nested too deeply")
-
-
-def _json_or_none(body: bytes) -> Any:
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:

@@ -21,20 +21,26 @@ OTHER     a comment (an upstream's keep-alive), or JSON that is not an object
 
 Events already in the one-line form pass as the very bytes the upstream sent; an event is
 re-encoded (orjson, one ``data:`` line) only when it must change: multi-line or CR-framed
-events, a model alias to rewrite back, an operator secret to take out.
+events, a model alias to rewrite back, an operator secret to take out. A secret counts whole
+or in part (any ``PART_CHARS`` consecutive characters of it, ``gateway/errors.py``), and on
+every line of an event, not only in its data: a comment or a field that holds a part is
+dropped, an event name that holds one is redacted (``_outside_data``), decided on the parsed
+lines as the data is.
 
-Parsing every event into Python objects is most of the relay's cost when events come in
-bursts. So a region of one-line ``data:`` events (nearly every upstream read) is first checked
-by simdjson, each payload on its own (building no objects, for a fraction of a parse's cost:
+Parsing every event into Python objects is most of the relay's cost when events come in bursts.
+So a region of one-line ``data:`` events (nearly every upstream read) is first checked by
+simdjson, each payload on its own (building no objects, for a fraction of a parse's cost:
 ``docs/performance.md``), and sent as it is when no event in it *can* be anything but DATA.
 That is proved, not guessed: a JSON key or string can only be spelled with its own characters
 or with ``\\u`` escapes, so a region holding neither ``"error"`` nor ``\\u`` holds no ``error``
-member, and one that does not hold an operator secret's bytes holds no string with the secret
-in it. The byte checks only send a region to the exact path; they never decide what an event
-is. Usage is found the same way: each payload that spells ``"usage"`` is parsed, last first,
-until one carries it; for a read of one event (a paced stream's, with usage on every chunk as
-xAI sends it unasked) the very parse that validated it says whether it carries one, and the
-payload is kept, to be parsed only when the usage is read at the stream's end.
+member, and one whose bytes hold no part of an operator secret (``Secrets.may_be_in``) holds no
+string with a part in it (a secret with a character JSON may escape otherwise, ``/`` for one,
+sends every region with an escape to the exact path). The byte checks only send a region to the
+exact path; they never decide what an event is. Usage is found the same way: each payload that
+spells ``"usage"`` is parsed, last first, until one carries it; for a read of one event (a
+paced stream's, with usage on every chunk as xAI sends it unasked) the very parse that
+validated it says whether it carries one, and the payload is kept, to be parsed only when the
+usage is read at the stream's end.
 ``tests/guarantees/test_render_fuzz.py`` holds every split of every stream to the bytes of a
 reference that parses every event.
 """
@@ -49,10 +55,11 @@ from typing import Any
 import orjson
 import simdjson
 
-from ..errors import GatewayError, UpstreamFailure, UpstreamProtocolError
-from ..upstream.errors import NO_SECRETS, Secrets, holds_secret, redact_strings, stream_error
+from ..errors import GatewayError, UpstreamFailure, UpstreamProtocolError, redact
+from ..upstream.errors import redact_strings, stream_error
+from ..upstream.secrets import NO_SECRETS, Secrets
 from .dialect import CHAT, Dialect, Kind
-from .sse import DONE, Event, SSEFramer, SSEProtocolError, encode_event
+from .sse import DONE, Event, Fields, SSEFramer, SSEProtocolError, encode_event
 from .usage import KEPT_USAGE_BYTES, UsageTracker
 
 Rewrite = Callable[[Any], Any]
@@ -66,8 +73,8 @@ class StreamRenderer(UsageTracker):
     """One stream's framer and the counts the access log and metrics read when it ends (its
     token ``usage`` among them, kept by ``UsageTracker``)."""
 
-    __slots__ = ("framer", "rewrite", "secrets", "secret_bytes", "fast", "events", "seq",
-                 "bytes_out")
+    __slots__ = ("framer", "rewrite", "secrets", "probes", "long_read", "escapable", "clean",
+                 "fast", "events", "seq", "bytes_out")
 
     def __init__(self, dialect: Dialect = CHAT, *, rewrite: Rewrite | None = None,
                  secrets: Secrets = NO_SECRETS, max_event_bytes: int = 4 * 1024 * 1024,
@@ -76,7 +83,10 @@ class StreamRenderer(UsageTracker):
         self.framer = SSEFramer(max_event_bytes)
         self.rewrite = rewrite
         self.secrets = secrets
-        self.secret_bytes = secrets.bytes  # looked up on every read: one attribute, not two
+        self.probes = secrets.probes  # looked up on every read: one attribute, not two
+        self.long_read = secrets.long_read
+        self.escapable = secrets.escapable
+        self.clean: bytes | None = None  # a chunk's head known to hold no secret (``_head``)
         # The region shortcut: chat, no alias. ``fast=False`` is the reference that parses all.
         self.fast = fast and rewrite is None and not dialect.responses_api
         self.events = 0  # events sent, the terminal one included
@@ -141,10 +151,15 @@ class StreamRenderer(UsageTracker):
         done = payloads[-1] == DONE
         k = n - 1 if done else n  # events before [DONE]
         if k:
-            if b'"error"' in region or (b"\\" in region and b"\\u" in region):
-                return None  # maybe an error member, however spelled
-            for secret in self.secret_bytes:
-                if secret in region:
+            if b'"error"' in region or (b"\\" in region and (
+                    b"\\u" in region or self.escapable)):
+                return None  # maybe an error member, or a part of a secret, however spelled
+            probes = self.probes  # no probe byte, no part of a secret: the common read, here
+            if probes and (len(region) > self.long_read
+                           or len(region.translate(None, probes)) != len(region)):
+                if self.clean is None:
+                    self.clean = _head(payloads[0], self.secrets)
+                if self.secrets.near_probes(region, self.clean):  # the rest of the test
                     return None
             if k == 1:  # the common read of a paced stream: one parse validates and reads
                 carries = _one_json_value(payloads[0], b'"usage"' in region)
@@ -199,8 +214,15 @@ class StreamRenderer(UsageTracker):
                 # mark of a data line merged into another field by broken framing.
                 raise UpstreamProtocolError(
                     "The upstream stream was malformed: an event without data")
+            if self.probes and self.secrets.may_be_in(ev.raw) and \
+                    _redacted(ev.raw, self.secrets.text) is not ev.raw:
+                return b"", Kind.OTHER  # a comment holding a part of a secret: dropped
             return ev.raw, Kind.OTHER
         if data == DONE:
+            if self.probes and self.secrets.may_be_in(ev.raw):
+                fields, held = _outside_data(ev, self.secrets.text)
+                if held:
+                    return encode_event(ev, None, fields), Kind.TERMINAL
             return (ev.raw if ev.verbatim else encode_event(ev)), Kind.TERMINAL
         try:
             obj = orjson.loads(data)
@@ -214,25 +236,72 @@ class StreamRenderer(UsageTracker):
         if kind is Kind.USAGE or kind is Kind.TERMINAL:
             self._note_usage(obj)
         try:
-            return self._reencoded(ev, data, obj, kind), kind
+            return self._reencoded(ev, obj, kind), kind
         except (TypeError, RecursionError):  # orjson writes 254 levels; the reader takes 1024
             raise UpstreamProtocolError(
                 "The upstream stream was malformed: an event nested too deeply") from None
 
-    def _reencoded(self, ev: Event, data: bytes, obj: Any, kind: Kind) -> bytes:
-        """The event's bytes: as they came, unless an alias or a secret must change them."""
+    def _reencoded(self, ev: Event, obj: Any, kind: Kind) -> bytes:
+        """The event's bytes: as they came, unless an alias or a secret must change them. Every
+        line of the event is looked at, not only its data (``_outside_data``)."""
         changed = False
+        fields: Fields | None = None
         if self.rewrite is not None and isinstance(obj, dict):
             self.rewrite(obj)
             changed = True
-        if holds_secret(data, obj, self.secret_bytes) or (
-                kind is Kind.TERMINAL and obj.get("type") == "response.failed"):
+        held = bool(self.probes) and self.secrets.may_hold(ev.raw, obj)
+        if held or (kind is Kind.TERMINAL and obj.get("type") == "response.failed"):
             clean = redact_strings(obj, self.secrets.text)
             changed = changed or clean != obj
             obj = clean
+        if held:
+            fields, outside = _outside_data(ev, self.secrets.text)
+            changed = changed or outside
         if changed:
-            return encode_event(ev, obj)
+            return encode_event(ev, obj, fields)
         return ev.raw if ev.verbatim else encode_event(ev, obj)
+
+
+def _head(payload: bytes, secrets: Secrets) -> bytes:
+    """What a stream's chunks repeat before their ``choices``: the id (random, and as rich in a
+    secret's probe bytes as a key), the object, the time, the model. Taken from the stream's
+    first chunk that holds a probe byte, from its ``{`` to the ``,`` before ``"choices"``,
+    bytes no key holds, once it is found to hold no part of a secret (nor an escape that could
+    spell one): ``Secrets.near_probes`` leaves its copies out of the search. Empty when there
+    is none such."""
+    head = payload[:payload.find(b',"choices"') + 1]
+    if not secrets.is_clean(head) or b"\\" in head or secrets.may_be_in(head):
+        return b""
+    return head
+
+
+def _outside_data(ev: Event, text: tuple[str, ...]) -> tuple[Fields, bool]:
+    """The event's name, id and retry as they may go out, and whether a line besides its
+    data held a part of a secret. Re-encoded, the event keeps its name (redacted: it is
+    still the event the client expects) and loses the rest that held one: an id or a retry
+    (a client keeps an id to send back, and a retry is a number or nothing), a comment, a
+    field that a later one of its name overrode (re-encoding writes neither). Decided on
+    the parsed lines, as the data is; SSE has no escapes, so their bytes are what a client
+    reads."""
+    held = any(_redacted(line, text) is not line
+               for line in ev.raw.split(b"\n") if line and line[:5] != b"data:")
+    name, id_, retry = ev.event, ev.id, ev.retry
+    if name is not None:
+        clean = _redacted(name, text)
+        held = held or clean is not name
+        name = clean
+    if id_ is not None and _redacted(id_, text) is not id_:
+        id_, held = None, True
+    if retry is not None and _redacted(retry, text) is not retry:
+        retry, held = None, True
+    return (name, id_, retry), held
+
+
+def _redacted(value: bytes, secrets: tuple[str, ...]) -> bytes:
+    """``value`` itself if it holds nothing to redact, else its redacted bytes."""
+    text = value.decode("utf-8", "replace")
+    clean = redact(text, secrets)
+    return value if clean == text else clean.encode()
 
 
 def _malformed(e: SSEProtocolError) -> UpstreamProtocolError:

@@ -29,6 +29,9 @@ KEEPALIVE = b": keep-alive\n"
 """A comment line with no blank line after it: it keeps proxies awake but dispatches no event."""
 
 _Fields = tuple["bytes | None", "bytes | None", "bytes | None", "bytes | None"]
+Fields = tuple["bytes | None", "bytes | None", "bytes | None"]
+"""An event's ``event``, ``id`` and ``retry`` values (None: not written), as ``encode_event``
+writes them."""
 _KNOWN_FIELDS = (b"data", b"event", b"id", b"retry")
 
 
@@ -293,18 +296,22 @@ class SSEFramer:
         return events
 
 
-def encode_event(event: Event, data_obj: Any = None) -> bytes:
-    """Re-encode an event as at most one ``data:`` line (JSON compacted by orjson).
+def encode_event(event: Event, data_obj: Any = None, fields: Fields | None = None) -> bytes:
+    """Re-encode an event as at most one ``data:`` line (JSON compacted by orjson), and no
+    comment.
 
-    ``data_obj``, when given, replaces the event's data (a field the gateway rewrote).
+    ``data_obj``, when given, replaces the event's data (a field the gateway rewrote);
+    ``fields``, when given, its ``event``, ``id`` and ``retry`` (values the relay took a
+    secret out of, or dropped).
     """
+    name, id_, retry = (event.event, event.id, event.retry) if fields is None else fields
     out = bytearray()
-    if event.event is not None:
-        out += b"event: " + event.event + b"\n"
-    if event.id is not None:
-        out += b"id: " + event.id + b"\n"
-    if event.retry is not None:
-        out += b"retry: " + event.retry + b"\n"
+    if name is not None:
+        out += b"event: " + name + b"\n"
+    if id_ is not None:
+        out += b"id: " + id_ + b"\n"
+    if retry is not None:
+        out += b"retry: " + retry + b"\n"
     if data_obj is not None:
         out += b"data: " + orjson.dumps(data_obj) + b"\n"
     elif event.data is not None:

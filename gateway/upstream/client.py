@@ -4,7 +4,7 @@ One ``ConnectionPool`` (``gateway/upstream/pool.py``) per upstream for the app's
 keep-alive connections are reused across requests. Requests carry the operator's key, the
 gateway's own headers and the client's that ``[upstream] forward_headers`` names, bounded; the
 client's own credentials never go up. The key is also where the operator's ``Secrets`` are
-built, once, for the stream layer to withhold (``gateway/upstream/errors.py``).
+built, once, for the stream layer to withhold (``gateway/upstream/secrets.py``).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from urllib.parse import urlsplit
 
 from ..errors import UpstreamProtocolError, UpstreamTimeout, UpstreamUnreachable
 from ..settings import Settings
-from .errors import NO_SECRETS, Secrets
 from .http1 import InvalidHTTP, UpstreamResponse
 from .pool import ConnectionPool
+from .secrets import NO_SECRETS, Secrets
 
 log = logging.getLogger("gateway.upstream")
 
@@ -51,10 +51,10 @@ class UpstreamClient:
         if api_key:
             fixed += f"Authorization: Bearer {api_key}\r\n"
         self._fixed_headers = fixed.encode("latin-1")
-        # What must never reach a client: what the stream layer looks for in everything the
-        # upstream sends, built here, the one place the operator's key is known. A key shorter
-        # than ``MIN_SECRET_CHARS`` is not one (real provider keys are dozens of characters):
-        # looked for, it would match ordinary text in every event.
+        # What must never reach a client, whole or in part: what the stream layer looks for in
+        # everything the upstream sends, built here, the one place the operator's key is known.
+        # A key shorter than ``MIN_SECRET_CHARS`` is not one (real provider keys are dozens of
+        # characters): looked for, its parts would match ordinary text in every event.
         self.secrets: Secrets = (Secrets.of(api_key) if len(api_key) >= MIN_SECRET_CHARS
                                  else NO_SECRETS)
         self.pool: ConnectionPool | None = None

@@ -1,8 +1,8 @@
 """What an upstream says, made safe to show a client: it reaches a client only through this
 module (``from_upstream`` for an error status, ``stream_error`` for an error inside a stream,
 ``redact_strings`` for an upstream event or answer relayed whole), because an upstream may echo
-anything it was sent, the operator's key included. What is withheld travels as one ``Secrets``
-value, its text and its bytes side by side.
+anything it was sent, the operator's key included, whole or in part. What is withheld travels
+as one ``Secrets`` value (``gateway/upstream/secrets.py``).
 
 The rules: every string is redacted (``redact``, ``gateway/errors.py``) before it is cut to
 size, never after, so a key cannot straddle the cut; ``code`` and ``type`` pass only when they
@@ -21,13 +21,14 @@ import math
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import timezone
 from typing import Any, TypeGuard
 
 import orjson
 
-from ..errors import UpstreamFailure, UpstreamStatus, bounded, redact
+from ..errors import UpstreamFailure, UpstreamProtocolError, UpstreamStatus, bounded, redact
+from .secrets import NO_SECRETS as NO_SECRETS
+from .secrets import Secrets as Secrets  # for who imports it from here (stream/relay.py)
 
 log = logging.getLogger("gateway.upstream")
 
@@ -38,29 +39,6 @@ _MAX_DETAIL = 1000  # characters of a withheld upstream answer the log gets
 _MAX_DETAIL_SOURCE = 64 * 1024  # bytes of it looked at for them
 _MAX_RETRY_SECONDS = 86400
 _DELAY_SECONDS = re.compile(r"\d{1,10}(?:\.\d{1,6})?")
-
-
-@dataclass(frozen=True, slots=True, repr=False)
-class Secrets:
-    """Strings that must never reach a client (the operator's key), in both forms they are
-    looked for: ``text`` in parsed strings (``redact``), ``bytes`` in what an upstream sent.
-    Built once, where the operator's key is known (``UpstreamClient``), and handed as one value
-    to everything that passes on what an upstream says; the bytes are encoded there, once per
-    app, not once per request. Its ``repr`` tells how many, never what they are."""
-
-    text: tuple[str, ...] = ()
-    bytes: tuple[bytes, ...] = ()
-
-    @classmethod
-    def of(cls, *secrets: str) -> Secrets:
-        text = tuple(s for s in secrets if s)
-        return cls(text, tuple(s.encode() for s in text))
-
-    def __repr__(self) -> str:
-        return f"Secrets({len(self.text)} withheld)"
-
-
-NO_SECRETS = Secrets()
 
 
 def from_upstream(status: int, body: bytes, headers: Mapping[str, str],
@@ -128,16 +106,6 @@ def stream_error(obj: Any, secrets: tuple[str, ...] = ()) -> UpstreamFailure:
     if identifier is not None:
         failure.code = identifier
     return failure
-
-
-def holds_secret(raw: bytes, parsed: Any, secret_bytes: tuple[bytes, ...]) -> bool:
-    """Whether an upstream's JSON holds an operator secret as its reader decodes it: looked for
-    in the bytes and, when they hold escapes (a key may be spelled with ``\\u`` escapes) and
-    the value was parsed, in the canonical encoding orjson writes of it."""
-    if any(secret in raw for secret in secret_bytes):
-        return True
-    return parsed is not None and b"\\" in raw and any(
-        secret in orjson.dumps(parsed) for secret in secret_bytes)
 
 
 def redact_strings(value: Any, secrets: tuple[str, ...] = ()) -> Any:
@@ -247,7 +215,17 @@ def _delay_seconds(value: str) -> int | None:
     return min(max(0, math.ceil(when.timestamp() - time.time())), _MAX_RETRY_SECONDS)
 
 
-def _log_withheld(status: int, body: bytes, secrets: tuple[str, ...]) -> None:
+def not_json(status: int, content_type: str | None, body: bytes, secrets: tuple[str, ...]
+             ) -> UpstreamProtocolError:
+    """A plain answer of success that is not JSON (an HTML page from a proxy or a portal in
+    front of the upstream): the client gets a 502 in the error shape and nothing of it; one
+    warning line says what it was, redacted and bounded."""
+    _log_withheld(status, body, secrets, f" with {content_type or 'no content type'} that is "
+                                         f"not JSON ({len(body)} bytes)")
+    return UpstreamProtocolError("The upstream answered with something that is not JSON")
+
+
+def _log_withheld(status: int, body: bytes, secrets: tuple[str, ...], what: str = "") -> None:
     """One warning line with what the upstream said and the client was not told: redacted,
     bounded, and quoted, so that a body with line breaks is still one line."""
     text = None
@@ -259,14 +237,14 @@ def _log_withheld(status: int, body: bytes, secrets: tuple[str, ...]) -> None:
     if text is None:
         head = body[:_MAX_DETAIL_SOURCE].decode("utf-8", "replace")
         text = _redact_cut_tail(redact(head, secrets), secrets)
-    log.warning("upstream answered HTTP %d; withheld from the client: %r", status,
+    log.warning("upstream answered HTTP %d%s; withheld from the client: %r", status, what,
                 bounded(text, _MAX_DETAIL))
 
 
 def _redact_cut_tail(text: str, secrets: tuple[str, ...]) -> str:
     """A body looked at only up to a limit (here, or by a reader) may end in the first part of
-    a key (four characters or more), which no search for the whole key finds: such an ending
-    is redacted too."""
+    a key (four characters or more), shorter than the parts ``redact`` finds: such an ending is
+    redacted too."""
     for secret in secrets:
         for n in range(min(len(secret) - 1, len(text)), 3, -1):
             if text.endswith(secret[:n]):
