@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from typing import Protocol
 
 from .addresses import client_block
@@ -90,6 +91,10 @@ class KeyStore(Protocol):
         its failures, whose guesses must cost nothing.
         """
 
+    async def revoked(self, keys: Sequence[ClientKey]) -> list[ClientKey]:
+        """Those of ``keys`` (each one this store answered, the objects themselves) that have
+        been revoked since: their open streams end (``InFlight.end_revoked``)."""
+
 
 def client_key(k: KeySettings) -> ClientKey:
     return ClientKey(name=k.name, requests_per_minute=k.limits.requests_per_minute,
@@ -110,6 +115,10 @@ class ConfigKeyStore:
 
     async def lookup(self, key: str, *, cached_only: bool = False) -> ClientKey | None:
         return self._by_digest.get(hash_key(key))
+
+    async def revoked(self, keys: Sequence[ClientKey]) -> list[ClientKey]:
+        """None: the config's keys change only with the config, at a restart."""
+        return []
 
 
 def bearer_token(authorization: str | None, x_api_key: str | None) -> str | None:

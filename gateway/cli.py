@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import sys
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -93,10 +94,11 @@ async def _keys(args: argparse.Namespace, settings: Settings) -> int:
     assert settings.redis is not None
     # An operator's command, not the hot path: a longer timeout than the gateway's own.
     client = connect(settings.redis, timeout=max(settings.redis.timeout_seconds, 5.0), retries=1)
-    command = {"add": _keys_add, "list": _keys_list, "revoke": _keys_revoke}[args.keys_command]
+    commands: dict[str, Callable[[argparse.Namespace, Settings, RedisClient],
+                                 Awaitable[int | None]]] = {
+        "add": _keys_add, "list": _keys_list, "revoke": _keys_revoke}
     try:
-        await command(args, settings, client)
-        return 0
+        return await commands[args.keys_command](args, settings, client) or 0
     except KeyStoreError as e:
         print(f"gateway keys: {e}", file=sys.stderr)
         return 1
@@ -131,22 +133,36 @@ async def _keys_add(args: argparse.Namespace, settings: Settings, client: RedisC
           "kept anywhere and cannot be shown again.", file=sys.stderr)
 
 
-async def _keys_list(args: argparse.Namespace, settings: Settings, client: RedisClient) -> None:
-    from .redis.keystore import list_keys
+async def _keys_list(args: argparse.Namespace, settings: Settings, client: RedisClient) -> int:
+    """The table on stdout, damaged records in it as DAMAGED rows (each named, and what is
+    wrong with it said on stderr). Exit status 1 if any is damaged: the listing is whole, but
+    every gateway refuses a damaged record's key (403) until the operator acts, and a script
+    or a check that runs ``keys list`` should notice."""
+    from .redis.keystore import list_keys, store_keys
 
     assert settings.redis is not None
+    keys, damaged = await list_keys(client, settings.redis.key_prefix)
     rows = [("NAME", "SOURCE", "RPM", "BURST", "STREAMS", "MODELS", "SHA256", "CREATED")]
     listed = [(k.name, "config", k.limits, k.models, k.sha256, "") for k in settings.keys]
-    listed += [(k.name, "redis", k.limits, k.models, k.sha256, k.created)
-               for k in await list_keys(client, settings.redis.key_prefix)]
+    listed += [(k.name, "redis", k.limits, k.models, k.sha256, k.created) for k in keys]
     for name, source, limits, models, sha256, created in listed:
         rows.append((name, source, f"{limits.requests_per_minute:g}", str(limits.burst),
                      str(limits.max_concurrent_streams),
                      ",".join(sorted(models)) if models else "*",
                      sha256[:8] + "…", created))  # an id to tell keys apart, not the hash
+    rows += [(d.label, "redis", "?", "?", "?", "?", d.sha256[:8] + "…", "DAMAGED")
+             for d in damaged]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    records = store_keys(settings.redis.key_prefix)[0]
+    for d in damaged:
+        mend = (f"revoke it ('gateway keys revoke {d.name}') and add it again" if d.name else
+                f"delete it from {records} (HDEL; its field is the digest that starts "
+                f"{d.sha256[:8]}), since no name leads to it")
+        print(f"gateway keys: the record of key {d.label!r} is damaged: {d.problem}. Every "
+              f"gateway refuses its key with 403 until you {mend}.", file=sys.stderr)
+    return 1 if damaged else 0
 
 
 async def _keys_revoke(args: argparse.Namespace, settings: Settings, client: RedisClient) -> None:

@@ -1,5 +1,5 @@
 """Requests being relayed, tracked so that a graceful shutdown can let them finish or end them
-cleanly.
+cleanly, and streams by their key, so that a revoked key's streams end.
 
 Streams and plain requests alike register while they wait on the upstream. On shutdown
 ``drain`` waits for them up to the drain time, then tells each one to ``stop``: a stream then
@@ -7,6 +7,12 @@ ends with a ``gateway_restarting`` error frame, a plain request with a 503 of th
 ``gateway.stream.relay`` and ``gateway.stream.answers``). A request that registers after that is
 stopped at once. Stopping is a message to the request, never a cancellation of its task: a cancelled
 handler means its client left.
+
+A stream registers with its key too (``track_stream``). One task per process
+(``gateway/monitoring.py``) calls ``end_revoked`` every ``key_cache_seconds``: the key store is
+asked once about the distinct keys that have open streams, and each stream of a revoked key is
+told to ``revoke`` (it ends with an ``api_key_revoked`` frame). A stream so costs nothing per
+event, and nothing per stream but a dictionary entry.
 """
 
 from __future__ import annotations
@@ -14,8 +20,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Protocol
+
+from .request_info import ClientKey
 
 log = logging.getLogger("gateway.inflight")
 
@@ -25,11 +33,23 @@ class Stoppable(Protocol):
         """End now, telling the client the gateway is restarting."""
 
 
+class Revocable(Stoppable, Protocol):
+    def revoke(self) -> None:
+        """End now, telling the client its key was revoked."""
+
+
+class KeyCheck(Protocol):
+    """What ``end_revoked`` asks (``KeyStore.revoked``, ``gateway/auth.py``)."""
+
+    async def revoked(self, keys: Sequence[ClientKey]) -> list[ClientKey]: ...
+
+
 class InFlight:
     """Every relayed request, so shutdown can wait for them and then stop the rest."""
 
     def __init__(self) -> None:
         self._open: set[Stoppable] = set()
+        self._streams: dict[Revocable, ClientKey] = {}  # open streams, by their key
         self._idle = asyncio.Event()
         self._idle.set()
         self._hurry = asyncio.Event()
@@ -40,16 +60,52 @@ class InFlight:
 
     @contextlib.contextmanager
     def track(self, request: Stoppable) -> Iterator[None]:
+        self._add(request)
+        try:
+            yield
+        finally:
+            self._discard(request)
+
+    @contextlib.contextmanager
+    def track_stream(self, stream: Revocable, key: ClientKey | None) -> Iterator[None]:
+        """``track``, and the stream's key remembered, for ``end_revoked``. (One context
+        manager, not ``track`` nested in a second: every stream pays for each one.)"""
+        if key is not None:
+            self._streams[stream] = key
+        self._add(stream)
+        try:
+            yield
+        finally:
+            self._streams.pop(stream, None)
+            self._discard(stream)
+
+    def _add(self, request: Stoppable) -> None:
         self._open.add(request)
         self._idle.clear()
         if self._closed:
             request.stop()  # the drain time is over; this request was still on its way in
-        try:
-            yield
-        finally:
-            self._open.discard(request)
-            if not self._open:
-                self._idle.set()
+
+    def _discard(self, request: Stoppable) -> None:
+        self._open.discard(request)
+        if not self._open:
+            self._idle.set()
+
+    async def end_revoked(self, store: KeyCheck) -> int:
+        """Ask ``store`` once about the keys of the open streams; end the streams of those
+        revoked. The number of streams ended."""
+        if not self._streams:
+            return 0
+        # Distinct by identity (one lookup's answer is shared by the streams it admitted);
+        # the list keeps them alive, so no id is reused while the store is asked.
+        keys = list({id(k): k for k in self._streams.values()}.values())
+        revoked = {id(k): k.name for k in await store.revoked(keys)}
+        ended = [s for s, k in self._streams.items() if id(k) in revoked]
+        for stream in ended:
+            stream.revoke()
+        if ended:
+            log.warning("ended %d open streams of revoked keys: %s", len(ended),
+                        ", ".join(sorted(set(revoked.values()))))
+        return len(ended)
 
     def stop_waiting(self) -> None:
         """End a drain in progress now (a second SIGTERM or Ctrl-C)."""

@@ -86,7 +86,7 @@ def settings_from(data: Mapping[str, Any]) -> Settings:
         _check_redis_mode(redis)
     _check_limits(limits, "limits")
     for name in ("keepalive_seconds", "connect_timeout_seconds", "first_byte_timeout_seconds",
-                 "idle_timeout_seconds"):
+                 "idle_timeout_seconds", "max_duration_seconds"):
         _check(getattr(stream, name) > 0, f"stream.{name}", "must be positive")
     _check(stream.max_body_bytes > 0, "stream.max_body_bytes", "must be positive")
     _check(vision.stream_fallback in ("sse", "json", "off"), "vision.stream_fallback",

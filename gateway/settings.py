@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 
 XAI_URL = "https://api.x.ai/v1"
 DEMO_KEY = "sk-gateway-demo"
+"""Accepted by the embedded default (mock upstream, no ``[[keys]]``); logged at start-up."""
 MAX_INT = 2**63 - 1
 """No number setting or limit is larger (nor NaN, nor infinite): Redis, Lua and orjson all
 hold it as a 64-bit integer or a double."""
-"""Accepted by the embedded default (mock upstream, no ``[[keys]]``); logged at start-up."""
 
 
 class ConfigError(ValueError):
@@ -137,6 +137,9 @@ class StreamSettings:
     connect_timeout_seconds: float = 10.0
     first_byte_timeout_seconds: float = 900.0
     idle_timeout_seconds: float = 300.0
+    # The longest a stream may last, from its request's arrival: then it ends with an error
+    # frame (stream_max_duration), so that no stream holds its lease and connection for ever.
+    max_duration_seconds: float = 3600.0
     max_body_bytes: int = 20 * 1024 * 1024
     # An upstream event larger than this is a broken stream, not something to buffer.
     max_event_bytes: int = 4 * 1024 * 1024

@@ -1,6 +1,8 @@
 """Client keys in Redis: ``gateway keys add|list|revoke`` run as real processes, revocation seen
 by every gateway process within the cache time, model allow-lists, the key store during a Redis
-outage, and what the OpenAI SDK sees.
+outage, a record damaged in Redis (named by ``keys list``, its key refused with 403, never a
+500), and what the OpenAI SDK sees. (A revoked key's open streams:
+``tests/guarantees/test_revocation_ends_streams.py``.)
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import openai
+import orjson
 import pytest
 import redis as syncredis
 
@@ -237,3 +240,85 @@ async def test_key_store_keeps_known_keys_while_redis_is_down(tmp_path: Path) ->
                 await store.lookup("sk-gw-never-seen-before-000")
             assert time.monotonic() - started < 1
             assert not breaker.up and breaker.outages == 1
+
+
+def _damage(record: bytes, how: str) -> bytes:
+    """``record`` (as ``gateway keys add`` wrote it) made bad in one way."""
+    data = orjson.loads(record)
+    if how == "not_json":
+        return b"\x00{not json"
+    if how == "nan":  # what Python's json module writes for float("nan")
+        return orjson.dumps({**data, "requests_per_minute": 0}).replace(
+            b'"requests_per_minute":0', b'"requests_per_minute":NaN')
+    if how == "65_bit_integer":
+        return orjson.dumps({**data, "burst": 0}).replace(
+            b'"burst":0', b'"burst":%d' % (2**64 + 1))
+    if how == "missing_field":
+        del data["max_concurrent_streams"]
+        return orjson.dumps(data)
+    changed = {"null_limit": ("requests_per_minute", None), "string_limit": ("burst", "10"),
+               "negative_limit": ("max_concurrent_streams", -1),
+               "unreadable_name": ("name", {"first": "dave"})}[how]
+    return orjson.dumps({**data, changed[0]: changed[1]})
+
+
+@pytest.mark.parametrize("how", ["null_limit", "nan", "string_limit", "negative_limit",
+                                 "65_bit_integer", "missing_field", "not_json",
+                                 "unreadable_name"])
+async def test_a_damaged_record_is_named_by_keys_list_and_its_key_gets_403_not_500(
+        tmp_path: Path, mock_upstream: Upstream, start_gateway: Callable[..., Any],
+        redis_url: str, redis_prefix: str, caplog: pytest.LogCaptureFixture, how: str) -> None:
+    """A record already bad in Redis (``--rpm nan`` was once stored as ``null``) crashed
+    ``keys list`` for the whole store and made every request with its key a 500."""
+    import redis.asyncio as aioredis
+
+    records, _ = store_keys(redis_prefix)
+    admin = aioredis.Redis.from_url(redis_url)
+    try:
+        good, _ = await add_key(admin, redis_prefix, "carol", Limits(burst=3))
+        bad, stored = await add_key(admin, redis_prefix, "dave", Limits())
+        record = await admin.hget(records, stored.sha256)
+        await admin.hset(records, stored.sha256, _damage(record, how))
+    finally:
+        await admin.aclose()
+    config = str(cli_config(tmp_path, redis_url, redis_prefix))
+
+    listed = await asyncio.to_thread(run_cli, "keys", "list", "--config", config)
+    # 1: the listing is whole, but a key every gateway refuses is for a script to notice.
+    assert listed.returncode == 1
+    assert "Traceback" not in listed.stderr and "Traceback" not in listed.stdout
+    rows = {line.split()[0]: line.split() for line in listed.stdout.splitlines()[1:]}
+    assert rows["carol"][1:4] == ["redis", "60", "3"] and rows["config-key"][1] == "config"
+    assert rows["dave"][1] == "redis" and rows["dave"][-1] == "DAMAGED"
+    assert "the record of key 'dave' is damaged" in listed.stderr
+    assert "gateway keys revoke dave" in listed.stderr
+    assert bad not in listed.stdout + listed.stderr
+    assert stored.sha256 not in listed.stdout + listed.stderr  # its short id only
+
+    _, base = await start_gateway(settings_for(mock_upstream.url, redis={
+        "url": redis_url, "key_prefix": redis_prefix}))
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as http:
+        async def call(token: str) -> tuple[int, dict[str, Any]]:
+            async with http.post(f"{base}/v1/chat/completions", json=chat_body(stream=None),
+                                 headers={"Authorization": f"Bearer {token}"}) as resp:
+                return resp.status, await resp.json()
+
+        for _ in range(2):
+            status, body = await call(bad)
+            assert status == 403, body
+            error = body["error"]
+            assert error["code"] == "permission_denied" and error["type"] == "permission_error"
+            assert "damaged" in error["message"] and "operator" in error["message"]
+        assert (await call(good))[0] == 200  # the other keys work
+    logged = [r for r in caplog.records if r.name == "gateway.keys"]
+    assert len(logged) == 1, logged  # one line per key and cache period, not one per request
+    named = "'dave'" if how not in ("not_json", "nan", "unreadable_name") else "keys list"
+    assert named in logged[0].getMessage()
+    assert stored.sha256 not in caplog.text and bad not in caplog.text
+    assert "Traceback" not in caplog.text
+
+    # Revoking and adding it again mends it.
+    revoked = await asyncio.to_thread(run_cli, "keys", "revoke", "dave", "--config", config)
+    assert revoked.returncode == 0 and "revoked key 'dave'" in revoked.stderr, revoked.stderr
+    again = await asyncio.to_thread(run_cli, "keys", "list", "--config", config)
+    assert again.returncode == 0 and "DAMAGED" not in again.stdout and not again.stderr

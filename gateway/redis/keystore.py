@@ -21,27 +21,41 @@ Known keys and unknown digests are remembered apart, each with its own bound: an
 unknown keys by the thousand, and they must never push a known key out of the cache (it would
 then fail for a whole Redis outage). A client throttled for its failures (``auth.py``) gets
 answers from the cache only: its guesses never reach Redis.
+
+A revoked key's open streams end too: the key each one was looked up with carries its digest
+(``StoredClientKey``), and ``revoked`` asks Redis about all of a process's streaming keys in one
+``HMGET`` (``InFlight.end_revoked``, every ``key_cache_seconds``).
+
+A record is read as data someone else wrote (an older gateway, an operator's ``HSET``): one that
+is not what ``StoredKey.record`` writes is a ``DamagedRecord``, never an exception past this
+module. ``gateway keys list`` names it; its key gets 403 (``KeyRecordDamaged``) with one log
+line per cache period, until the operator revokes the key and adds it again.
 """
 
 from __future__ import annotations
 
 import datetime
+import logging
+import math
 import re
 import secrets
 import time
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeGuard
 
 import orjson
 from redis.exceptions import WatchError
 
 from ..auth import KeyStore
-from ..errors import ServiceUnavailable
+from ..errors import KeyRecordDamaged, ServiceUnavailable, bounded
 from ..request_info import ClientKey
-from ..settings import Limits, RedisSettings, hash_key
+from ..settings import MAX_INT, Limits, RedisSettings, hash_key
 from .batcher import RedisBatcher
 from .breaker import RedisBreaker
 from .topology import REDIS_ERRORS, RedisClient
+
+log = logging.getLogger("gateway.keys")
 
 KEY_PREFIX = "sk-gw-"
 MAX_CACHED = 10_000
@@ -58,6 +72,31 @@ def store_keys(prefix: str) -> tuple[str, str]:
     return f"{prefix}:{{keys}}:records", f"{prefix}:{{keys}}:names"
 
 
+@dataclass(slots=True)
+class StoredClientKey(ClientKey):
+    """A caller whose key is in Redis, with the key's digest: so that ``RedisKeyStore.revoked``
+    can tell later whether the key its streams were opened with is still there. The digest is
+    no secret, but no log line or metric shows it (``repr=False``; they show the name)."""
+
+    sha256: str = field(default="", repr=False)
+
+
+class DamagedRecord(ValueError):
+    """A record in Redis that is not one ``StoredKey.record`` writes: ``problem`` says what is
+    wrong; ``name`` is the key's name where one can be read (else None)."""
+
+    def __init__(self, sha256: str, name: str | None, problem: str) -> None:
+        super().__init__(problem)
+        self.sha256 = sha256
+        self.name = name
+        self.problem = problem
+
+    @property
+    def label(self) -> str:
+        """The name, or the digest's short id (as ``gateway keys list`` shows it)."""
+        return self.name if self.name is not None else self.sha256[:8] + "…"
+
+
 @dataclass(frozen=True, slots=True)
 class StoredKey:
     """One key's record in Redis: everything but the key."""
@@ -68,11 +107,12 @@ class StoredKey:
     models: frozenset[str] | None
     created: str
 
-    def client_key(self) -> ClientKey:
-        return ClientKey(name=self.name, requests_per_minute=self.limits.requests_per_minute,
-                         burst=self.limits.burst,
-                         max_concurrent_streams=self.limits.max_concurrent_streams,
-                         models=self.models)
+    def client_key(self) -> StoredClientKey:
+        return StoredClientKey(name=self.name,
+                               requests_per_minute=self.limits.requests_per_minute,
+                               burst=self.limits.burst,
+                               max_concurrent_streams=self.limits.max_concurrent_streams,
+                               models=self.models, sha256=self.sha256)
 
     def record(self) -> bytes:
         return orjson.dumps({
@@ -86,18 +126,57 @@ class StoredKey:
 
     @classmethod
     def from_record(cls, sha256: str, raw: bytes | str) -> StoredKey:
-        data: dict[str, Any] = orjson.loads(raw)
+        """The record, checked as the CLI and the config check limits; ``DamagedRecord``
+        naming the first thing wrong with it otherwise (and nothing else raises)."""
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError:  # not UTF-8 either
+            raise DamagedRecord(sha256, None, "the record is not JSON") from None
+        if not isinstance(data, dict):
+            raise DamagedRecord(sha256, None, "the record is not a JSON object")
+        name = data.get("name")
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise DamagedRecord(sha256, None, f"name: not a key name: {_shown(data, 'name')}")
+
+        def fail(problem: str) -> DamagedRecord:
+            return DamagedRecord(sha256, name, problem)
+
+        rpm = data.get("requests_per_minute")
+        if not (_is_number(rpm) and math.isfinite(rpm) and 0 < rpm <= MAX_INT):
+            raise fail("requests_per_minute: must be a finite number above 0, got "
+                       + _shown(data, "requests_per_minute"))
+        for count in ("burst", "max_concurrent_streams"):
+            value = data.get(count)
+            if not (_is_number(value) and isinstance(value, int) and 1 <= value <= MAX_INT):
+                raise fail(f"{count}: must be a whole number from 1 to {MAX_INT}, got "
+                           + _shown(data, count))
         models = data.get("models")
-        return cls(name=data["name"], sha256=sha256,
-                   limits=Limits(requests_per_minute=float(data["requests_per_minute"]),
-                                 burst=int(data["burst"]),
-                                 max_concurrent_streams=int(data["max_concurrent_streams"])),
-                   models=None if models is None else frozenset(models),
-                   created=data.get("created", ""))
+        if models is not None and not (isinstance(models, list)
+                                       and all(isinstance(m, str) for m in models)):
+            raise fail(f"models: must be null or a list of names, got {_shown(data, 'models')}")
+        created = data.get("created", "")
+        if not isinstance(created, str):
+            raise fail(f"created: must be a string, got {_shown(data, 'created')}")
+        return cls(name=name, sha256=sha256,
+                   limits=Limits(requests_per_minute=float(rpm), burst=data["burst"],
+                                 max_concurrent_streams=data["max_concurrent_streams"]),
+                   models=None if models is None else frozenset(models), created=created)
+
+
+def _is_number(value: Any) -> TypeGuard[int | float]:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _shown(data: Mapping[str, Any], field_name: str) -> str:
+    """A field's value as JSON, bounded (a record is anyone's data)."""
+    if field_name not in data:
+        return "nothing (the field is missing)"
+    return bounded(orjson.dumps(data[field_name]).decode(), 40)
 
 
 def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+    """A field or value of the store's hashes, which anyone with Redis access can write."""
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
 
 
 class KeyStoreError(Exception):
@@ -133,11 +212,24 @@ async def add_key(client: RedisClient, prefix: str, name: str, limits: Limits,
     return raw_key, stored
 
 
-async def list_keys(client: RedisClient, prefix: str) -> list[StoredKey]:
-    records, _ = store_keys(prefix)
-    found = await client.hgetall(records)
-    keys = [StoredKey.from_record(_text(sha), raw) for sha, raw in found.items()]
-    return sorted(keys, key=lambda k: k.name)
+async def list_keys(client: RedisClient, prefix: str
+                    ) -> tuple[list[StoredKey], list[DamagedRecord]]:
+    """Every record, by name: the keys, and apart from them the records that are damaged (one
+    whose name cannot be read is named from the names hash where that holds its digest)."""
+    records, names = store_keys(prefix)
+    keys: list[StoredKey] = []
+    damaged: list[DamagedRecord] = []
+    for sha, raw in (await client.hgetall(records)).items():
+        try:
+            keys.append(StoredKey.from_record(_text(sha), raw))
+        except DamagedRecord as e:
+            damaged.append(e)
+    if any(d.name is None for d in damaged):
+        by_digest = {_text(sha): _text(name) for name, sha in
+                     (await client.hgetall(names)).items()}
+        for d in damaged:
+            d.name = d.name or by_digest.get(d.sha256)
+    return sorted(keys, key=lambda k: k.name), sorted(damaged, key=lambda d: d.label)
 
 
 async def revoke_key(client: RedisClient, prefix: str, name: str) -> StoredKey:
@@ -157,9 +249,13 @@ async def revoke_key(client: RedisClient, prefix: str, name: str) -> StoredKey:
     except WatchError:
         raise KeyStoreError(f"the key {name!r} was changed meanwhile; try again") from None
     sha256 = _text(sha)
-    if raw is None:  # a name whose record was lost: the name is cleaned up all the same
-        return StoredKey(name=name, sha256=sha256, limits=Limits(), models=None, created="")
-    return StoredKey.from_record(sha256, raw)
+    if raw is not None:
+        try:
+            return StoredKey.from_record(sha256, raw)
+        except DamagedRecord:
+            pass  # revoking is how a damaged record is mended: it is gone all the same
+    # A name whose record was lost or damaged: the name is cleaned up all the same.
+    return StoredKey(name=name, sha256=sha256, limits=Limits(), models=None, created="")
 
 
 class RedisKeyStore:
@@ -176,6 +272,8 @@ class RedisKeyStore:
         self._known: dict[str, tuple[float, ClientKey]] = {}
         # digest -> refused until (monotonic)
         self._unknown: dict[str, float] = {}
+        # digest -> refused as damaged until (monotonic): one log line per key and period
+        self._damaged: dict[str, float] = {}
 
     async def lookup(self, key: str, *, cached_only: bool = False) -> ClientKey | None:
         found = await self._first.lookup(key, cached_only=cached_only)
@@ -189,6 +287,8 @@ class RedisKeyStore:
         refused_until = self._unknown.get(sha)
         if refused_until is not None and refused_until > now:
             return None
+        if self._damaged.get(sha, 0.0) > now:
+            raise _damaged()
         if known is None and cached_only:
             return None  # a throttled client's guess: not worth a round trip
         if self._breaker.up_for(self._records):
@@ -198,9 +298,7 @@ class RedisKeyStore:
                 self._breaker.failed(exc, self._records)
             else:
                 if raw:
-                    found = StoredKey.from_record(sha, raw).client_key()
-                    _remember(self._known, sha, (now + self._ttl, found), MAX_CACHED)
-                    return found
+                    return self._found(sha, raw, now)
                 self._known.pop(sha, None)  # revoked
                 _remember(self._unknown, sha, now + self._ttl, MAX_CACHED_UNKNOWN)
                 return None
@@ -212,8 +310,53 @@ class RedisKeyStore:
                                  "store (Redis) is unreachable; retry shortly",
                                  headers={"Retry-After": "1"})
 
+    def _found(self, sha: str, raw: bytes, now: float) -> ClientKey:
+        """The key a record describes, remembered; a damaged record's key is refused."""
+        try:
+            found = StoredKey.from_record(sha, raw).client_key()
+        except DamagedRecord as e:
+            self._known.pop(sha, None)
+            _remember(self._damaged, sha, now + self._ttl, MAX_CACHED_UNKNOWN)
+            # By name only: the digest stays out of the logs (``keys list`` shows its id).
+            log.error("the key %s is refused with 403: its record in Redis is damaged (%s); "
+                      "revoke it and add it again",
+                      repr(e.name) if e.name else "whose record has no readable name (gateway "
+                      "keys list names it)", e.problem)
+            raise _damaged() from None
+        self._damaged.pop(sha, None)
+        _remember(self._known, sha, (now + self._ttl, found), MAX_CACHED)
+        return found
+
+    async def revoked(self, keys: Sequence[ClientKey]) -> list[ClientKey]:
+        """Those of ``keys`` (the objects themselves) whose record is gone from Redis, asked in
+        one ``HMGET``; from now on this process refuses them at once. The others are the first
+        store's (the config's) to answer. While Redis is unreachable, none is known revoked: a
+        revocation needs Redis too."""
+        stored = [k for k in keys if isinstance(k, StoredClientKey)]
+        first = await self._first.revoked([k for k in keys if not isinstance(k, StoredClientKey)])
+        if not stored or not self._breaker.up_for(self._records):
+            return first
+        digests = list(dict.fromkeys(k.sha256 for k in stored))
+        try:
+            records = await self._batch.execute("HMGET", self._records, *digests)
+        except REDIS_ERRORS as exc:
+            self._breaker.failed(exc, self._records)
+            return first
+        gone = {sha for sha, raw in zip(digests, records, strict=True) if not raw}
+        until = time.monotonic() + self._ttl
+        for sha in gone:
+            self._known.pop(sha, None)
+            _remember(self._unknown, sha, until, MAX_CACHED_UNKNOWN)
+        return first + [k for k in stored if k.sha256 in gone]
+
     async def close(self) -> None:
         await self._batch.close()
+
+
+def _damaged() -> KeyRecordDamaged:
+    return KeyRecordDamaged("This API key's record in the gateway's key store is damaged, so "
+                            "the key cannot be used; the gateway's operator must revoke it and "
+                            "add it again")
 
 
 def _remember(cache: dict[str, Any], sha: str, entry: Any, most: int) -> None:

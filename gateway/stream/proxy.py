@@ -70,7 +70,7 @@ class Proxy:
                             {**SSE_HEADERS, **response_headers(info)}, self.secrets)
         self.open_streams.inc()
         try:
-            with self.in_flight.track(relay):
+            with self.in_flight.track_stream(relay, info.key):  # shutdown, revocation
                 return await relay.run(call)
         finally:
             self.open_streams.dec()

@@ -17,18 +17,20 @@ The life of a stream::
 - PAUSED: the client's send buffer is full; the upstream socket is not read until it drains,
   so a slow client slows the upstream and memory stays bounded.
 - FINISHING: the end is decided. Every way out (the terminal event, an upstream error or end,
-  a timeout or a stalled client from the watchdog (``gateway/stream/watchdog.py``), a write
-  that found the client gone, shutdown by ``stop()``) calls ``finish`` with its reason; the
-  handler's task, which only waits, then runs ``_close``, which writes the last bytes: the read
-  that ended the stream, held back by ``_send``, and the error frame if any, with the end of
-  the response (``end_response``, ``gateway/stream/closing.py``).
+  a timeout, a stalled client or the maximum duration from the watchdog
+  (``gateway/stream/watchdog.py``), a write that found the client gone, shutdown by ``stop()``,
+  the key's revocation by ``revoke()``) calls ``finish`` with its reason; the handler's task,
+  which only waits, then runs ``_close``, which writes the last bytes: the read that ended the
+  stream, held back by ``_send``, and the error frame if any, with the end of the response
+  (``end_response``, ``gateway/stream/closing.py``).
 - DONE: ``_release`` has stopped the timers, counted the stream into the request's record and
   given the upstream connection back (``give_back``, ``gateway/stream/closing.py``). Every
   stream ends there, also one whose client left: aiohttp then cancels the handler's task, and
   the cancellation goes straight to ``_release`` (there is no one left to write to).
 
-Shutdown is a message (``stop``, from ``InFlight``), not a cancellation. A cancellation of the
-task means the client left (aiohttp cancels the handler when its connection drops).
+Shutdown and revocation are messages (``stop`` and ``revoke``, from ``InFlight``), not
+cancellations. A cancellation of the task means the client left (aiohttp cancels the handler
+when its connection drops).
 """
 
 from __future__ import annotations
@@ -40,7 +42,13 @@ from collections.abc import Awaitable
 
 from aiohttp import web
 
-from ..errors import GatewayError, ShuttingDown, UpstreamFailure, UpstreamProtocolError
+from ..errors import (
+    GatewayError,
+    KeyRevoked,
+    ShuttingDown,
+    UpstreamFailure,
+    UpstreamProtocolError,
+)
 from ..request_info import RequestInfo
 from ..settings import StreamSettings
 from ..upstream.errors import Secrets
@@ -87,6 +95,10 @@ class StreamRelay:
         """Shutdown, past the drain time: the stream ends with ``gateway_restarting``."""
         self.finish(ShuttingDown("The gateway is restarting; retry the request"))
 
+    def revoke(self) -> None:
+        """The stream's key was revoked: the stream ends with ``api_key_revoked``."""
+        self.finish(KeyRevoked("This API key was revoked; the stream ends here"))
+
     async def run(self, call: Awaitable[UpstreamResponse]) -> web.StreamResponse:
         task: asyncio.Future[UpstreamResponse] = asyncio.ensure_future(call)
         try:
@@ -113,7 +125,7 @@ class StreamRelay:
             if self.ended.done():  # stopped while the headers were being written
                 return self.ended.result()
             self.state = State.STREAMING
-            self.watchdog = Watchdog(self, self.settings)
+            self.watchdog = Watchdog(self, self.settings, self.info.started)
             upstream.stream(self._on_data, self._on_end)
             return await self.ended
         except (GatewayError, ClientGone) as e:

@@ -5,8 +5,9 @@ Response headers wait for the upstream's, so an upstream error keeps its true st
 follows its headers at once or is not waited for (``error_answer``), and it is made safe to show
 by ``from_upstream`` (``gateway/upstream/errors.py``). Only if the upstream is silent for one
 keep-alive interval does the gateway commit ``200`` (``open_response``) and write
-``: keep-alive`` comments; from then on an error can only be an SSE frame. A shutdown (the
-relay's ``ended``) ends the wait, as does the first-byte timeout.
+``: keep-alive`` comments; from then on an error can only be an SSE frame. A shutdown or a
+revocation (the relay's ``ended``) ends the wait, as does the first-byte timeout or the stream's
+maximum duration, whichever comes first.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from ..errors import ShuttingDown, UpstreamFailure, UpstreamTimeout
+from ..errors import GatewayError, ShuttingDown, StreamTooLong, UpstreamFailure, UpstreamTimeout
 from ..request_info import RequestInfo
 from ..settings import StreamSettings
 from ..upstream.errors import from_upstream
@@ -36,7 +37,7 @@ async def await_headers(task: asyncio.Future[UpstreamResponse],
     ends the wait. (One future woken by either and a timer: ``asyncio.wait`` costs several
     times as much, on every request.)"""
     limit = settings.first_byte_timeout_seconds
-    deadline = time.monotonic() + limit
+    deadline = min(time.monotonic() + limit, info.started + settings.max_duration_seconds)
     while True:
         if not task.done() and not ended.done():
             await _first_of(task, ended, min(settings.keepalive_seconds,
@@ -46,10 +47,20 @@ async def await_headers(task: asyncio.Future[UpstreamResponse],
         if task.done():
             return task.result()
         if time.monotonic() >= deadline:
-            raise UpstreamTimeout(f"The upstream did not answer within {limit:g} seconds")
+            raise _timeout(settings, info)
         if not client.opened:  # the upstream is slow to answer: commit 200
             await open_response(client, headers, info)
         client.write(KEEPALIVE)
+
+
+def _timeout(settings: StreamSettings, info: RequestInfo) -> GatewayError:
+    """The first-byte timeout, or the maximum duration where that came first."""
+    limit = settings.first_byte_timeout_seconds
+    if time.monotonic() - info.started < settings.max_duration_seconds:
+        return UpstreamTimeout(f"The upstream did not answer within {limit:g} seconds")
+    return StreamTooLong(f"The stream reached its maximum duration of "
+                         f"{settings.max_duration_seconds:g} seconds before the upstream "
+                         f"answered")
 
 
 async def open_response(client: ClientStream, headers: Mapping[str, str], info: RequestInfo,

@@ -1,5 +1,5 @@
 """One timer per stream, instead of a timeout around every read: keep-alives, a silent upstream,
-a client that reads nothing.
+a client that reads nothing, a stream that has lasted too long.
 
 The read callback only stamps ``last``. When the upstream has been silent for a keep-alive
 interval, the timer writes a ``: keep-alive`` comment (each write is whole events, so a comment
@@ -7,7 +7,10 @@ can only land between events); when the silence reaches the first-byte or idle l
 the stream with ``UpstreamTimeout``. A stream paused for a slow client is not silent: its clock
 stops, and the client's starts. A client that reads nothing for the idle limit while the
 upstream waits on it is treated as gone (``ClientGone``): its stream, lease and upstream
-connection are not held for ever by a reader that stopped.
+connection are not held for ever by a reader that stopped. Nor by one that keeps reading: at
+its ``deadline`` (``[stream] max_duration_seconds`` after the request arrived) the stream ends
+with ``StreamTooLong``, paused or not; the timer is set no later than the deadline, so that
+costs no tick of its own.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import asyncio
 import time
 from typing import Protocol
 
-from ..errors import UpstreamTimeout
+from ..errors import StreamTooLong, UpstreamTimeout
 from ..settings import StreamSettings
 from .client_stream import ClientGone
 
@@ -38,18 +41,22 @@ class Watched(Protocol):
 
 
 class Watchdog:
-    __slots__ = ("stream", "loop", "interval", "first_byte_limit", "idle_limit", "last",
-                 "paused_since", "handle")
+    __slots__ = ("stream", "loop", "interval", "first_byte_limit", "idle_limit", "max_duration",
+                 "deadline", "last", "paused_since", "handle")
 
-    def __init__(self, stream: Watched, settings: StreamSettings) -> None:
+    def __init__(self, stream: Watched, settings: StreamSettings, started: float) -> None:
+        """``started``: when the stream's request arrived (``time.monotonic``)."""
         self.stream = stream
         self.loop = asyncio.get_running_loop()
         self.interval = settings.keepalive_seconds
         self.first_byte_limit = settings.first_byte_timeout_seconds
         self.idle_limit = settings.idle_timeout_seconds
+        self.max_duration = settings.max_duration_seconds
+        self.deadline = started + self.max_duration
         self.last = time.monotonic()  # the upstream's last read (stamped by the relay)
         self.paused_since = 0.0
-        self.handle: asyncio.TimerHandle | None = self.loop.call_later(self.interval, self._tick)
+        self.handle: asyncio.TimerHandle | None = None
+        self._again(self.interval, self.last)
 
     def pause(self) -> None:
         self.paused_since = time.monotonic()
@@ -69,16 +76,21 @@ class Watchdog:
         if not stream.running:
             return
         now = time.monotonic()
+        if now >= self.deadline:
+            stream.finish(StreamTooLong(f"The stream reached its maximum duration of "
+                                        f"{self.max_duration:g} seconds; the answer is cut "
+                                        f"short here"))
+            return
         if stream.paused:
             stalled = now - self.paused_since
             if stalled >= self.idle_limit:
                 stream.finish(ClientGone(f"the client read nothing for {stalled:.3g} seconds"))
                 return
-            self._again(min(self.interval, self.idle_limit - stalled))
+            self._again(min(self.interval, self.idle_limit - stalled), now)
             return
         silent = now - self.last
         if silent < self.interval:
-            self._again(self.interval - silent)
+            self._again(self.interval - silent, now)
             return
         limit = self.idle_limit if stream.started else self.first_byte_limit
         if silent >= limit:
@@ -89,7 +101,9 @@ class Watchdog:
         except ClientGone as e:
             stream.finish(e)
             return
-        self._again(min(self.interval, limit - silent))
+        self._again(min(self.interval, limit - silent), now)
 
-    def _again(self, delay: float) -> None:
+    def _again(self, delay: float, now: float) -> None:
+        """The next tick after ``delay`` seconds, and no later than the deadline."""
+        delay = min(delay, self.deadline - now)
         self.handle = self.loop.call_later(max(delay, 0.001), self._tick)
