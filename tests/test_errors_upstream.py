@@ -334,6 +334,36 @@ def test_no_run_of_eight_characters_of_the_key_survives_redact_and_bytes_holding
     assert secrets.may_be_in(mixed, clean) or not holds
 
 
+@settings(max_examples=200, deadline=None)
+@given(data=st.data(), key=keys)
+def test_a_read_past_the_probes_budget_is_searched_by_anchors_and_never_misses_a_part(
+        data: st.DataObject, key: str) -> None:
+    """A long read full of the key's probe bytes is searched for its anchors, the run followed
+    around each: a part in it is always found, and, where no anchor is more than a few times
+    in it, exactly."""
+    filler = data.draw(echoes(key)) or "x"
+    raw = (filler * (4096 // len(filler) + 1)).encode()
+    at = data.draw(st.integers(0, len(raw)))
+    raw = raw[:at] + data.draw(echoes(key)).encode() + raw[at:]
+    secrets = Secrets.of(key)
+    parts = {key[i:i + PART_CHARS].encode() for i in range(len(key) - PART_CHARS + 1)}
+    holds = any(part in raw for part in parts)
+    found = secrets.may_be_in(raw)
+    assert found or not holds
+    if sum(raw.count(anchor) for anchor in secrets.anchors) <= 8:
+        assert found == holds
+
+
+def test_a_word_the_key_shares_with_the_upstreams_ids_sends_nothing_to_the_exact_path() -> None:
+    """``mock-upstream-key`` and the mock's ids (``chatcmpl-mock...``) share an anchor
+    (``mock``): in a read past the probes' budget, that alone is no part."""
+    secrets = Secrets.of("mock-upstream-key")
+    read = b"".join(b'data: {"id":"chatcmpl-mock%d","object":"chat.completion.chunk",'
+                    b'"choices":[{"delta":{"content":"rock "}}]}\n\n' % i for i in range(100))
+    assert not secrets.may_be_in(read)
+    assert secrets.may_be_in(read[:5000] + b"upstream-" + read[5000:])
+
+
 def test_a_secret_shorter_than_a_part_is_refused() -> None:
     with pytest.raises(ValueError, match="fewer than 8 characters"):
         Secrets.of("short")

@@ -35,6 +35,10 @@ _LONG_READ = 512
 than copied without them (``translate``): past it, that is cheaper
 (``docs/performance.md``)."""
 _ANCHOR_CHARS = 4
+_ANCHOR_SPACING = 32
+"""Past one place an anchor is found for each this many bytes of a read, the exact path takes
+the read: following a run costs a fraction of a microsecond, parsing the events of those bytes
+some tens (``docs/performance.md``)."""
 
 
 @dataclass(frozen=True, slots=True, repr=False, eq=False)
@@ -52,7 +56,9 @@ class Secrets:
     part. Where a few probes are, the run of the secret's bytes around each is followed from
     each place the probe holds in a secret (``at``), once the four bytes on either side of it
     are found among the secret's (``quads``); where many are, the read is searched for the
-    ``anchors``, runs of ``_ANCHOR_CHARS`` bytes so placed that every part holds one.
+    ``anchors``, runs of ``_ANCHOR_CHARS`` bytes so placed that every part holds one, and the
+    run is followed around each place one is found (``anchored``): an anchor alone, such as a
+    word the secret shares with an upstream's ids, sends nothing to the exact path.
 
     A part spelled with JSON escapes is not in the bytes at all: ``escapable`` says when a
     secret holds a character that JSON may escape without ``\\u`` (``/``, a quote, a
@@ -64,6 +70,7 @@ class Secrets:
     at: dict[int, tuple[tuple[bytes, int], ...]] = field(default_factory=dict)
     quads: frozenset[bytes] = frozenset()  # every 4-byte run of a secret
     anchors: tuple[bytes, ...] = ()
+    anchored: dict[bytes, tuple[tuple[bytes, int], ...]] = field(default_factory=dict)
     marks: bytes = b""  # a translate table: a probe byte to 1, any other to 0
     escapable: bool = False
     alphabet: frozenset[int] = frozenset()  # every byte any secret holds
@@ -83,11 +90,17 @@ class Secrets:
                 if b in probes:
                     at.setdefault(b, []).append((r, i))
         stride = PART_CHARS + 1 - _ANCHOR_CHARS
+        anchors = tuple({r[o:o + _ANCHOR_CHARS]: None for r in raw
+                         for o in range(0, len(r) - _ANCHOR_CHARS + 1, stride)})
+        anchored: dict[bytes, list[tuple[bytes, int]]] = {a: [] for a in anchors}
+        for r in raw:
+            for j in range(len(r) - _ANCHOR_CHARS + 1):
+                if r[j:j + _ANCHOR_CHARS] in anchored:
+                    anchored[r[j:j + _ANCHOR_CHARS]].append((r, j))
         return cls(text, probes, tuple(bytes([b]) for b in probes),
                    {b: tuple(where) for b, where in at.items()},
                    frozenset(r[j:j + 4] for r in raw for j in range(len(r) - 3)),
-                   tuple({r[o:o + _ANCHOR_CHARS]: None for r in raw
-                          for o in range(0, len(r) - _ANCHOR_CHARS + 1, stride)}),
+                   anchors, {a: tuple(where) for a, where in anchored.items()},
                    bytes(int(b in probes) for b in range(256)),
                    any(b in b'"/\\' or b < 0x20 for r in raw for b in r),
                    frozenset(b for r in raw for b in r), _LONG_READ * len(probes))
@@ -122,7 +135,10 @@ class Secrets:
                 data = data.replace(clean, b"\n")
                 if len(data.translate(None, self.probes)) == len(data):
                     return False  # the probes were all in its copies
-            found = self._around(data, data.translate(self.marks), b"\x01", self._budget(data))
+            marked, budget = data.translate(self.marks), self._budget(data)
+            # More probe bytes than the budget: straight to the anchors, none looked at.
+            found = None if marked.count(1) > budget else self._around(data, marked, b"\x01",
+                                                                        budget)
         elif not any(map(data.__contains__, self.singles)):
             return False
         else:
@@ -131,8 +147,8 @@ class Secrets:
             if found is None and clean:
                 data = data.replace(clean, b"\n")
                 found = self._around(data, data, self.probes, self._budget(data))
-        if found is None:  # many probes: the anchors, in C
-            return any(map(data.__contains__, self.anchors))
+        if found is None:  # many probes: the anchors, found in C, the run followed around each
+            return self._anchored(data)
         return found
 
     def _budget(self, data: bytes) -> int:
@@ -157,6 +173,24 @@ class Secrets:
                 at = searched.find(probe, at + 1)
         return False
 
+    def _anchored(self, data: bytes) -> bool:
+        """Whether a part of a secret is around one of the ``anchors`` in ``data``: every part
+        holds one, so each place one is found, the run that matches a secret around it is
+        followed from each place the anchor holds in one. Past a budget of places (a read made
+        of a secret's own bytes), True: the exact path decides."""
+        budget = max(_FEW_PROBES, len(data) // _ANCHOR_SPACING)
+        for anchor in self.anchors:
+            at = data.find(anchor)
+            while at != -1:
+                budget -= 1
+                if budget < 0:
+                    return True
+                for secret, i in self.anchored[anchor]:
+                    if _run_length(data, at, secret, i, _ANCHOR_CHARS) >= PART_CHARS:
+                        return True
+                at = data.find(anchor, at + 1)
+        return False
+
     def is_clean(self, segment: bytes) -> bool:
         """Whether ``segment``, which holds no part, may be given to ``may_be_in`` as
         ``clean``: it is not empty, and no secret holds its first or its last byte."""
@@ -166,16 +200,8 @@ class Secrets:
     def _run_at(self, data: bytes, at: int) -> bool:
         """Whether the probe byte at ``at`` is inside a part of a secret: the run that matches
         the secret around it, from each place the byte holds in one, is ``PART_CHARS`` long."""
-        for secret, i in self.at[data[at]]:
-            start, k = at, i
-            while start > 0 and k > 0 and data[start - 1] == secret[k - 1]:
-                start, k = start - 1, k - 1
-            end, k = at + 1, i + 1
-            while end < len(data) and k < len(secret) and data[end] == secret[k]:
-                end, k = end + 1, k + 1
-            if end - start >= PART_CHARS:
-                return True
-        return False
+        return any(_run_length(data, at, secret, i, 1) >= PART_CHARS
+                   for secret, i in self.at[data[at]])
 
     def may_hold(self, raw: bytes, parsed: Any) -> bool:
         """Whether an upstream's JSON may hold a part of a secret as its reader decodes it:
@@ -187,6 +213,18 @@ class Secrets:
         if parsed is None or b"\\" not in raw:
             return False
         return self.escapable or self.may_be_in(orjson.dumps(parsed))
+
+
+def _run_length(data: bytes, at: int, secret: bytes, i: int, size: int) -> int:
+    """How long the run of ``data`` that matches ``secret`` around ``data[at:at + size]``, which
+    is ``secret[i:i + size]``, goes on, both ways."""
+    start, k = at, i
+    while start > 0 and k > 0 and data[start - 1] == secret[k - 1]:
+        start, k = start - 1, k - 1
+    end, k = at + size, i + size
+    while end < len(data) and k < len(secret) and data[end] == secret[k]:
+        end, k = end + 1, k + 1
+    return end - start
 
 
 def _probes(secrets: list[bytes]) -> bytes:

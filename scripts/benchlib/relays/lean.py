@@ -36,7 +36,9 @@ from gateway.stream.render import StreamRenderer
 from gateway.upstream.errors import Secrets
 from gateway.upstream.pool import ConnectionPool
 
-OPERATOR_KEY = "mock-upstream-key"
+# benchlib.proxies.OPERATOR_KEY, the upstream key the gateways are given
+OPERATOR_KEY = ("xai-9jYg7SjjPvttfbfMLZuPjII4OoaQmzBinnpy3MPN"
+                "ZEPFqzi0OZUrNsPqPdQ1Og7YN8gKkgboxhQGTa3V")
 STREAM_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache"
                b"\r\nTransfer-Encoding: chunked\r\n\r\n")
 
