@@ -190,14 +190,24 @@ async def _preamble(request: web.Request) -> tuple[dict[str, Any], dict[str, Any
     return body, opts, None
 
 
-async def chat_completions(request: web.Request) -> web.StreamResponse:
+async def _model_request(request: web.Request
+                         ) -> tuple[dict[str, Any], dict[str, Any], str, str] | web.Response:
+    """The preamble, then the model the request names: (body, options, model, style) for one
+    the mock serves, else the answer that refuses it."""
     body, opts, refusal = await _preamble(request)
     if refusal is not None:
         return refusal
     model = body.get("model")
     if not isinstance(model, str) or model not in request.app[MOCK_STATE].models:
         return _no_model(request, opts, model)
-    style = _style(request, opts)
+    return body, opts, model, _style(request, opts)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    asked = await _model_request(request)
+    if isinstance(asked, web.StreamResponse):
+        return asked
+    body, opts, model, style = asked
     if count_chat_images(body.get("messages")) and not sees_images(model):
         return faults.no_vision(model, style)
     if isinstance(opts.get("answer_bytes"), int) and not body.get("stream"):
@@ -222,13 +232,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 async def responses(request: web.Request) -> web.StreamResponse:
     """The Responses API: a ``response`` object, or its named events."""
-    body, opts, refusal = await _preamble(request)
-    if refusal is not None:
-        return refusal
-    model = body.get("model")
-    if not isinstance(model, str) or model not in request.app[MOCK_STATE].models:
-        return _no_model(request, opts, model)
-    style = _style(request, opts)
+    asked = await _model_request(request)
+    if isinstance(asked, web.StreamResponse):
+        return asked
+    body, opts, model, style = asked
     images = count_input_images(body.get("input"))
     if images and not sees_images(model):
         return faults.no_vision(model, style)
