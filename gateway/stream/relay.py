@@ -51,8 +51,8 @@ from ..errors import (
 )
 from ..request_info import RequestInfo
 from ..settings import StreamSettings
-from ..upstream.errors import Secrets
 from ..upstream.http1 import UpstreamResponse
+from ..upstream.secrets import Secrets
 from .client_stream import ClientGone, ClientStream
 from .closing import end_response, give_back
 from .render import StreamRenderer

@@ -27,8 +27,6 @@ from typing import Any, TypeGuard
 import orjson
 
 from ..errors import UpstreamFailure, UpstreamProtocolError, UpstreamStatus, bounded, redact
-from .secrets import NO_SECRETS as NO_SECRETS
-from .secrets import Secrets as Secrets  # for who imports it from here (stream/relay.py)
 
 log = logging.getLogger("gateway.upstream")
 

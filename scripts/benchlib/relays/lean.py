@@ -33,8 +33,8 @@ from gateway.redis.topology import connect
 from gateway.request_info import ClientKey
 from gateway.settings import RedisSettings
 from gateway.stream.render import StreamRenderer
-from gateway.upstream.errors import Secrets
 from gateway.upstream.pool import ConnectionPool
+from gateway.upstream.secrets import Secrets
 
 # benchlib.proxies.OPERATOR_KEY, the upstream key the gateways are given
 OPERATOR_KEY = ("xai-9jYg7SjjPvttfbfMLZuPjII4OoaQmzBinnpy3MPN"
