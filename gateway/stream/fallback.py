@@ -37,32 +37,30 @@ _DONE = b"data: [DONE]\n\n"
 def chat(request: web.Request, body: dict[str, Any], rewrite: Rewrite | None
          ) -> Awaitable[web.Response]:
     """A chat completion (or ``vision/analyze``) asked to stream, answered whole."""
-    return _chat(request, _plain_call(request, "chat/completions", body), rewrite)
+    return _whole(request, _plain_call(request, "chat/completions", body), rewrite, _chat_events)
 
 
 def responses(request: web.Request, body: dict[str, Any], rewrite: Rewrite | None
               ) -> Awaitable[web.Response]:
     """A Responses API request asked to stream, answered whole."""
-    return _responses(request, _plain_call(request, "responses", body), rewrite)
+    return _whole(request, _plain_call(request, "responses", body), rewrite, response_events)
 
 
-async def _chat(request: web.Request, call: Awaitable[UpstreamResponse],
-                rewrite: Rewrite | None) -> web.Response:
-    completion = await _fetch(request, call, rewrite)
+async def _whole(request: web.Request, call: Awaitable[UpstreamResponse],
+                 rewrite: Rewrite | None, events: Callable[[dict[str, Any]], list[bytes]]
+                 ) -> web.Response:
+    """The answer, whole: as JSON (``[vision] stream_fallback = "json"``), or as the API's
+    ``events`` of it."""
+    answer = await _fetch(request, call, rewrite)
     info = request[REQUEST_INFO]
     if request.app[SETTINGS].vision.stream_fallback == "json":
-        return json_answer(info, completion, FALLBACK_HEADERS)
-    chunk = b"data: " + orjson.dumps(completion_chunk(completion)) + b"\n\n"
-    return sse_answer(info, [chunk, _DONE], FALLBACK_HEADERS)
+        return json_answer(info, answer, FALLBACK_HEADERS)
+    return sse_answer(info, events(answer), FALLBACK_HEADERS)
 
 
-async def _responses(request: web.Request, call: Awaitable[UpstreamResponse],
-                     rewrite: Rewrite | None) -> web.Response:
-    response = await _fetch(request, call, rewrite)
-    info = request[REQUEST_INFO]
-    if request.app[SETTINGS].vision.stream_fallback == "json":
-        return json_answer(info, response, FALLBACK_HEADERS)
-    return sse_answer(info, response_events(response), FALLBACK_HEADERS)
+def _chat_events(completion: dict[str, Any]) -> list[bytes]:
+    """A completion as a stream: one chunk that holds it all, then ``[DONE]``."""
+    return [b"data: " + orjson.dumps(completion_chunk(completion)) + b"\n\n", _DONE]
 
 
 def _plain_call(request: web.Request, path: str, body: dict[str, Any]
