@@ -25,6 +25,9 @@ it). Fields:
 ``bytes``           response body bytes relayed
 ``usage``           the token counts of the upstream's usage object, if it sent one: its
                     integer fields (and those of its ``*_details`` objects), nothing else
+``charged``         for a key with token or spend limits: the tokens and dollars it was
+                    charged (``{"tokens": .., "usd": ..}``: the usage's, or the estimate
+                    for an answer that ended without usage), else null
 ``outcome``         completed, client_disconnect, upstream_error, timeout, shutdown,
                     refused (429) or error
 ``error``           the error code the client received (status or stream frame), if any
@@ -94,6 +97,8 @@ def log_request(info: RequestInfo) -> None:
         "chunks": info.chunks,
         "bytes": info.bytes_out,
         "usage": None if info.usage is None else _token_counts(info.usage),
+        "charged": None if info.charge is None else {
+            "tokens": info.charge.tokens, "usd": round(info.charge.ticks / 10**10, 10)},
         "outcome": info.outcome,
         "error": _bounded(info.error),
     }).decode())

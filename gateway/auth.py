@@ -99,7 +99,8 @@ class KeyStore(Protocol):
 def client_key(k: KeySettings) -> ClientKey:
     return ClientKey(name=k.name, requests_per_minute=k.limits.requests_per_minute,
                      burst=k.limits.burst,
-                     max_concurrent_streams=k.limits.max_concurrent_streams, models=k.models)
+                     max_concurrent_streams=k.limits.max_concurrent_streams, models=k.models,
+                     budget=k.limits.budget)
 
 
 class ConfigKeyStore:

@@ -116,12 +116,12 @@ async def _keys_add(args: argparse.Namespace, settings: Settings, client: RedisC
     assert settings.redis is not None
     if any(k.name == args.name for k in settings.keys):
         raise KeyStoreError(f"a key named {args.name!r} is in the config file already")
-    defaults = settings.limits
-    limits = Limits(
-        requests_per_minute=defaults.requests_per_minute if args.rpm is None else args.rpm,
-        burst=defaults.burst if args.burst is None else args.burst,
-        max_concurrent_streams=defaults.max_concurrent_streams if args.max_streams is None
-        else args.max_streams)
+    given = {"requests_per_minute": args.rpm, "burst": args.burst,
+             "max_concurrent_streams": args.max_streams, "tokens_per_minute": args.tpm,
+             "tokens_per_day": args.tpd, "usd_per_day": args.usd_per_day,
+             "usd_per_month": args.usd_per_month}
+    limits = dataclasses.replace(settings.limits,
+                                 **{k: v for k, v in given.items() if v is not None})
     if limits.requests_per_minute <= 0 or limits.burst < 1 or limits.max_concurrent_streams < 1:
         raise KeyStoreError("--rpm must be positive, --burst and --max-streams at least 1")
     models = frozenset(m.strip() for m in args.models.split(",") if m.strip()) \
@@ -138,19 +138,25 @@ async def _keys_list(args: argparse.Namespace, settings: Settings, client: Redis
     wrong with it said on stderr). Exit status 1 if any is damaged: the listing is whole, but
     every gateway refuses a damaged record's key (403) until the operator acts, and a script
     or a check that runs ``keys list`` should notice."""
+    from .ratelimit.redis import spend_of
     from .redis.keystore import list_keys, store_keys
 
     assert settings.redis is not None
     keys, damaged = await list_keys(client, settings.redis.key_prefix)
-    rows = [("NAME", "SOURCE", "RPM", "BURST", "STREAMS", "MODELS", "SHA256", "CREATED")]
+    rows = [("NAME", "SOURCE", "RPM", "BURST", "STREAMS", "TPM", "TPD", "USD/DAY", "USD/MONTH",
+             "SPENT TODAY", "SPENT MONTH", "MODELS", "SHA256", "CREATED")]
     listed = [(k.name, "config", k.limits, k.models, k.sha256, "") for k in settings.keys]
     listed += [(k.name, "redis", k.limits, k.models, k.sha256, k.created) for k in keys]
-    for name, source, limits, models, sha256, created in listed:
+    spent = await spend_of(client, settings.redis.key_prefix, [row[0] for row in listed])
+    for (name, source, limits, models, sha256, created), (today, month) in zip(
+            listed, spent, strict=True):
         rows.append((name, source, f"{limits.requests_per_minute:g}", str(limits.burst),
-                     str(limits.max_concurrent_streams),
+                     str(limits.max_concurrent_streams), _limit(limits.tokens_per_minute),
+                     _limit(limits.tokens_per_day), _usd_limit(limits.usd_per_day),
+                     _usd_limit(limits.usd_per_month), f"${today:.6f}", f"${month:.6f}",
                      ",".join(sorted(models)) if models else "*",
                      sha256[:8] + "…", created))  # an id to tell keys apart, not the hash
-    rows += [(d.label, "redis", "?", "?", "?", "?", d.sha256[:8] + "…", "DAMAGED")
+    rows += [(d.label, "redis", *["?"] * 9, "?", d.sha256[:8] + "…", "DAMAGED")
              for d in damaged]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
@@ -178,8 +184,40 @@ async def _keys_revoke(args: argparse.Namespace, settings: Settings, client: Red
 
 
 def _limits_text(limits: Limits) -> str:
-    return (f"{limits.requests_per_minute:g} requests/min, burst {limits.burst}, "
+    text = (f"{limits.requests_per_minute:g} requests/min, burst {limits.burst}, "
             f"{limits.max_concurrent_streams} streams")
+    for value, unit in ((limits.tokens_per_minute, "tokens/min"),
+                        (limits.tokens_per_day, "tokens/day")):
+        if value:
+            text += f", {value:,} {unit}"
+    for value, per in ((limits.usd_per_day, "day"), (limits.usd_per_month, "month")):
+        if value:
+            text += f", ${value:g}/{per}"
+    return text
+
+
+def _limit(value: int) -> str:
+    return f"{value:,}" if value else "-"
+
+
+def _usd_limit(value: float) -> str:
+    return f"${value:g}" if value else "-"
+
+
+def _amount(text: str) -> float:
+    """A finite number from 0 (0: no such limit), or argparse's exit with status 2."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not (math.isfinite(value) and 0 <= value <= MAX_INT):
+        raise argparse.ArgumentTypeError(f"must be a finite number from 0, got {text!r}")
+    return value
+
+
+def _tokens(text: str) -> int:
+    """A whole number of tokens from 0 (0: no such limit)."""
+    return 0 if text.strip() == "0" else _count(text)
 
 
 def _positive_number(text: str) -> float:
@@ -231,6 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests in a row before the per-minute rate applies "
                         "(default: [limits])")
     k.add_argument("--max-streams", type=_count, help="simultaneous streams (default: [limits])")
+    k.add_argument("--tpm", type=_tokens, help="tokens per minute (default: [limits]; 0: none)")
+    k.add_argument("--tpd", type=_tokens, help="tokens per UTC day (default: [limits]; 0: none)")
+    k.add_argument("--usd-per-day", type=_amount,
+                   help="dollars per UTC day, at [models.prices] (default: [limits]; 0: none)")
+    k.add_argument("--usd-per-month", type=_amount,
+                   help="dollars per UTC month (default: [limits]; 0: none)")
     k.add_argument("--models", help="comma-separated model allow-list (default: all)")
     keys_sub.add_parser("list", help="names and limits (never the keys)")
     k = keys_sub.add_parser("revoke", help="delete a key; every instance refuses it shortly")

@@ -54,7 +54,8 @@ LIMITER_STATES = ("memory", "redis", "fallback", "unavailable")
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 _REFUSAL_LIMITS = {"rate_limit_exceeded": "requests", "concurrency_limit_exceeded": "concurrency",
-                   "too_many_auth_failures": "auth_failures"}
+                   "too_many_auth_failures": "auth_failures", "token_limit_exceeded": "tokens",
+                   "insufficient_quota": "usd"}
 _MAX_TOKEN_SERIES = 2000
 """Past this many (key, model, type) label sets, further models are counted as ``other``."""
 _MODEL_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/\-]{0,63}")
@@ -117,12 +118,22 @@ class Metrics:
         self.refusals = Counter(
             "gateway_ratelimit_refusals", "Requests refused with 429, by key name and by the "
             "limit that refused them (requests, concurrency, or auth_failures: a client address "
-            "that presented too many unknown keys, key -).", ("key", "limit"), registry=r)
+            "that presented too many unknown keys, key -; tokens and usd: the key's token and "
+            "spend limits).", ("key", "limit"), registry=r)
         self.tokens = Counter(
             "gateway_tokens", "Tokens reported by the upstream's usage, by key name, model and "
             "type: prompt, completion (every output token, reasoning included, whichever way "
             "the upstream counts), reasoning (the part of completion spent reasoning).",
             ("key", "model", "type"), registry=r)
+        self.spend = Counter(
+            "gateway_spend_usd", "Dollars charged to keys with token or spend limits, by key "
+            "name: xAI's exact cost_in_usd_ticks where the upstream sent it, else the usage at "
+            "[models.prices]; an estimate for an answer that ended without usage.", ("key",),
+            registry=r)
+        self.charged_tokens = Counter(
+            "gateway_charged_tokens", "Tokens charged to keys with token or spend limits, by "
+            "key name (the usage's total, or the estimate when none came).", ("key",),
+            registry=r)
         self.loop_lag = Histogram(
             "gateway_event_loop_lag_seconds", "How late a timer set for a quarter of a second "
             "runs: the time every callback of this worker waits behind the others (each "
@@ -170,6 +181,9 @@ class Metrics:
             self._upstream_error(info.upstream_error)
         if info.usage is not None:
             self._count_tokens(key, info.model or "-", info.usage)
+        if info.charge is not None:
+            self.charged_tokens.labels(key).inc(info.charge.tokens)
+            self.spend.labels(key).inc(info.charge.ticks / 10**10)
 
     def _refused(self, key: str, code: str) -> None:
         limit = _REFUSAL_LIMITS.get(code, "other")

@@ -48,6 +48,7 @@ async def json_body(request: web.Request) -> dict[str, Any]:
         raise _unreadable(request, exc) from None
     if not raw:
         raise InvalidRequest("Request body is empty; send a JSON object")
+    info.body_bytes = len(raw)
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as e:

@@ -12,8 +12,11 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from .settings import TokenBudget
+
 if TYPE_CHECKING:
     from .errors import GatewayError
+    from .ratelimit.charges import Charge
 
 
 @dataclass(slots=True)
@@ -25,6 +28,7 @@ class ClientKey:
     burst: int
     max_concurrent_streams: int
     models: frozenset[str] | None = None
+    budget: TokenBudget | None = None  # token and spend limits, if any
 
     def may_use(self, model: str) -> bool:
         return self.models is None or model in self.models
@@ -38,6 +42,7 @@ class RequestInfo:
     started: float = field(default_factory=time.monotonic)
     key: ClientKey | None = None
     body: Any = None  # the parsed JSON body, once read
+    body_bytes: int = 0  # its size as sent (a token reservation estimates the prompt by it)
     model: str | None = None
     stream: bool = False
     status: int = 0
@@ -51,6 +56,7 @@ class RequestInfo:
     error: str | None = None  # the error code the client was sent (status or frame), if any
     upstream_error: str | None = None  # UpstreamFailure.kind when the upstream caused it
     limit_headers: dict[str, str] = field(default_factory=dict)
+    charge: Charge | None = None  # what a key with token or spend limits was charged
 
     def note_error(self, err: GatewayError) -> None:
         """What the client was told and why. An outcome already decided (a shutdown, a

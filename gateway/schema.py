@@ -20,6 +20,7 @@ from .settings import (
     KeySettings,
     Limits,
     ModelSettings,
+    Price,
     RedisSettings,
     ServerSettings,
     Settings,
@@ -109,7 +110,8 @@ def settings_from(data: Mapping[str, Any]) -> Settings:
     cache = models_data.get("list_cache_seconds", 60.0)
     _check(isinstance(cache, (int, float)) and cache >= 0, "models.list_cache_seconds",
            "must be a non-negative number")
-    models = ModelSettings(aliases=dict(aliases), list_cache_seconds=float(cache))
+    models = ModelSettings(aliases=dict(aliases), list_cache_seconds=float(cache),
+                           prices=_prices(models_data.get("prices", {})))
 
     return Settings(server=server, upstream=upstream, redis=redis, limits=limits, keys=keys,
                     stream=stream, vision=vision, models=models)
@@ -147,6 +149,38 @@ def _check_limits(limits: Limits, where: str) -> None:
     _check(limits.burst >= 1, f"{where}.burst", "must be at least 1")
     _check(limits.max_concurrent_streams >= 1, f"{where}.max_concurrent_streams",
            "must be at least 1")
+    for name in ("tokens_per_minute", "tokens_per_day", "usd_per_day", "usd_per_month"):
+        _check(getattr(limits, name) >= 0, f"{where}.{name}", "must not be negative (0: no limit)")
+    _check(limits.usd_per_day <= MAX_USD and limits.usd_per_month <= MAX_USD, where,
+           f"a dollar limit must be at most {MAX_USD:,} USD")
+    _check(limits.default_output_tokens >= 1, f"{where}.default_output_tokens",
+           "must be at least 1")
+    _check(limits.on_token_overrun in ("finish", "cut"), f"{where}.on_token_overrun",
+           'must be "finish" or "cut"')
+
+
+MAX_USD = 100_000_000
+"""The largest dollar limit: in ticks (10^-10 USD) it is 10^18, within a 64-bit integer."""
+
+
+def _prices(data: Any) -> dict[str, Price]:
+    """``[models.prices."<model>"]``: input, output and optional cached_input, USD per million
+    tokens."""
+    _check(isinstance(data, Mapping), "models.prices", "must be a table of models")
+    prices = {}
+    for model, entry in data.items():
+        where = f"models.prices.{model}"
+        _check(isinstance(entry, Mapping), where, "must be a table (input, output, cached_input)")
+        unknown = set(entry) - {"input", "output", "cached_input"}
+        _check(not unknown, where, f"unknown setting {', '.join(sorted(unknown))} (known: "
+               "input, output, cached_input)")
+        _check("input" in entry and "output" in entry, where, "needs input and output")
+        values = {name: _coerce(f"{where}.{name}", value, "float")
+                  for name, value in entry.items()}
+        _check(all(0 <= v <= 1_000_000 for v in values.values()), where,
+               "prices are USD per million tokens, from 0 to 1,000,000")
+        prices[model] = Price(**values)
+    return prices
 
 
 def _check_redis_mode(redis: RedisSettings) -> None:
@@ -217,11 +251,16 @@ def _coerce(setting: str, value: Any, type_name: str) -> Any:
     return value
 
 
+_PER_KEY = {"requests_per_minute": "float", "burst": "int", "max_concurrent_streams": "int",
+            "tokens_per_minute": "int", "tokens_per_day": "int", "usd_per_day": "float",
+            "usd_per_month": "float"}
+"""The limits a key may set for itself; the rest of ``[limits]`` is the gateway's."""
+
+
 def _key(index: int, entry: Any, defaults: Limits) -> KeySettings:
     where = f"keys[{index}]"
     _check(isinstance(entry, Mapping), where, "must be a table")
-    allowed = {"name", "key", "sha256", "requests_per_minute", "burst",
-               "max_concurrent_streams", "models"}
+    allowed = {"name", "key", "sha256", "models", *_PER_KEY}
     for k in entry:
         _check(k in allowed, f"{where}.{k}",
                f"unknown setting (known: {', '.join(sorted(allowed))})")
@@ -239,15 +278,9 @@ def _key(index: int, entry: Any, defaults: Limits) -> KeySettings:
                and all(c in "0123456789abcdef" for c in digest.lower()),
                f"{where}.sha256", "must be 64 hex digits (sha256 of the key)")
         digest = digest.lower()
-    limits = Limits(
-        requests_per_minute=float(_coerce(f"{where}.requests_per_minute",
-                                          entry.get("requests_per_minute",
-                                                    defaults.requests_per_minute), "float")),
-        burst=_coerce(f"{where}.burst", entry.get("burst", defaults.burst), "int"),
-        max_concurrent_streams=_coerce(f"{where}.max_concurrent_streams",
-                                       entry.get("max_concurrent_streams",
-                                                 defaults.max_concurrent_streams), "int"),
-    )
+    limits = dataclasses.replace(defaults, **{
+        name: _coerce(f"{where}.{name}", entry[name], kind)
+        for name, kind in _PER_KEY.items() if name in entry})
     _check_limits(limits, where)
     models = entry.get("models")
     if models is not None:

@@ -117,10 +117,45 @@ class RedisSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenBudget:
+    """A key's token and spend limits (``gateway/ratelimit/budget.py``); 0: no such limit."""
+
+    tokens_per_minute: int = 0
+    tokens_per_day: int = 0
+    usd_per_day: float = 0.0
+    usd_per_month: float = 0.0
+
+    @property
+    def spends(self) -> bool:
+        """A dollar limit is set: every model the key uses must have a price."""
+        return self.usd_per_day > 0 or self.usd_per_month > 0
+
+    @property
+    def counts_tokens(self) -> bool:
+        return self.tokens_per_minute > 0 or self.tokens_per_day > 0
+
+
+@dataclass(frozen=True, slots=True)
 class Limits:
     requests_per_minute: float = 60.0
     burst: int = 10
     max_concurrent_streams: int = 8
+    tokens_per_minute: int = 0
+    tokens_per_day: int = 0
+    usd_per_day: float = 0.0
+    usd_per_month: float = 0.0
+    # What a request reserves for its answer when it names no output cap (max_tokens, ...).
+    default_output_tokens: int = 1024
+    # A stream that passes what its key had left: "finish" (the key goes into debt and waits
+    # it off) or "cut" (the stream ends with a token_limit_exceeded error frame).
+    on_token_overrun: str = "finish"
+
+    @property
+    def budget(self) -> TokenBudget | None:
+        """The token and spend limits, None when none is set (the common key: no checks)."""
+        budget = TokenBudget(self.tokens_per_minute, self.tokens_per_day, self.usd_per_day,
+                             self.usd_per_month)
+        return budget if budget.spends or budget.counts_tokens else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,10 +193,24 @@ class VisionSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class Price:
+    """USD per million tokens."""
+
+    input: float
+    output: float
+    cached_input: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ModelSettings:
     # Client-facing name -> upstream name.
     aliases: Mapping[str, str] = field(default_factory=dict)
     list_cache_seconds: float = 60.0
+    # Model name (upstream or client-facing) -> its price, for spend limits.
+    prices: Mapping[str, Price] = field(default_factory=dict)
+
+    def price_of(self, model: str, upstream_model: str) -> Price | None:
+        return self.prices.get(model) or self.prices.get(upstream_model)
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,11 +50,13 @@ def chat_body(*, stream: bool | None, messages: list[dict[str, Any]] = HI,
 
 
 def mock_events(text: str, model: str = "grok-4") -> list[bytes]:
-    """The events the mock upstream streams for a reply of ``text`` when nothing goes wrong
-    (one word a chunk, in its default xAI style: the running usage on each), ``[DONE]`` last."""
+    """The events a client that did not ask for usage gets through the gateway for a reply of
+    ``text`` when nothing goes wrong: one word a chunk, in the mock's default xAI style, as
+    streamed for the ``include_usage`` the gateway asks on every stream, its usage chunk
+    dropped, ``[DONE]`` last."""
     words = text.split(" ")
     words = [w + " " for w in words[:-1]] + [words[-1]]
-    return chat_chunks(model, words, False) + [b"data: [DONE]\n\n"]
+    return chat_chunks(model, words, True)[:-1] + [b"data: [DONE]\n\n"]
 
 
 def async_sdk(base: str, key: str = KEY) -> AsyncOpenAI:
@@ -141,6 +143,32 @@ def sse_events(raw: bytes) -> list[bytes]:
         if lines:
             out.append(b"\n".join(lines) + b"\n\n")
     return out
+
+
+def asking_usage(body: dict[str, Any]) -> dict[str, Any]:
+    """``body`` as the gateway sends a chat stream on: asking for its usage."""
+    return {**body, "stream_options": {**(body.get("stream_options") or {}),
+                                       "include_usage": True}}
+
+
+def without_usage_chunk(raw: bytes) -> bytes:
+    """An upstream's chat stream as a client that did not ask for usage gets it through the
+    gateway: every event as it came but the usage chunk (``choices: []``), which the gateway
+    asked for."""
+    kept = []
+    for event in blocks(raw):
+        data = event[len(b"data: "):].strip() if event.startswith(b"data: ") else b""
+        if data[:1] == b"{" and orjson.loads(data).get("choices") == []:
+            continue
+        kept.append(event)
+    return b"".join(kept)
+
+
+async def as_relayed(upstream_url: str, body: dict[str, Any]) -> bytes:
+    """What the gateway relays to a client that sends ``body`` (a chat stream that does not
+    ask for usage), taken from the upstream itself."""
+    return without_usage_chunk((await post(f"{upstream_url}/chat/completions",
+                                           asking_usage(body))).body)
 
 
 def blocks(raw: bytes) -> list[bytes]:

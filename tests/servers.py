@@ -234,6 +234,9 @@ def _toml_value(value: Any) -> str:
         return json.dumps(value)  # a TOML basic string, for the strings tests use
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):  # an inline table: [models] prices = {"grok-4" = {...}}
+        return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}"
+                               for k, v in value.items()) + "}"
     raise TypeError(f"cannot write {value!r} as TOML")
 
 

@@ -10,7 +10,7 @@ import pytest
 from openai import OpenAI
 from pydantic import BaseModel
 
-from clients import USER, async_sdk, chat_body, in_thread, post
+from clients import USER, as_relayed, async_sdk, chat_body, in_thread, post
 from conftest import Upstream, settings_for
 
 WEATHER_TOOL = {"type": "function", "function": {
@@ -37,10 +37,9 @@ async def test_a_tool_call_sent_whole_as_xai_does_is_relayed_byte_for_byte(
     _, base = gateway
     body = chat_body(stream=True, messages=USER, fields={"tools": [WEATHER_TOOL]},
                      tool_arguments=ARGS)
-    direct = await post(f"{mock_upstream.url}/chat/completions", body)
     relayed = await post(f"{base}/api/v1/chat/completions", body)
     assert relayed.status == 200
-    assert relayed.body == direct.body
+    assert relayed.body == await as_relayed(mock_upstream.url, body)
     chunks = [d for d in relayed.data() if d != "[DONE]"]
     calls = [c["choices"][0]["delta"]["tool_calls"] for c in chunks
              if c["choices"][0]["delta"].get("tool_calls")]

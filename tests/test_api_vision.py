@@ -10,7 +10,15 @@ import openai
 import pytest
 from openai import OpenAI
 
-from clients import IMAGE_URL, async_sdk, data_url, image_message, in_thread, post
+from clients import (
+    IMAGE_URL,
+    as_relayed,
+    async_sdk,
+    data_url,
+    image_message,
+    in_thread,
+    post,
+)
 from conftest import Upstream, settings_for
 
 VISION_MODEL = "grok-2-vision-1212"
@@ -137,10 +145,9 @@ async def test_json_fallback_is_the_plain_completion(mock_upstream: Upstream,
 async def test_off_relays_the_vision_stream_like_any_other(mock_upstream: Upstream,
                                                            start_gateway: Any) -> None:
     base = await fallback_gateway(mock_upstream, start_gateway, "off")
-    direct = await post(f"{mock_upstream.url}/chat/completions", vision_chat())
     raw = await post(f"{base}/api/v1/chat/completions", vision_chat())
     assert "X-Stream-Fallback" not in raw.headers
-    assert raw.body == direct.body
+    assert raw.body == await as_relayed(mock_upstream.url, vision_chat())
     assert len(raw.events()) > 3
     assert last_upstream_body(mock_upstream)["stream"] is True
 

@@ -13,7 +13,7 @@ import orjson
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
-from clients import AUTH, USER, blocks, chat_body
+from clients import AUTH, USER, as_relayed, blocks, chat_body
 from conftest import KEY, Upstream, settings_for
 
 
@@ -42,7 +42,7 @@ async def test_stream_on_the_wire_http11_in_chunks_http10_until_close(
     the connection's end (chunked encoding does not exist in HTTP/1.0)."""
     _, base = gateway
     body = orjson.dumps(chat_body(stream=True, messages=USER, chunks=5))
-    _, expected = await post(f"{mock_upstream.url}/chat/completions", orjson.loads(body))
+    expected = await as_relayed(mock_upstream.url, orjson.loads(body))
     port = int(base.rsplit(":", 1)[1])
     for version in (b"1.1", b"1.0"):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -95,8 +95,8 @@ async def test_awkward_upstream_chunking_changes_nothing(
         gateway: Any, mock_upstream: Upstream, split: int) -> None:
     _, base = gateway
     text = "Ünïcödé 漢字 🚀 split everywhere"
-    _, whole = await post(f"{mock_upstream.url}/chat/completions",
-                          chat_body(stream=True, messages=USER, text=text))
+    whole = await as_relayed(mock_upstream.url, chat_body(stream=True, messages=USER,
+                                                          text=text))
     _, relayed = await post(f"{base}/api/v1/chat/completions",
                             chat_body(stream=True, messages=USER, text=text, split=split))
     assert relayed == whole
@@ -106,8 +106,7 @@ async def test_awkward_upstream_chunking_changes_nothing(
 async def test_non_standard_frames_are_reencoded_as_one_line_events(
         gateway: Any, mock_upstream: Upstream, fmt: str) -> None:
     _, base = gateway
-    _, standard = await post(f"{mock_upstream.url}/chat/completions",
-                             chat_body(stream=True, messages=USER))
+    standard = await as_relayed(mock_upstream.url, chat_body(stream=True, messages=USER))
     r, relayed = await post(f"{base}/api/v1/chat/completions",
                             chat_body(stream=True, messages=USER, format=fmt, split=5))
     assert r.status == 200

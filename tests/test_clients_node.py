@@ -77,7 +77,9 @@ def seen(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, dict[st
         "server": {"port": free_port()},
         "upstream": {"url": "mock"},
         "limits": {"requests_per_minute": 6000, "burst": 1000, "max_concurrent_streams": 100},
-        "keys": [{"name": "node", "key": KEY},
+        # The clients' key has a token limit, so that every stream they read ends with the
+        # gateway's `: usage` comment (before [DONE]; after response.completed).
+        "keys": [{"name": "node", "key": KEY, "tokens_per_minute": 100_000_000},
                  {"name": "spent", "key": SPENT_KEY, "requests_per_minute": 1, "burst": 1}],
     }
     gateway = GatewayProcess(tmp_path_factory.mktemp("node-clients"), "gateway", config)

@@ -20,6 +20,13 @@ from typing import Any
 import orjson
 
 CREATED = 1700000000
+TICKS_PER_TOKEN = {"input": 2_000, "output": 5_000}
+"""What the mock charges in xAI's ``cost_in_usd_ticks`` (10^-10 USD): $0.20 per million prompt
+tokens, $0.50 per million output tokens, reasoning included."""
+
+
+def cost_in_usd_ticks(prompt: int, output: int) -> int:
+    return prompt * TICKS_PER_TOKEN["input"] + output * TICKS_PER_TOKEN["output"]
 REASONING_MODELS = ("grok-3-mini*",)
 """Models that stream ``reasoning_content`` before their answer. xAI: "In Chat Completions,
 only grok-3-mini returns message.reasoning_content" (https://docs.x.ai/docs/guides/reasoning);
@@ -83,6 +90,8 @@ class ChatReply:
                                  "total_tokens": 12 + answer + reasoning}
         if self.reasoning:
             usage["completion_tokens_details"] = {"reasoning_tokens": reasoning}
+        if style == "xai":  # xAI's exact charge, on chat completions and Responses alike
+            usage["cost_in_usd_ticks"] = cost_in_usd_ticks(12, answer + reasoning)
         return usage
 
     def message(self) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from .replies import CREATED, ChatReply, chat_reply
+from .replies import CREATED, ChatReply, chat_reply, cost_in_usd_ticks
 
 
 def responses_reply(body: dict[str, Any], opts: dict[str, Any], words: list[str]) -> ChatReply:
@@ -65,7 +65,8 @@ def _output(reply: ChatReply, msg_id: str, done: bool) -> list[dict[str, Any]]:
 
 def response_object(model: str, reply: ChatReply, rid: str = "resp_mock",
                     msg_id: str = "msg_mock", *, status: str = "completed",
-                    request: dict[str, Any] | None = None) -> dict[str, Any]:
+                    request: dict[str, Any] | None = None, style: str = "xai"
+                    ) -> dict[str, Any]:
     """A Responses API ``response`` object; ``in_progress`` ones have no output and no usage.
     ``tools``, ``tool_choice`` and ``text`` echo the request's, as the API does."""
     done = status == "completed"
@@ -79,11 +80,17 @@ def response_object(model: str, reply: ChatReply, rid: str = "resp_mock",
             "tool_choice": request.get("tool_choice") or "auto",
             "tools": tools if isinstance(tools, list) else [],
             "text": {"format": _text_format(request)},
-            "usage": {"input_tokens": 12, "input_tokens_details": {"cached_tokens": 0,
-                                                                "cache_write_tokens": 0},
-                      "output_tokens": reply.tokens,
-                      "output_tokens_details": {"reasoning_tokens": 0},
-                      "total_tokens": 12 + reply.tokens} if done else None}
+            "usage": _usage(reply, style) if done else None}
+
+
+def _usage(reply: ChatReply, style: str) -> dict[str, Any]:
+    usage: dict[str, Any] = {
+        "input_tokens": 12, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+        "output_tokens": reply.tokens, "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": 12 + reply.tokens}
+    if style == "xai":
+        usage["cost_in_usd_ticks"] = cost_in_usd_ticks(12, reply.tokens)
+    return usage
 
 
 def _output_text(text: str) -> dict[str, Any]:
@@ -108,7 +115,7 @@ def responses_events(model: str, reply: ChatReply, rid: str = "resp_mock",
                                                "sequence_number": next(seq)}))
 
     pending = response_object(model, reply, rid, msg_id, status="in_progress", request=request)
-    final = response_object(model, reply, rid, msg_id, request=request)
+    final = response_object(model, reply, rid, msg_id, request=request, style=style)
     out = [event("response.created", response=pending),
            event("response.in_progress", response=pending)]
     for index, call in enumerate(reply.tool_calls):

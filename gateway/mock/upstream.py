@@ -245,7 +245,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
     if not body.get("stream"):
         n = next(_ids)
         return web.json_response(response_object(model, reply, f"resp_mock_{n}",
-                                                 f"msg_mock_{n}", request=body))
+                                                 f"msg_mock_{n}", request=body, style=style))
     events = responses_events(model, reply, style=style, request=body)
     if opts.get("format") in ("crlf", "cr"):
         ending = b"\r\n" if opts["format"] == "crlf" else b"\r"

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ..request_info import ClientKey
+from .budget import Allowance, openai_duration
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,19 +44,6 @@ class Decision:
         return headers
 
 
-def openai_duration(seconds: float) -> str:
-    """OpenAI's reset format: ``1m30s``, ``6s``, ``120ms``."""
-    if seconds <= 0:
-        return "0s"
-    if seconds < 1:
-        return f"{max(1, math.ceil(seconds * 1000))}ms"
-    minutes, secs = divmod(seconds, 60)
-    if minutes >= 1:
-        whole = int(secs)
-        return f"{int(minutes)}m{whole}s" if whole else f"{int(minutes)}m"
-    return f"{secs:.3g}s" if secs != int(secs) else f"{int(secs)}s"
-
-
 class Limiter(Protocol):
     @property
     def backend_state(self) -> str:
@@ -75,6 +63,14 @@ class Limiter(Protocol):
 
     async def release(self, key: ClientKey, lease: str) -> None:
         """Give back a stream's lease: the stream ended, failed or its client left."""
+
+    async def reserve(self, key: ClientKey, tokens: int, ticks: int) -> Allowance:
+        """Take a request's worst case from the key's token and spend limits (``key.budget``),
+        all of it or none (``gateway/ratelimit/budget.py``)."""
+
+    async def settle(self, key: ClientKey, taken: Allowance, tokens: int, ticks: int
+                     ) -> Allowance:
+        """Add the truth minus the reservation (negative: a refund) to what ``taken`` took."""
 
     async def close(self) -> None:
         """Release connections and background tasks."""

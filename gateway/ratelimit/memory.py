@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from ..request_info import ClientKey
 from . import Decision
+from .budget import Allowance, BudgetBook
 
 _SWEEP_EVERY = 4096
 """Checks between two sweeps for idle buckets."""
@@ -26,8 +27,11 @@ class MemoryLimiter:
     async def ping(self) -> None:
         """Nothing to reach: the buckets are this process's own."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
+        self._wall_clock = wall_clock  # token and spend limits count UTC days and months
+        self._budgets = BudgetBook()
         self._buckets: dict[str, tuple[float, float]] = {}  # name -> (tokens, at)
         self._full_at: dict[str, float] = {}  # name -> when its bucket is full again
         self._streams: dict[str, set[str]] = {}
@@ -70,6 +74,16 @@ class MemoryLimiter:
             if not leases:
                 del self._streams[key.name]
 
+    async def reserve(self, key: ClientKey, tokens: int, ticks: int) -> Allowance:
+        assert key.budget is not None
+        return self._budgets.reserve(key.name, key.budget, tokens, ticks, self._wall_clock())
+
+    async def settle(self, key: ClientKey, taken: Allowance, tokens: int, ticks: int
+                     ) -> Allowance:
+        assert key.budget is not None
+        return self._budgets.settle(key.name, key.budget, tokens, ticks, self._wall_clock(),
+                                    taken)
+
     def _sweep(self, now: float) -> None:
         """Forget buckets that are full again: a missing bucket is a full one."""
         for name in [n for n, full_at in self._full_at.items() if full_at <= now]:
@@ -80,3 +94,4 @@ class MemoryLimiter:
         self._buckets.clear()
         self._full_at.clear()
         self._streams.clear()
+        self._budgets.clear()

@@ -28,6 +28,7 @@ from ..redis.topology import REDIS_ERRORS, RedisClient
 from ..request_info import ClientKey
 from ..settings import RedisSettings
 from . import Decision
+from .budget import Allowance, day_and_month, ticks, usd
 from .leases import HeldLeases
 from .memory import MemoryLimiter
 from .scripts import LimiterScripts
@@ -43,6 +44,26 @@ def key_names(prefix: str, name: str) -> tuple[str, str]:
     cover everything the gateway writes.
     """
     return f"{prefix}:{{{name}}}:bucket", f"{prefix}:{{{name}}}:streams"
+
+
+def budget_key(prefix: str, name: str) -> str:
+    """A client key's token and spend counts (``budget.lua``), in the slot of its bucket."""
+    return f"{prefix}:{{{name}}}:budget"
+
+
+async def spend_of(client: RedisClient, prefix: str, names: list[str]
+                   ) -> list[tuple[float, float]]:
+    """Each key's spend today and this month (UTC days of Redis time), in USD: ``keys list``."""
+    seconds, _ = await client.time()
+    day, month, _, _ = day_and_month(seconds)
+    spent = []
+    for name in names:
+        at_day, today, at_month, this_month = await client.hmget(
+            budget_key(prefix, name), "day", "day_usd", "mon", "mon_usd")
+        spent.append((usd(int(float(today))) if at_day and int(at_day) == day else 0.0,
+                      usd(int(float(this_month))) if at_month and int(at_month) == month
+                      else 0.0))
+    return spent
 
 
 class RedisLimiter:
@@ -129,6 +150,40 @@ class RedisLimiter:
                                      headers={"Retry-After": "1"})
         self.fallback_decisions += 1
         return await self._fallback.acquire(key, stream=stream)
+
+    async def reserve(self, key: ClientKey, tokens: int, ticks_: int) -> Allowance:
+        return await self._budget(key, "reserve", tokens, ticks_, None)
+
+    async def settle(self, key: ClientKey, taken: Allowance, tokens: int, ticks_: int
+                     ) -> Allowance:
+        return await self._budget(key, "settle", tokens, ticks_, taken)
+
+    async def _budget(self, key: ClientKey, mode: str, tokens: int, ticks_: int,
+                      taken: Allowance | None) -> Allowance:
+        """One budget.lua call, never sent twice (a reservation whose reply was lost may have
+        been taken); while Redis is down, the failure policy decides, as for a token."""
+        budget = key.budget
+        assert budget is not None
+        name = budget_key(self._settings.key_prefix, key.name)
+        if self._breaker.up_for(name):
+            try:
+                reply = await self._scripts.budget(
+                    name, mode, budget.tokens_per_minute, budget.tokens_per_day,
+                    ticks(budget.usd_per_day), ticks(budget.usd_per_month), tokens, ticks_,
+                    -1 if taken is None else taken.day, -1 if taken is None else taken.month)
+            except REDIS_ERRORS as exc:
+                self._breaker.failed(exc, name)
+            else:
+                return Allowance.from_reply(reply)
+        if self._settings.failure_policy == "fail_closed":
+            self.refused_unavailable += 1
+            raise ServiceUnavailable("Token limits are unavailable because the gateway cannot "
+                                     "reach Redis (failure_policy = fail_closed); retry shortly",
+                                     headers={"Retry-After": "1"})
+        self.fallback_decisions += 1
+        if taken is None:
+            return await self._fallback.reserve(key, tokens, ticks_)
+        return await self._fallback.settle(key, taken, tokens, ticks_)
 
     async def release(self, key: ClientKey, lease: str) -> None:
         streams = key_names(self._settings.key_prefix, key.name)[1]

@@ -1,4 +1,5 @@
-"""The limiter's Lua scripts in Redis (``token_bucket.lua``, ``renew_leases.lua``): package data,
+"""The limiter's Lua scripts in Redis (``token_bucket.lua``, ``renew_leases.lua``,
+``budget.lua``): package data,
 registered with ``register_script``, run by SHA through the batcher, and loaded again after
 ``NOSCRIPT`` (a ``SCRIPT FLUSH``, a Redis restart, a promoted replica) at the cost of one extra
 round trip, once.
@@ -42,6 +43,7 @@ class LimiterScripts:
         self._batch = batch
         self._take = client.register_script(_script("token_bucket.lua"))
         self._renew = client.register_script(_script("renew_leases.lua"))
+        self._budget = client.register_script(_script("budget.lua"))
         # (script, cluster primary) -> its latest SCRIPT LOAD: (its number, the load)
         self._reloading: dict[tuple[str, str | None], tuple[int, asyncio.Future[Any]]] = {}
         self._loads = 0  # SCRIPT LOADs started: a command notes it when it is sent
@@ -55,6 +57,10 @@ class LimiterScripts:
         """renew_leases.lua for one key (idempotent). EVALSHA as a plain command: redis-py
         refuses pipe.evalsha in a cluster pipeline."""
         return self._run(self._renew, 1, streams, lease_ms, *leases)
+
+    def budget(self, key: str, *args: Any) -> Awaitable[Any]:
+        """budget.lua for one key's budget hash (its ARGV: the script's header)."""
+        return self._run(self._budget, 1, key, *args)
 
     async def _run(self, script: Any, numkeys: int, key: str, *rest: Any) -> Any:
         sent = self._loads

@@ -64,6 +64,8 @@ MAX_CACHED = 10_000
 MAX_CACHED_UNKNOWN = 1_000
 """Unknown digests remembered at most, apart from the known keys; the oldest goes first."""
 
+_BUDGET = ("tokens_per_minute", "tokens_per_day", "usd_per_day", "usd_per_month")
+"""A key's token and spend limits, in its record only when set."""
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]{0,63}")
 
 
@@ -112,7 +114,8 @@ class StoredKey:
                                requests_per_minute=self.limits.requests_per_minute,
                                burst=self.limits.burst,
                                max_concurrent_streams=self.limits.max_concurrent_streams,
-                               models=self.models, sha256=self.sha256)
+                               models=self.models, budget=self.limits.budget,
+                               sha256=self.sha256)
 
     def record(self) -> bytes:
         return orjson.dumps({
@@ -120,6 +123,8 @@ class StoredKey:
             "requests_per_minute": self.limits.requests_per_minute,
             "burst": self.limits.burst,
             "max_concurrent_streams": self.limits.max_concurrent_streams,
+            **{name: getattr(self.limits, name) for name in _BUDGET
+               if getattr(self.limits, name)},
             "models": None if self.models is None else sorted(self.models),
             "created": self.created,
         })
@@ -150,6 +155,13 @@ class StoredKey:
             if not (_is_number(value) and isinstance(value, int) and 1 <= value <= MAX_INT):
                 raise fail(f"{count}: must be a whole number from 1 to {MAX_INT}, got "
                            + _shown(data, count))
+        for limit in _BUDGET:  # absent: no such limit (records written before they existed)
+            value = data.get(limit, 0)
+            if not (_is_number(value) and math.isfinite(value) and 0 <= value <= MAX_INT
+                    and (isinstance(value, int) or limit.startswith("usd"))):
+                raise fail(f"{limit}: must be a number from 0 to {MAX_INT}"
+                           f"{'' if limit.startswith('usd') else ' (whole)'}, got "
+                           + _shown(data, limit))
         models = data.get("models")
         if models is not None and not (isinstance(models, list)
                                        and all(isinstance(m, str) for m in models)):
@@ -159,7 +171,8 @@ class StoredKey:
             raise fail(f"created: must be a string, got {_shown(data, 'created')}")
         return cls(name=name, sha256=sha256,
                    limits=Limits(requests_per_minute=float(rpm), burst=data["burst"],
-                                 max_concurrent_streams=data["max_concurrent_streams"]),
+                                 max_concurrent_streams=data["max_concurrent_streams"],
+                                 **{limit: data.get(limit, 0) for limit in _BUDGET}),
                    models=None if models is None else frozenset(models), created=created)
 
 

@@ -24,6 +24,7 @@ class Kind(enum.IntEnum):
     TERMINAL = 2
     ERROR = 3
     OTHER = 4
+    HIDDEN = 5  # a chat usage chunk the client did not ask for (the gateway did): dropped
 
 
 def usage_of(obj: Any) -> dict[str, Any] | None:

@@ -14,6 +14,7 @@ from aiohttp import web
 from ..errors import SSE_HEADERS
 from ..inflight import InFlight
 from ..metrics import Metrics
+from ..ratelimit.spend import Spend
 from ..request_info import REQUEST_INFO
 from ..settings import Settings
 from ..upstream.client import UpstreamClient
@@ -59,15 +60,18 @@ class Proxy:
         return headers
 
     async def stream(self, request: web.Request, call: Awaitable[UpstreamResponse], *,
-                     dialect: Dialect = CHAT, rewrite: Rewrite | None = None
+                     dialect: Dialect = CHAT, rewrite: Rewrite | None = None,
+                     hide_usage: bool = False, spend: Spend | None = None
                      ) -> web.StreamResponse:
-        """Relay the upstream's event stream to the client (``gateway/stream/relay.py``)."""
+        """Relay the upstream's event stream to the client (``gateway/stream/relay.py``);
+        ``hide_usage``: drop the usage chunk the gateway asked for and the client did not."""
         info = request[REQUEST_INFO]
         settings = self.stream_settings
         renderer = StreamRenderer(dialect, rewrite=rewrite, secrets=self.secrets,
-                                  max_event_bytes=settings.max_event_bytes)
+                                  max_event_bytes=settings.max_event_bytes,
+                                  hide_usage=hide_usage)
         relay = StreamRelay(ClientStream(request), renderer, settings, info,
-                            {**SSE_HEADERS, **response_headers(info)}, self.secrets)
+                            {**SSE_HEADERS, **response_headers(info)}, self.secrets, spend)
         self.open_streams.inc()
         try:
             with self.in_flight.track_stream(relay, info.key):  # shutdown, revocation

@@ -46,9 +46,9 @@ from ..errors import (
     GatewayError,
     KeyRevoked,
     ShuttingDown,
-    UpstreamFailure,
     UpstreamProtocolError,
 )
+from ..ratelimit.spend import Spend
 from ..request_info import RequestInfo
 from ..settings import StreamSettings
 from ..upstream.http1 import UpstreamResponse
@@ -72,17 +72,19 @@ class State(enum.Enum):
 class StreamRelay:
     """One stream, built by ``Proxy.stream`` with everything it needs handed to it."""
 
-    __slots__ = ("client", "renderer", "settings", "info", "headers", "secrets", "state",
-                 "upstream", "ended", "upstream_end", "watchdog", "drainer", "last")
+    __slots__ = ("client", "renderer", "settings", "info", "headers", "secrets", "spend",
+                 "state", "upstream", "ended", "upstream_end", "watchdog", "drainer", "last")
 
     def __init__(self, client: ClientStream, renderer: StreamRenderer, settings: StreamSettings,
-                 info: RequestInfo, headers: dict[str, str], secrets: Secrets) -> None:
+                 info: RequestInfo, headers: dict[str, str], secrets: Secrets,
+                 spend: Spend | None = None) -> None:
         self.client = client
         self.renderer = renderer
         self.settings = settings
         self.info = info
         self.headers = headers  # the client's response headers
         self.secrets = secrets
+        self.spend = spend  # the key's token and spend limits, if it has any
         self.state = State.WAITING
         self.upstream: UpstreamResponse | None = None
         self.ended: asyncio.Future[BaseException | None] = asyncio.Future()
@@ -118,6 +120,8 @@ class StreamRelay:
             if not 200 <= upstream.status < 300:
                 raise await error_answer(upstream, self.settings.keepalive_seconds,
                                          self.secrets.text)
+            if self.spend is not None:
+                self.spend.answered = True
             if not client.opened:
                 # An answer already whole (a short one, in one read) goes out in one write
                 # with the head and the end of the response.
@@ -179,9 +183,11 @@ class StreamRelay:
         except Exception as e:  # noqa: BLE001
             self.finish(e)
 
-    def _send(self, out: bytes, done: bool, failure: UpstreamFailure | None) -> None:
+    def _send(self, out: bytes, done: bool, failure: GatewayError | None) -> None:
         if out and self.info.first_byte is None:
             self.info.first_byte = time.monotonic()
+        if self.spend is not None and self.spend.cut and failure is None and not done:
+            failure = self.spend.over(self.renderer.usage, self.renderer.events)
         if failure is not None or done:
             self.last = out  # written with the end of the response, in one write (``_close``)
             self.finish(failure)
@@ -232,6 +238,8 @@ class StreamRelay:
         """The last bytes for ``reason`` (``end_response``), then ``_release``."""
         self.state = State.FINISHING  # the watchdog's timer stops at its next tick
         try:
+            if reason is None and self.spend is not None:
+                self.last = await _settled(self.spend, self.renderer, self.info, self.last)
             # Given time to take the last bytes: a keep-alive interval.
             await end_response(self.client, self.renderer, self.info, self.last, reason,
                                self.settings.keepalive_seconds)
@@ -259,3 +267,13 @@ class StreamRelay:
         self.info.add_stream(self.renderer.events, self.renderer.bytes_out, self.renderer.usage)
         give_back(task, self.upstream, self.upstream_end if clean else None,
                   self.settings.keepalive_seconds)
+
+
+async def _settled(spend: Spend, renderer: StreamRenderer, info: RequestInfo, last: bytes
+                   ) -> bytes:
+    """The key's charge settled from the stream's usage, and ``last`` with what that leaves
+    told in a ``: usage`` comment: before ``[DONE]`` (chat), after ``response.completed``."""
+    # Shielded: a client that leaves now cancels the task, and the charge must settle.
+    after = await asyncio.shield(spend.settle(info, renderer.usage, renderer.events))
+    at = len(last) - (0 if renderer.dialect.responses_api else renderer.tail)
+    return last[:at] + spend.comment(info, after) + last[at:]

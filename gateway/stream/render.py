@@ -17,6 +17,9 @@ ERROR     an object with an ``error`` member (however its key was spelled), or a
           own error frame, its strings redacted (``stream_error``,
           ``gateway/upstream/errors.py``)
 OTHER     a comment (an upstream's keep-alive), or JSON that is not an object
+HIDDEN    a chat usage chunk (``choices: []``) of a stream whose client did not ask for
+          usage: the gateway asks on every chat stream (its token limits, its log), and
+          drops that chunk, noted as USAGE, unless the client asked too (``hide_usage``)
 ========  ============================================================================
 
 Events already in the one-line form pass as the very bytes the upstream sent; an event is
@@ -59,7 +62,7 @@ from ..errors import GatewayError, UpstreamFailure, UpstreamProtocolError, redac
 from ..upstream.errors import redact_strings, stream_error
 from ..upstream.secrets import NO_SECRETS, Secrets
 from .dialect import CHAT, Dialect, Kind
-from .sse import DONE, Event, Fields, SSEFramer, SSEProtocolError, encode_event
+from .sse import DONE, DONE_EVENT, Event, Fields, SSEFramer, SSEProtocolError, encode_event
 from .usage import KEPT_USAGE_BYTES, UsageTracker
 
 Rewrite = Callable[[Any], Any]
@@ -74,11 +77,11 @@ class StreamRenderer(UsageTracker):
     token ``usage`` among them, kept by ``UsageTracker``)."""
 
     __slots__ = ("framer", "rewrite", "secrets", "probes", "long_read", "escapable", "clean",
-                 "fast", "events", "seq", "bytes_out")
+                 "fast", "hide_usage", "events", "seq", "bytes_out", "tail")
 
     def __init__(self, dialect: Dialect = CHAT, *, rewrite: Rewrite | None = None,
                  secrets: Secrets = NO_SECRETS, max_event_bytes: int = 4 * 1024 * 1024,
-                 fast: bool = True) -> None:
+                 fast: bool = True, hide_usage: bool = False) -> None:
         super().__init__(dialect)
         self.framer = SSEFramer(max_event_bytes)
         self.rewrite = rewrite
@@ -89,9 +92,11 @@ class StreamRenderer(UsageTracker):
         self.clean: bytes | None = None  # a chunk's head known to hold no secret (``_head``)
         # The region shortcut: chat, no alias. ``fast=False`` is the reference that parses all.
         self.fast = fast and rewrite is None and not dialect.responses_api
+        self.hide_usage = hide_usage
         self.events = 0  # events sent, the terminal one included
         self.seq = 0  # data events sent: a Responses error event continues their numbering
         self.bytes_out = 0
+        self.tail = 0  # the bytes of the terminal event, at the end of the last output
 
     def feed(self, chunk: bytes) -> Rendered:
         """One upstream read."""
@@ -150,6 +155,14 @@ class StreamRenderer(UsageTracker):
         n = len(payloads)
         done = payloads[-1] == DONE
         k = n - 1 if done else n  # events before [DONE]
+        hidden = None
+        if self.hide_usage and k and b'"usage"' in payloads[k - 1]:
+            # The usage chunk the gateway asked for, last before [DONE] as upstreams send it:
+            # taken out here, so that the rest of its read stays on this path.
+            rest = self._without_asked_usage(region, payloads, done)
+            if rest is None:
+                return None
+            (region, hidden), n, k = rest, n - 1, k - 1
         if k:
             if b'"error"' in region or (b"\\" in region and (
                     b"\\u" in region or self.escapable)):
@@ -162,16 +175,21 @@ class StreamRenderer(UsageTracker):
                 if self.secrets.near_probes(region, self.clean):  # the rest of the test
                     return None
             if k == 1:  # the common read of a paced stream: one parse validates and reads
-                carries = _one_json_value(payloads[0], b'"usage"' in region)
-                if carries is _UNDECIDED:
-                    return None
+                spells = b'"usage"' in region
+                carries = _one_json_value(payloads[0], spells)
+                if carries is _UNDECIDED or (spells and self.hide_usage):
+                    return None  # (hidden or not: the exact path decides)
                 if carries and len(payloads[0]) <= KEPT_USAGE_BYTES:
                     self._usage_payload = payloads[0]
                 elif carries:  # not kept: a long one would double what a stream may hold
                     self._note_usage_in(payloads[0])
-            elif not _each_one_json_value(payloads, k) or (
-                    b'"usage"' in region and not self._usage_in(payloads, k)):
+            elif not _each_one_json_value(payloads, k) or (b'"usage"' in region and (
+                    self.hide_usage or not self._usage_in(payloads, k))):
                 return None
+        if hidden is not None:
+            self._note_usage(hidden)
+        if done:
+            self.tail = len(DONE_EVENT)
         self.seq += k
         self.events += n
         self.bytes_out += len(region)
@@ -194,10 +212,11 @@ class StreamRenderer(UsageTracker):
                 break
             parts.append(out)
             unchanged += out is ev.raw
-            if kind is Kind.OTHER and ev.data is None:
-                continue  # a comment: not an event of the API's
+            if (kind is Kind.OTHER and ev.data is None) or kind is Kind.HIDDEN:
+                continue  # a comment or a dropped usage chunk: not an event of the API's
             self.events += 1
             if kind is Kind.TERMINAL:
+                self.tail = len(out)
                 done = True
                 break
             self.seq += 1
@@ -235,31 +254,35 @@ class StreamRenderer(UsageTracker):
             raise stream_error(obj if inner is None else inner, self.secrets.text)
         if kind is Kind.USAGE or kind is Kind.TERMINAL:
             self._note_usage(obj)
+            if self.hide_usage and obj.get("choices") == [] and kind is Kind.USAGE:
+                return b"", Kind.HIDDEN
         try:
-            return self._reencoded(ev, obj, kind), kind
+            return _reencoded(ev, obj, kind, self.rewrite, self.secrets), kind
         except (TypeError, RecursionError):  # orjson writes 254 levels; the reader takes 1024
             raise UpstreamProtocolError(
                 "The upstream stream was malformed: an event nested too deeply") from None
 
-    def _reencoded(self, ev: Event, obj: Any, kind: Kind) -> bytes:
-        """The event's bytes: as they came, unless an alias or a secret must change them. Every
-        line of the event is looked at, not only its data (``_outside_data``)."""
-        changed = False
-        fields: Fields | None = None
-        if self.rewrite is not None and isinstance(obj, dict):
-            self.rewrite(obj)
-            changed = True
-        held = bool(self.probes) and self.secrets.may_hold(ev.raw, obj)
-        if held or (kind is Kind.TERMINAL and obj.get("type") == "response.failed"):
-            clean = redact_strings(obj, self.secrets.text)
-            changed = changed or clean != obj
-            obj = clean
-        if held:
-            fields, outside = _outside_data(ev, self.secrets.text)
-            changed = changed or outside
-        if changed:
-            return encode_event(ev, obj, fields)
-        return ev.raw if ev.verbatim else encode_event(ev, obj)
+
+def _reencoded(ev: Event, obj: Any, kind: Kind, rewrite: Rewrite | None, secrets: Secrets
+               ) -> bytes:
+    """The event's bytes: as they came, unless an alias or a secret must change them. Every
+    line of the event is looked at, not only its data (``_outside_data``)."""
+    changed = False
+    fields: Fields | None = None
+    if rewrite is not None and isinstance(obj, dict):
+        rewrite(obj)
+        changed = True
+    held = bool(secrets.probes) and secrets.may_hold(ev.raw, obj)
+    if held or (kind is Kind.TERMINAL and obj.get("type") == "response.failed"):
+        clean = redact_strings(obj, secrets.text)
+        changed = changed or clean != obj
+        obj = clean
+    if held:
+        fields, outside = _outside_data(ev, secrets.text)
+        changed = changed or outside
+    if changed:
+        return encode_event(ev, obj, fields)
+    return ev.raw if ev.verbatim else encode_event(ev, obj)
 
 
 def _head(payload: bytes, secrets: Secrets) -> bytes:

@@ -25,6 +25,8 @@ from typing import Any
 import orjson
 
 DONE = b"[DONE]"
+DONE_EVENT = b"data: [DONE]\n\n"
+"""The terminal event as upstreams send it, in the one-line form."""
 KEEPALIVE = b": keep-alive\n"
 """A comment line with no blank line after it: it keeps proxies awake but dispatches no event."""
 

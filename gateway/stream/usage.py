@@ -15,7 +15,8 @@ from typing import Any
 
 import orjson
 
-from .dialect import Dialect
+from .dialect import Dialect, Kind
+from .sse import DONE_EVENT
 
 KEPT_USAGE_BYTES = 64 * 1024
 """A payload that carries usage is kept to be parsed later up to this size, which is far past an
@@ -68,3 +69,21 @@ class UsageTracker:
             self._usage, self._usage_payload = usage, None
             return True
         return False
+
+    def _without_asked_usage(self, region: bytes, payloads: list[bytes], done: bool
+                             ) -> tuple[bytes, Any] | None:
+        """``region`` without its last event before ``[DONE]`` when that is a usage chunk to
+        drop, as the exact path decides it (one JSON object, no error, ``choices: []``, a
+        usage), taken out of ``payloads``, and the chunk (its usage is to be noted if the
+        region is sent); None when it is not."""
+        k = len(payloads) - done
+        payload = payloads[k - 1]
+        try:
+            obj = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return None
+        if self.dialect.classify(obj) is not Kind.USAGE or obj.get("choices") != []:
+            return None
+        del payloads[k - 1]
+        end = len(region) - (len(DONE_EVENT) if done else 0)
+        return region[:end - len(payload) - len(b"data: \n\n")] + region[end:], obj

@@ -41,8 +41,17 @@ lines = st.sampled_from([f": debug auth={p}\n" for p in (SECRET, *PARTS)] +
 usage = st.builds(lambda n: {"prompt_tokens": n, "completion_tokens": n, "total_tokens": 2 * n},
                   st.integers(0, 99))
 
+def usage_chunk(u: Any) -> bytes:
+    """The last chunk of a stream that asked for usage (``include_usage``)."""
+    return b"data: " + orjson.dumps({"id": "c1", "object": "chat.completion.chunk",
+                                     "choices": [], "usage": u}) + b"\n\n"
+
+
 chat_events = st.one_of(
     texts.map(chunk),
+    usage.map(usage_chunk),
+    st.sampled_from([usage_chunk({}), usage_chunk(None), usage_chunk({"total_tokens": 3})[:-3]
+                     + b', "usage": {"total_tokens": 4}}\n\n']),
     st.builds(lambda t, u: chunk(t, usage=u), texts, usage),
     st.builds(lambda t: chunk(t, usage=None), texts),
     st.sampled_from([
@@ -110,7 +119,7 @@ def outcome(renderer: StreamRenderer, pieces: list[bytes]) -> tuple[Any, ...]:
         out += sent
     frame = renderer.error_frame(failure) if failure else None
     return (out, done, frame, renderer.events, renderer.seq, renderer.bytes_out,
-            renderer.usage)
+            renderer.usage, renderer.tail)
 
 
 def split(data: bytes, cuts: list[int]) -> list[bytes]:
@@ -118,11 +127,13 @@ def split(data: bytes, cuts: list[int]) -> list[bytes]:
     return [data[a:b] for a, b in zip(points, points[1:], strict=False)]
 
 
-def check(dialect: Dialect, events: list[bytes], cuts: list[int], newline: bytes = b"\n"
-          ) -> None:
+def check(dialect: Dialect, events: list[bytes], cuts: list[int], newline: bytes = b"\n",
+          hide_usage: bool = False) -> None:
     data = b"".join(events).replace(b"\n", newline)
-    reference = outcome(StreamRenderer(dialect, secrets=Secrets.of(SECRET), fast=False), [data])
-    got = outcome(StreamRenderer(dialect, secrets=Secrets.of(SECRET)), split(data, cuts))
+    reference = outcome(StreamRenderer(dialect, secrets=Secrets.of(SECRET), fast=False,
+                                       hide_usage=hide_usage), [data])
+    got = outcome(StreamRenderer(dialect, secrets=Secrets.of(SECRET), hide_usage=hide_usage),
+                  split(data, cuts))
     assert got == reference
     for sent in (got[0], got[2] or b""):  # the key, as a client's parser reads it
         for text in (sent.decode("utf-8", "replace"), sent.decode("unicode_escape", "replace")):
@@ -132,10 +143,12 @@ def check(dialect: Dialect, events: list[bytes], cuts: list[int], newline: bytes
 @settings(max_examples=600, deadline=None)
 @given(events=st.lists(chat_events, min_size=1, max_size=12),
        cuts=st.lists(st.integers(0, 4000), max_size=10),
-       newline=st.sampled_from([b"\n", b"\n", b"\r\n", b"\r"]))
+       newline=st.sampled_from([b"\n", b"\n", b"\r\n", b"\r"]), hide_usage=st.booleans())
 def test_any_split_of_any_chat_stream_gives_the_bytes_of_the_reference_that_parses_all(
-        events: list[bytes], cuts: list[int], newline: bytes) -> None:
-    check(CHAT, events, cuts, newline)
+        events: list[bytes], cuts: list[int], newline: bytes, hide_usage: bool) -> None:
+    """Also for a stream whose client did not ask for usage: the reference drops the usage
+    chunk (``choices: []``) the gateway asked for, and so must every split."""
+    check(CHAT, events, cuts, newline, hide_usage)
 
 
 @settings(max_examples=300, deadline=None)
@@ -155,3 +168,17 @@ def test_a_clean_burst_in_one_read_passes_as_the_very_same_bytes(
     out, done, failure = renderer.feed(data)
     assert out is data  # not a copy: the region goes out as it came
     assert done and failure is None and renderer.usage == with_usage
+
+
+@settings(max_examples=200, deadline=None)
+@given(events=st.lists(texts.map(chunk), min_size=1, max_size=30), with_usage=usage)
+def test_a_clean_burst_loses_its_unasked_usage_chunk_and_nothing_else(
+        events: list[bytes], with_usage: dict[str, int]) -> None:
+    """The read a stream ends with, as upstreams send it when asked for usage: the gateway
+    asked, the client did not; it gets every other byte, and the usage is still counted."""
+    data = b"".join(events) + usage_chunk(with_usage) + b"data: [DONE]\n\n"
+    renderer = StreamRenderer(CHAT, hide_usage=True)
+    out, done, failure = renderer.feed(data)
+    assert out == b"".join(events) + b"data: [DONE]\n\n"
+    assert done and failure is None and renderer.usage == with_usage
+    assert renderer.tail == len(b"data: [DONE]\n\n") and renderer.events == len(events) + 1
