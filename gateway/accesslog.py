@@ -28,6 +28,7 @@ it). Fields:
 ``outcome``         completed, client_disconnect, upstream_error, timeout, shutdown,
                     refused (429) or error
 ``error``           the error code the client received (status or stream frame), if any
+``upstream``        the name of the upstream that answered (the last one tried), if any
 ==================  =============================================================
 """
 
@@ -96,6 +97,7 @@ def log_request(info: RequestInfo) -> None:
         "usage": None if info.usage is None else _token_counts(info.usage),
         "outcome": info.outcome,
         "error": _bounded(info.error),
+        "upstream": info.upstream,
     }).decode())
 
 

@@ -51,6 +51,7 @@ class RequestInfo:
     error: str | None = None  # the error code the client was sent (status or frame), if any
     upstream_error: str | None = None  # UpstreamFailure.kind when the upstream caused it
     limit_headers: dict[str, str] = field(default_factory=dict)
+    upstream: str | None = None  # the upstream's name (the last one tried), never its URL
 
     def note_error(self, err: GatewayError) -> None:
         """What the client was told and why. An outcome already decided (a shutdown, a
