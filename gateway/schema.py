@@ -70,6 +70,8 @@ def settings_from(data: Mapping[str, Any]) -> Settings:
     _check(upstream.eject_after_failures >= 1, "upstream.eject_after_failures",
            "must be at least 1")
     _check(upstream.eject_seconds > 0, "upstream.eject_seconds", "must be positive")
+    _check(upstream.headers_timeout_seconds >= 0, "upstream.headers_timeout_seconds",
+           "must not be negative (0: no timeout of its own)")
     _check(len({h.lower() for h in upstream.forward_headers}) == len(upstream.forward_headers),
            "upstream.forward_headers", "names a header twice (names ignore case)")
     for header in upstream.forward_headers:

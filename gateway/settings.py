@@ -87,6 +87,11 @@ class UpstreamSettings:
     max_failovers: int = 2
     eject_after_failures: int = 3
     eject_seconds: float = 30.0
+    # With several upstreams: a try whose response headers have not come within this many
+    # seconds moves to the next upstream (0: never; a plain answer's headers come only once it
+    # is whole, so set it above the slowest plain answer). [stream] first_byte_timeout_seconds
+    # still bounds the whole wait.
+    headers_timeout_seconds: float = 0.0
 
     @property
     def is_mock(self) -> bool:

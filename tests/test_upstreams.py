@@ -378,3 +378,19 @@ async def test_the_access_log_names_the_upstream_that_answered(
     assert [line["upstream"] for line in lines] == ["b"]
 
 
+
+
+async def test_a_try_silent_past_the_headers_timeout_moves_to_the_next_upstream(
+        mocks: dict[str, Upstream], start_gateway: Any) -> None:
+    mocks["a"].state.forced = {"headers_delay": 30}
+    _, base = await start_gateway(multi({"a": mocks["a"].url, "b": mocks["b"].url},
+                                        upstream={"headers_timeout_seconds": 0.3},
+                                        a={"weight": 100}))
+    async with aiohttp.ClientSession() as s:
+        status, answer, _r = await plain(s, base)
+        stream_status, events = await streamed(s, base, "chat/completions",
+                                               chat_body(stream=True))
+    assert status == 200 and answered_by(answer) == "b"
+    assert stream_status == 200 and chat_text(events).startswith("b: ")
+    assert await metric(s, base, "gateway_upstream_requests_total", upstream="a",
+                        outcome="timeout") == 2

@@ -6,7 +6,8 @@ request to several is an ``Attempts``: awaited, it is the answer of the first up
 gives one (``gateway/upstream/router.py`` says in which order), having moved on, at most
 ``[upstream] max_failovers`` times, past
 
-- a connect failure, a timeout before the headers, an answer that is not HTTP;
+- a connect failure, a timeout before the headers (``[stream] connect_timeout_seconds``, and
+  ``[upstream] headers_timeout_seconds`` when set), an answer that is not HTTP;
 - a 5xx, or a 429 (which rests that upstream: ``gateway/upstream/health.py``).
 
 Any other status is the answer, a 4xx included (the client's mistake stays its own), and so is
@@ -22,6 +23,7 @@ then failed before any output counts as a failure).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -92,6 +94,7 @@ class UpstreamSet:
                              for entry, client in clients)
         self.by_name = {m.name: m for m in self.members}
         self.max_failovers = up.max_failovers
+        self.headers_timeout = up.headers_timeout_seconds
         self.counters = counters
         self.clock = clock
         # One upstream: its client, called directly, as before there were several.
@@ -190,13 +193,24 @@ class Attempts:
         else:
             self._abandon()
 
-    async def _call(self, member: Member | None) -> UpstreamResponse:
+    async def _send(self, member: Member) -> UpstreamResponse:
         method, path, body, headers = self.request
+        seconds = self.upstreams.headers_timeout
+        if not seconds:
+            return await member.client.request(method, path, body=body, headers=headers)
+        try:
+            async with asyncio.timeout(seconds):
+                return await member.client.request(method, path, body=body, headers=headers)
+        except TimeoutError:
+            raise UpstreamTimeout(f"The upstream did not answer within {seconds:g} "
+                                  f"seconds") from None
+
+    async def _call(self, member: Member | None) -> UpstreamResponse:
         if member is None:
             member = self._first()
         while True:
             try:
-                response = await member.client.request(method, path, body=body, headers=headers)
+                response = await self._send(member)
             except (UpstreamUnreachable, UpstreamTimeout, UpstreamProtocolError) as e:
                 following = self._failed(e.kind or "error")
                 if following is None:
