@@ -15,6 +15,7 @@ import aiohttp
 import orjson
 import pytest
 
+from gateway.appkeys import PROXY
 from gateway.mock.ports import free_port
 from gateway.mock.upstream import run_mock_upstream
 from gateway.schema import settings_from
@@ -22,6 +23,7 @@ from gateway.settings import Settings
 
 from clients import AUTH, async_sdk, chat_body, scrape, sse_events, value
 from conftest import KEY, OTHER_KEY, Upstream
+from servers import wait_until_async
 
 OPERATOR_KEYS = {"a": "xai-operator-key-of-a-0001", "b": "xai-operator-key-of-b-0002",
                  "dead": "xai-operator-key-dead-0003"}
@@ -304,8 +306,9 @@ async def test_max_concurrent_spills_over_to_the_next_upstream(
             assert b'"a: ' in first  # a holds its one open request
             status, answer, _r = await plain(s, base)
             assert status == 200 and answered_by(answer) == "b"
-        # The held stream is let go (the client left): a takes requests again.
-        await asyncio.sleep(0.2)
+        # The client left the held stream: its upstream request ends, and a takes requests again.
+        await wait_until_async(lambda: mocks["a"].state.disconnects == 1, 5,
+                               "the upstream saw the request end")
         assert answered_by((await plain(s, base))[1]) == "a"
 
 
@@ -394,3 +397,19 @@ async def test_a_try_silent_past_the_headers_timeout_moves_to_the_next_upstream(
     assert stream_status == 200 and chat_text(events).startswith("b: ")
     assert await metric(s, base, "gateway_upstream_requests_total", upstream="a",
                         outcome="timeout") == 2
+
+
+async def test_a_pinned_request_goes_where_it_is_pinned_and_never_moves(
+        mocks: dict[str, Upstream], start_gateway: Any) -> None:
+    """``Proxy.pinned`` is where a continuation's upstream is named (the response record)."""
+    mocks["b"].state.forced = {"status": 500}
+    app, base = await start_gateway(multi({"a": mocks["a"].url, "b": mocks["b"].url},
+                                          a={"weight": 100}))
+    app[PROXY].pinned = lambda body: "b"  # type: ignore[method-assign]
+    async with aiohttp.ClientSession() as s:
+        status, _answer, _r = await plain(s, base)
+        stream_status, _events = await streamed(s, base, "responses",
+                                                {"model": "grok-4", "input": "hi",
+                                                 "stream": True})
+    assert status == stream_status == 500
+    assert posts(mocks["a"]) == 0 and posts(mocks["b"]) == 2

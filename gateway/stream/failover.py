@@ -19,7 +19,8 @@ does no more work per read than before.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Coroutine
+from typing import Any
 
 from aiohttp import web
 
@@ -43,7 +44,7 @@ class FailoverRelay(StreamRelay):
         super().__init__(*args)  # type: ignore[arg-type]
         self.tries = tries
         self.current: asyncio.Future[UpstreamResponse] | None = None
-        self.following: Awaitable[UpstreamResponse] | None = None
+        self.following: Coroutine[Any, Any, UpstreamResponse] | None = None
         self.pending: BaseException | None | bool = False  # a finish() while moving
 
     async def _relay(self, task: asyncio.Future[UpstreamResponse]) -> BaseException | None:
@@ -110,5 +111,8 @@ class FailoverRelay(StreamRelay):
         return await super()._close(reason, self.current or task)
 
     def _release(self, task: asyncio.Future[UpstreamResponse], clean: bool) -> None:
+        if self.following is not None:  # the client left as the stream moved: never started
+            self.following.close()
+            self.following = None
         self.tries.settle(None)  # the client left: judged by what the upstream did so far
         super()._release(self.current or task, clean)

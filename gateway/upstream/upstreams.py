@@ -27,7 +27,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Generator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import (
@@ -174,7 +174,7 @@ class Attempts:
         """Whether a failure may still move the request (the stream holds its preamble then)."""
         return self.pinned is None and self.upstreams.max_failovers > 0
 
-    def again(self) -> Awaitable[UpstreamResponse] | None:
+    def again(self) -> Coroutine[Any, Any, UpstreamResponse] | None:
         """The stream failed after its headers, before any output: the next upstream's answer,
         or None when there is none to try (the failure is then the client's answer)."""
         self.answered = False
