@@ -8,6 +8,7 @@ The choice's rules on their own (weights, affinity, health) are in ``test_upstre
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,8 +19,12 @@ import pytest
 from gateway.appkeys import PROXY
 from gateway.mock.ports import free_port
 from gateway.mock.upstream import run_mock_upstream
+from gateway.request_info import RequestInfo
 from gateway.schema import settings_from
 from gateway.settings import Settings
+from gateway.stream.relay import StreamRelay
+from gateway.stream.render import StreamRenderer
+from gateway.upstream.upstreams import Attempts
 
 from clients import AUTH, async_sdk, chat_body, scrape, sse_events, value
 from conftest import KEY, OTHER_KEY, Upstream
@@ -413,3 +418,31 @@ async def test_a_pinned_request_goes_where_it_is_pinned_and_never_moves(
                                                  "stream": True})
     assert status == stream_status == 500
     assert posts(mocks["a"]) == 0 and posts(mocks["b"]) == 2
+
+
+async def test_a_moved_request_is_freed_the_moment_it_ends(
+        mocks: dict[str, Upstream], start_gateway: Any) -> None:
+    """No reference cycle of the failover's own keeps a request alive for the garbage collector
+    (as ``guarantees/test_freed_at_once.py`` holds for one upstream)."""
+    mocks["a"].state.forced = {"error_after": 0}
+    _, base = await start_gateway(multi({"dead": dead_url(), "a": mocks["a"].url,
+                                         "b": mocks["b"].url}, dead={"weight": 100},
+                                        a={"weight": 10}, upstream={"eject_after_failures": 99}))
+    bodies = [("chat/completions", chat_body(stream=True)),
+              ("chat/completions", chat_body(stream=False)),
+              ("responses", {"model": "grok-4", "input": "hi", "stream": True})]
+    async with aiohttp.ClientSession() as s:
+        for path, body in bodies:  # warmed up: connections, caches
+            assert (await streamed(s, base, path, body))[0] == 200
+        gc.collect()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            for path, body in bodies:
+                assert (await streamed(s, base, path, body))[0] == 200
+            gc.collect()
+            left = [type(o).__name__ for o in gc.garbage
+                    if isinstance(o, (StreamRelay, StreamRenderer, Attempts, RequestInfo))]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+    assert left == []

@@ -90,6 +90,10 @@ class FailoverRelay(StreamRelay):
 
     def _send(self, out: bytes, done: bool, failure: UpstreamFailure | None) -> None:
         if (failure is not None or (done and self.renderer.early)) and self._moved():
+            if failure is not None:
+                # Its trace's frames (the renderer's) hold the failure: a cycle, as ``finish``
+                # says, that only the collector would free.
+                failure.with_traceback(None)
             return
         super()._send(out, done, failure)
 
