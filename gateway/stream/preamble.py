@@ -88,4 +88,3 @@ def _type(ev: Event) -> Any:
     except orjson.JSONDecodeError:
         return None
     return obj.get("type") if isinstance(obj, dict) else None
-

@@ -300,4 +300,3 @@ class Attempts:
         if self.member is not None and not self.judged:
             self.judged = True
             self.member.health.abandon()
-
