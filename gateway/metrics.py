@@ -135,8 +135,10 @@ class Metrics:
             multiprocess_mode="livesum", registry=r)
         self.upstream_requests = Counter(
             "gateway_upstream_requests", "Tries sent to each upstream (with several), by "
-            "outcome: ok, client_error (a 4xx), rate_limited (429), error_status (5xx), "
-            "unreachable, timeout, bad_stream (broken, or failed before its first output).",
+            "outcome: ok, client_error (another status: the request's own), rate_limited "
+            "(429), error_status (5xx), unreachable, timeout, bad_stream (broken, or failed "
+            "before its first output), error (an error event in a stream), status (a stream "
+            "that ended with the upstream's error status).",
             ("upstream", "outcome"), registry=r)
         self.upstream_failovers = Counter(
             "gateway_upstream_failovers", "Requests moved from this upstream to another before "

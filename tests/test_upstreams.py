@@ -409,7 +409,7 @@ async def test_a_pinned_request_goes_where_it_is_pinned_and_never_moves(
     mocks["b"].state.forced = {"status": 500}
     app, base = await start_gateway(multi({"a": mocks["a"].url, "b": mocks["b"].url},
                                           a={"weight": 100}))
-    app[PROXY].pinned = lambda body: "b"  # type: ignore[method-assign]
+    app[PROXY].pinned = lambda request, body: "b"  # type: ignore[method-assign]
     async with aiohttp.ClientSession() as s:
         status, _answer, _r = await plain(s, base)
         stream_status, _events = await streamed(s, base, "responses",

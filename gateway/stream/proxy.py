@@ -67,11 +67,13 @@ class Proxy:
             info, "POST", path, orjson.dumps(body), headers,
             model=model if isinstance(model, str) else None,
             affinity=key if isinstance(key, str) and key else None,
-            pinned=self.pinned(body))
+            pinned=self.pinned(request, body))
 
-    def pinned(self, body: dict[str, Any]) -> str | None:
+    def pinned(self, request: web.Request, body: dict[str, Any]) -> str | None:
         """The upstream a request must go to, and stay on: where the response it continues
-        (``previous_response_id``) was made. The seam for the response record (issue 27)."""
+        (``previous_response_id``) was made, by its name. The seam for the response record
+        (issue 27); a lookup that must be awaited runs in the handler, before ``model_call``,
+        and its answer is read here from the request."""
         return None
 
     def get(self, request: web.Request, path: str) -> Awaitable[UpstreamResponse]:
