@@ -31,6 +31,7 @@ it). Fields:
 ``outcome``         completed, client_disconnect, upstream_error, timeout, shutdown,
                     refused (429) or error
 ``error``           the error code the client received (status or stream frame), if any
+``upstream``        the name of the upstream that answered (the last one tried), if any
 ==================  =============================================================
 """
 
@@ -101,6 +102,7 @@ def log_request(info: RequestInfo) -> None:
             "tokens": info.charge.tokens, "usd": round(info.charge.ticks / 10**10, 10)},
         "outcome": info.outcome,
         "error": _bounded(info.error),
+        "upstream": info.upstream,
     }).decode())
 
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 
 from aiohttp import web
 
@@ -18,7 +19,7 @@ from .appkeys import (
     MODEL_CATALOG,
     PROXY,
     SETTINGS,
-    UPSTREAM,
+    UPSTREAMS,
 )
 from .auth import AuthFailureThrottle, ConfigKeyStore
 from .catalog import ModelCatalog
@@ -32,9 +33,10 @@ from .ratelimit.memory import MemoryLimiter
 from .ratelimit.redis import RedisLimiter
 from .redis.keystore import RedisKeyStore
 from .redis.lifecycle import open_redis
-from .settings import Settings
+from .settings import Settings, UpstreamEntry
 from .stream.proxy import Proxy
 from .upstream.client import UpstreamClient
+from .upstream.upstreams import UpstreamSet
 
 log = logging.getLogger("gateway")
 
@@ -78,31 +80,36 @@ def create_app(settings: Settings, environ: Mapping[str, str] | None = None) -> 
 async def _upstream_ctx(app: web.Application, environ: Mapping[str, str]
                         ) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    if settings.upstream.is_mock:
+    if settings.uses_mock:
         # Imported here: a gateway with a real upstream never loads the mock.
         from .mock.upstream import run_mock_upstream
 
         async with run_mock_upstream() as (_, url):
             log.warning("upstream: the built-in mock at %s (set [upstream] url for a real one)",
                         url)
-            async with _client(app, url, "mock-upstream-key"):
+            entry = dataclasses.replace(settings.upstream_entries[0], url=url)
+            async with _upstreams(app, [(entry, "mock-upstream-key")]):
                 yield
     else:
-        async with _client(app, settings.upstream.url, settings.upstream_api_key(environ)):
+        async with _upstreams(app, [(entry, entry.key(environ))
+                                    for entry in settings.upstream_entries]):
             yield
 
 
 @contextlib.asynccontextmanager
-async def _client(app: web.Application, url: str, key: str) -> AsyncIterator[None]:
-    """The app's one UpstreamClient, open for the app's whole life."""
-    client = UpstreamClient(app[SETTINGS], url, key)
-    await client.start()
-    app[UPSTREAM] = client
-    app[PROXY] = Proxy(client, app[SETTINGS], app[IN_FLIGHT], app[METRICS])
+async def _upstreams(app: web.Application, entries: Sequence[tuple[UpstreamEntry, str]]
+                     ) -> AsyncIterator[None]:
+    """The app's upstreams, a client each (url and key), open for the app's whole life."""
+    settings = app[SETTINGS]
+    upstreams = UpstreamSet(settings, [(entry, UpstreamClient(settings, entry.url, key))
+                                       for entry, key in entries], app[METRICS])
+    await upstreams.start()
+    app[UPSTREAMS] = upstreams
+    app[PROXY] = Proxy(upstreams, settings, app[IN_FLIGHT], app[METRICS])
     try:
         yield
     finally:
-        await client.close()
+        await upstreams.close()
 
 
 async def _limiter_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -17,12 +17,12 @@ if TYPE_CHECKING:
     from .ratelimit import Limiter
     from .readiness import UpstreamProbe
     from .stream.proxy import Proxy
-    from .upstream.client import UpstreamClient
+    from .upstream.upstreams import UpstreamSet
 
 # Typed by annotation: the classes are imported for type checkers only, so that this module
 # stays free of import cycles.
 SETTINGS = web.AppKey("settings", Settings)
-UPSTREAM: web.AppKey[UpstreamClient] = web.AppKey("upstream")
+UPSTREAMS: web.AppKey[UpstreamSet] = web.AppKey("upstreams")
 KEYSTORE: web.AppKey[KeyStore] = web.AppKey("keystore")
 AUTH_FAILURES: web.AppKey[AuthFailureThrottle] = web.AppKey("auth_failures")
 LIMITER: web.AppKey[Limiter] = web.AppKey("limiter")

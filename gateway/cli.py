@@ -67,10 +67,16 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def mock_upstream(args: argparse.Namespace) -> int:
-    from .mock.upstream import BACKLOG, create_mock_app
+    from .mock.upstream import BACKLOG, MOCK_STATE, create_mock_app
 
     _use_uvloop()
-    web.run_app(create_mock_app(args.style), host=args.host, port=args.port,
+    app = create_mock_app(args.style, name=args.name)
+    if args.fail_status:
+        forced: dict[str, object] = {"status": args.fail_status}
+        if args.retry_after is not None:
+            forced["error_headers"] = {"Retry-After": str(args.retry_after)}
+        app[MOCK_STATE].forced = forced
+    web.run_app(app, host=args.host, port=args.port,
                 handler_cancellation=True, backlog=BACKLOG, access_log=None,
                 print=lambda msg: log.info("mock upstream (%s) on http://%s:%d/v1", args.style,
                                            args.host, args.port))
@@ -257,6 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--style", choices=("xai", "openai"), default="xai",
                    help="the dialect it speaks unless a request's mock options say otherwise: "
                         "xAI's (each tool call whole, xAI's error body) or OpenAI's")
+    p.add_argument("--name", help="say this name in every answer (an x-mock-upstream header, "
+                                  "and the default text starts with it): which of several "
+                                  "upstreams answered")
+    p.add_argument("--fail-status", type=int, help="answer every POST with this error status")
+    p.add_argument("--retry-after", type=int, help="with --fail-status: a Retry-After header")
     p.set_defaults(func=mock_upstream)
     p = sub.add_parser("keys", help="add, list or revoke client keys kept in Redis")
     p.add_argument("--config", help="TOML settings file; its [redis] says where the keys are")

@@ -29,7 +29,7 @@ def load_settings(path: str | None, environ: Mapping[str, str] | None = None) ->
             raise ConfigError("--config", f"{path} is not valid TOML: {e}") from None
     data = _apply_environment(data, environ)
     settings = settings_from(data)
-    if not settings.upstream.url_given:
+    if not settings.upstream.url_given and not settings.upstreams:
         # The built-in mock only for the embedded default: no file, no GATEWAY_* setting and no
         # key. A deployment that forgot its key must not answer clients from the mock with 200s;
         # it gets xAI, and ``check_upstream_key`` stops ``gateway serve`` naming the variable.
@@ -45,6 +45,12 @@ def check_upstream_key(settings: Settings, environ: Mapping[str, str]) -> None:
 
     Not part of ``load_settings``: ``gateway keys`` reads the same file without the key.
     """
+    if settings.upstreams:
+        for entry in settings.upstreams:
+            if entry.api_key_env and not environ.get(entry.api_key_env):
+                raise ConfigError(f"upstreams[{entry.name}].api_key_env",
+                                  f"{entry.api_key_env} is not set (the upstream's key)")
+        return
     if settings.upstream.is_mock or settings.upstream_api_key(environ):
         return
     where = settings.upstream.api_key_env

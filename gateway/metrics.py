@@ -130,10 +130,6 @@ class Metrics:
             "name: xAI's exact cost_in_usd_ticks where the upstream sent it, else the usage at "
             "[models.prices]; an estimate for an answer that ended without usage.", ("key",),
             registry=r)
-        self.charged_tokens = Counter(
-            "gateway_charged_tokens", "Tokens charged to keys with token or spend limits, by "
-            "key name (the usage's total, or the estimate when none came).", ("key",),
-            registry=r)
         self.loop_lag = Histogram(
             "gateway_event_loop_lag_seconds", "How late a timer set for a quarter of a second "
             "runs: the time every callback of this worker waits behind the others (each "
@@ -144,6 +140,24 @@ class Metrics:
             "redis (shared limits), fallback (Redis down, per-process limits), unavailable "
             "(Redis down, refusing), memory (no Redis configured).", ("state",),
             multiprocess_mode="livesum", registry=r)
+        self.upstream_requests = Counter(
+            "gateway_upstream_requests", "Tries sent to each upstream (with several), by "
+            "outcome: ok, client_error (another status: the request's own), rate_limited "
+            "(429), error_status (5xx), unreachable, timeout, bad_stream (broken, or failed "
+            "before its first output), error (an error event in a stream), status (a stream "
+            "that ended with the upstream's error status).",
+            ("upstream", "outcome"), registry=r)
+        self.upstream_failovers = Counter(
+            "gateway_upstream_failovers", "Requests moved from this upstream to another before "
+            "their first output.", ("upstream",), registry=r)
+        self.upstream_ejections = Counter(
+            "gateway_upstream_ejections", "Times this upstream was put out of the choice after "
+            "failing [upstream] eject_after_failures times in a row (or failing its trial).",
+            ("upstream",), registry=r)
+        self.upstream_returns = Counter(
+            "gateway_upstream_returns", "Times this upstream came back after a successful "
+            "trial request.", ("upstream",), registry=r)
+        self._upstream: dict[tuple[str, ...], Any] = {}
         self._requests: dict[tuple[str, int, str], Any] = {}
         self._routes: dict[str, _RouteSeries] = {}
         self._upstream_errors: dict[str, Any] = {}
@@ -182,7 +196,6 @@ class Metrics:
         if info.usage is not None:
             self._count_tokens(key, info.model or "-", info.usage)
         if info.charge is not None:
-            self.charged_tokens.labels(key).inc(info.charge.tokens)
             self.spend.labels(key).inc(info.charge.ticks / 10**10)
 
     def _refused(self, key: str, code: str) -> None:
@@ -224,6 +237,28 @@ class Metrics:
                     child = self._tokens[(key, model, kind)] = self.tokens.labels(
                         key, model, kind)
             child.inc(count)
+
+    # With several upstreams (``gateway/upstream/upstreams.py``'s ``Counters``); the label
+    # values are the configured names and a fixed set of outcomes.
+
+    def upstream_attempt(self, name: str, outcome: str) -> None:
+        self._upstream_child("requests", name, outcome).inc()
+
+    def upstream_failover(self, name: str) -> None:
+        self._upstream_child("failovers", name).inc()
+
+    def upstream_ejected(self, name: str) -> None:
+        self._upstream_child("ejections", name).inc()
+
+    def upstream_returned(self, name: str) -> None:
+        self._upstream_child("returns", name).inc()
+
+    def _upstream_child(self, metric: str, *labels: str) -> Any:
+        child = self._upstream.get((metric, *labels))
+        if child is None:
+            counter = getattr(self, f"upstream_{metric}")
+            child = self._upstream[(metric, *labels)] = counter.labels(*labels)
+        return child
 
     def set_limiter_state(self, state: str) -> None:
         """This process's limiter state: 1 for it, 0 for the others (summed over workers)."""

@@ -48,25 +48,29 @@ async def redis_check(limiter: Limiter) -> tuple[bool, str]:
 
 
 class UpstreamProbe:
-    """Is the upstream reachable? One cheap ``GET models``, its answer reused for ``ttl``
-    seconds, and shared by every /readyz request that arrives while it runs."""
+    """Is an upstream reachable? One cheap ``GET models``, its answer reused for ``ttl``
+    seconds, and shared by every /readyz request that arrives while it runs; one of each per
+    upstream client."""
 
     def __init__(self, ttl: float = PROBE_TTL_SECONDS, timeout: float = PROBE_TIMEOUT_SECONDS,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._ttl = ttl
         self._timeout = timeout
         self._clock = clock
-        self._answer: tuple[float, str | None] | None = None  # (when, problem)
-        self._running: asyncio.Task[str | None] | None = None
+        # By client: (when, problem) of the last probe, and the probe running now.
+        self._answers: dict[UpstreamClient, tuple[float, str | None]] = {}
+        self._running: dict[UpstreamClient, asyncio.Task[str | None]] = {}
 
     async def check(self, client: UpstreamClient) -> str | None:
         """None when the upstream answered the last probe, else what went wrong."""
-        if self._answer is not None and self._clock() - self._answer[0] < self._ttl:
-            return self._answer[1]
-        if self._running is None:
-            self._running = asyncio.create_task(self._probe(client))
+        answer = self._answers.get(client)
+        if answer is not None and self._clock() - answer[0] < self._ttl:
+            return answer[1]
+        running = self._running.get(client)
+        if running is None:
+            running = self._running[client] = asyncio.create_task(self._probe(client))
         # Shielded: a /readyz client that leaves does not cancel the probe the others share.
-        return await asyncio.shield(self._running)
+        return await asyncio.shield(running)
 
     async def _probe(self, client: UpstreamClient) -> str | None:
         problem: str | None
@@ -86,12 +90,12 @@ class UpstreamProbe:
             problem = e.code
         except (OSError, InvalidHTTP) as e:
             problem = f"unreachable ({type(e).__name__})"
-        self._answer = (self._clock(), problem)
-        self._running = None
+        self._answers[client] = (self._clock(), problem)
+        self._running.pop(client, None)
         if problem is not None:
             log.warning("readiness: upstream %s", problem)
         return problem
 
     async def close(self) -> None:
-        await cancel_and_wait(self._running)
-        self._running = None
+        await cancel_and_wait(*self._running.values())
+        self._running.clear()

@@ -57,6 +57,7 @@ class RequestInfo:
     upstream_error: str | None = None  # UpstreamFailure.kind when the upstream caused it
     limit_headers: dict[str, str] = field(default_factory=dict)
     charge: Charge | None = None  # what a key with token or spend limits was charged
+    upstream: str | None = None  # the upstream's name (the last one tried), never its URL
 
     def note_error(self, err: GatewayError) -> None:
         """What the client was told and why. An outcome already decided (a shutdown, a

@@ -25,6 +25,7 @@ from .settings import (
     ServerSettings,
     Settings,
     StreamSettings,
+    UpstreamEntry,
     UpstreamSettings,
     VisionSettings,
     hash_key,
@@ -33,7 +34,7 @@ from .settings import (
 
 def settings_from(data: Mapping[str, Any]) -> Settings:
     """Build and validate settings from a TOML-shaped mapping (tests call this directly)."""
-    known = set(SECTIONS) | {"keys", "models"}
+    known = set(SECTIONS) | {"keys", "models", "upstreams"}
     for section in data:
         if section not in known:
             raise ConfigError(section, f"unknown section (known: {', '.join(sorted(known))})")
@@ -66,6 +67,12 @@ def settings_from(data: Mapping[str, Any]) -> Settings:
            "upstream.url", 'must be an http(s) URL or "mock"')
     _check(upstream.max_retries >= 0, "upstream.max_retries", "must not be negative")
     _check(upstream.max_answer_bytes > 0, "upstream.max_answer_bytes", "must be positive")
+    _check(upstream.max_failovers >= 0, "upstream.max_failovers", "must not be negative")
+    _check(upstream.eject_after_failures >= 1, "upstream.eject_after_failures",
+           "must be at least 1")
+    _check(upstream.eject_seconds > 0, "upstream.eject_seconds", "must be positive")
+    _check(upstream.headers_timeout_seconds >= 0, "upstream.headers_timeout_seconds",
+           "must not be negative (0: no timeout of its own)")
     _check(len({h.lower() for h in upstream.forward_headers}) == len(upstream.forward_headers),
            "upstream.forward_headers", "names a header twice (names ignore case)")
     for header in upstream.forward_headers:
@@ -113,8 +120,18 @@ def settings_from(data: Mapping[str, Any]) -> Settings:
     models = ModelSettings(aliases=dict(aliases), list_cache_seconds=float(cache),
                            prices=_prices(models_data.get("prices", {})))
 
+    upstreams = tuple(_upstream(i, entry) for i, entry in enumerate(_list(data, "upstreams")))
+    names = [u.name for u in upstreams]
+    dup = {n for n in names if names.count(n) > 1}
+    _check(not dup, "upstreams", f"duplicate upstream names: {', '.join(sorted(dup))}")
+    if upstreams:
+        given = [k for k in ("url", "api_key", "api_key_env") if k in data.get("upstream", {})]
+        _check(not given, f"upstream.{given[0] if given else 'url'}",
+               "is for one upstream; with [[upstreams]] each one names its own url and key "
+               "([upstream] keeps the timeouts and retries that apply to all)")
+
     return Settings(server=server, upstream=upstream, redis=redis, limits=limits, keys=keys,
-                    stream=stream, vision=vision, models=models)
+                    stream=stream, vision=vision, models=models, upstreams=upstreams)
 
 
 _HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}")
@@ -255,6 +272,35 @@ _PER_KEY = {"requests_per_minute": "float", "burst": "int", "max_concurrent_stre
             "tokens_per_minute": "int", "tokens_per_day": "int", "usd_per_day": "float",
             "usd_per_month": "float"}
 """The limits a key may set for itself; the rest of ``[limits]`` is the gateway's."""
+
+
+_UPSTREAM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
+"""An upstream's name: a metric label and a log field, so short and plain."""
+
+
+def _upstream(index: int, entry: Any) -> UpstreamEntry:
+    where = f"upstreams[{index}]"
+    _check(isinstance(entry, Mapping), where, "must be a table")
+    fields = {f.name: f for f in dataclasses.fields(UpstreamEntry)}
+    for k in entry:
+        _check(k in fields, f"{where}.{k}", f"unknown setting (known: {', '.join(fields)})")
+    name = entry.get("name")
+    _check(isinstance(name, str) and _UPSTREAM_NAME.fullmatch(name) is not None,
+           f"{where}.name", "must be 1 to 64 letters, digits, '_', '.' or '-'")
+    where = f"upstreams[{name}]"
+    values = {k: _coerce(f"{where}.{k}", v, str(fields[k].type)) for k, v in entry.items()}
+    upstream = UpstreamEntry(**values)
+    _check(upstream.url.startswith(("http://", "https://")) and len(upstream.url) > 8,
+           f"{where}.url", "must be an http(s) URL")
+    _check(("api_key" in entry) != ("api_key_env" in entry), where,
+           'give "api_key" or "api_key_env" (the variable that holds it), one of them '
+           '(api_key = "" for an upstream that takes none)')
+    _check(upstream.weight > 0, f"{where}.weight", "must be positive")
+    _check(bool(upstream.models) and all(upstream.models), f"{where}.models",
+           'must list model name patterns ("grok-4*"); leave it out for every model')
+    _check(upstream.max_concurrent >= 0, f"{where}.max_concurrent",
+           "must not be negative (0: no cap)")
+    return upstream
 
 
 def _key(index: int, entry: Any, defaults: Limits) -> KeySettings:

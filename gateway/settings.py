@@ -81,6 +81,17 @@ class UpstreamSettings:
     # Client request headers passed on to the upstream as they came (bounded). xAI routes the
     # requests of one x-grok-conv-id to the same server, so that its prompt cache hits.
     forward_headers: tuple[str, ...] = ("x-grok-conv-id",)
+    # With several upstreams ([[upstreams]]): how many times one request may move to another
+    # before its first output; consecutive failures that put an upstream out of the choice,
+    # and for how long (then one trial request brings it back, or puts it out again).
+    max_failovers: int = 2
+    eject_after_failures: int = 3
+    eject_seconds: float = 30.0
+    # With several upstreams: a try whose response headers have not come within this many
+    # seconds moves to the next upstream (0: never; a plain answer's headers come only once it
+    # is whole, so set it above the slowest plain answer). [stream] first_byte_timeout_seconds
+    # still bounds the whole wait.
+    headers_timeout_seconds: float = 0.0
 
     @property
     def is_mock(self) -> bool:
@@ -89,6 +100,24 @@ class UpstreamSettings:
     @property
     def url_given(self) -> bool:
         return self.url != ""
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamEntry:
+    """One upstream of several (``[[upstreams]]``), or ``[upstream]`` alone as ``default``.
+    Its name is the operator's: metrics, logs and ``/readyz`` show it, clients never."""
+
+    name: str
+    url: str
+    api_key: str = field(default="", repr=False)
+    api_key_env: str = ""
+    weight: float = 1.0
+    # Shell patterns (fnmatch) of the models it serves, matched after aliases.
+    models: tuple[str, ...] = ("*",)
+    max_concurrent: int = 0  # open requests at most; 0: no cap
+
+    def key(self, environ: Mapping[str, str]) -> str:
+        return self.api_key or (environ.get(self.api_key_env, "") if self.api_key_env else "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,15 +252,30 @@ class Settings:
     stream: StreamSettings = StreamSettings()
     vision: VisionSettings = VisionSettings()
     models: ModelSettings = ModelSettings()
+    # Several upstreams; empty: ``[upstream]`` alone, as one named ``default``.
+    upstreams: tuple[UpstreamEntry, ...] = ()
+
+    @property
+    def uses_mock(self) -> bool:
+        """The built-in mock upstream: ``[upstream] url = "mock"`` and no ``[[upstreams]]``."""
+        return not self.upstreams and self.upstream.is_mock
 
     @property
     def uses_demo_key(self) -> bool:
         """No client key configured and the built-in mock upstream: the public demo key is
         accepted (``auth.ConfigKeyStore``), so the gateway may serve only this host."""
-        return not self.keys and self.upstream.is_mock
+        return not self.keys and self.uses_mock
 
     def upstream_api_key(self, environ: Mapping[str, str]) -> str:
         return self.upstream.api_key or environ.get(self.upstream.api_key_env, "")
+
+    @property
+    def upstream_entries(self) -> tuple[UpstreamEntry, ...]:
+        """Every upstream: ``[[upstreams]]``, or ``[upstream]`` as one named ``default``."""
+        if self.upstreams:
+            return self.upstreams
+        return (UpstreamEntry("default", self.upstream.url, self.upstream.api_key,
+                              self.upstream.api_key_env),)
 
 
 

@@ -19,7 +19,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.appkeys import LIMITER, UPSTREAM
+from gateway.appkeys import LIMITER, UPSTREAMS
 from gateway.ratelimit.redis import key_names
 from gateway.server.workers import GatewayServer
 
@@ -139,7 +139,8 @@ async def test_shutdown_releases_leases_in_redis_and_closes_the_upstream_session
     client = aioredis.Redis.from_url(REDIS_URL)
     try:
         streams_key = key_names(redis_prefix, "alice")[1]
-        upstream = server.app[UPSTREAM]
+        upstream = server.app[UPSTREAMS].only
+        assert upstream is not None
         assert type(server.app[LIMITER]).__name__ == "RedisLimiter"
         async with aiohttp.ClientSession() as s:
             async with s.post(f"http://127.0.0.1:{server.port}/v1/chat/completions",

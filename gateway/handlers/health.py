@@ -3,7 +3,10 @@
 
 - ``GET /healthz``: the process answers (liveness; nothing else is checked).
 - ``GET /readyz``: 200 when Redis (if configured) and the upstream are reachable, else 503; the
-  body names each check's result, so an operator sees why. On a Redis Cluster with a primary
+  body names each check's result, so an operator sees why. With several upstreams it is ready
+  while one of them is available and reachable, and ``upstreams`` gives each one's state by
+  name (``ok``, ``resting``, ``ejected``, ``trial``, ``full``, or why its probe failed); never
+  a URL. On a Redis Cluster with a primary
   down it is 200, its redis check saying ``degraded: 2 of 3 primaries answer ...`` (keys on
   those are served from Redis, the others' under the failure policy); 503 only when no primary
   answers.
@@ -19,13 +22,14 @@ import asyncio
 from aiohttp import web
 
 from ..addresses import allowed, networks
-from ..appkeys import LIMITER, METRICS, SETTINGS, UPSTREAM, UPSTREAM_PROBE
+from ..appkeys import LIMITER, METRICS, SETTINGS, UPSTREAM_PROBE, UPSTREAMS
 from ..errors import PermissionDenied
 from ..metrics import CONTENT_TYPE
 from ..readiness import redis_check
 from ..request_info import REQUEST_INFO
 
 _NO_STORE = {"Cache-Control": "no-store"}
+_SERVING = {"ok", "trial", "full"}  # the states in which an upstream takes requests
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -41,10 +45,19 @@ async def readyz(request: web.Request) -> web.Response:
     else:
         redis_ready, checks["redis"] = await redis_check(app[LIMITER])
         ready = ready and redis_ready
-    problem = await app[UPSTREAM_PROBE].check(app[UPSTREAM])
+    upstreams, probe = app[UPSTREAMS], app[UPSTREAM_PROBE]
+    body: dict[str, object] = {"checks": checks}
+    if upstreams.only is not None:
+        problem = await probe.check(upstreams.only)
+    else:
+        problems = await asyncio.gather(*(probe.check(m.client) for m in upstreams.members))
+        states = body["upstreams"] = {
+            name: state if problem is None else problem
+            for (name, state), problem in zip(upstreams.states().items(), problems, strict=True)}
+        problem = None if _SERVING & set(states.values()) else "none available"
     checks["upstream"] = problem or "ok"
     ready = ready and problem is None
-    return web.json_response({"status": "ready" if ready else "not ready", "checks": checks},
+    return web.json_response({"status": "ready" if ready else "not ready", **body},
                              status=200 if ready else 503, headers=_NO_STORE)
 
 

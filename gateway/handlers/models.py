@@ -19,7 +19,7 @@ async def _models(request: web.Request) -> list[Entry]:
     proxy = request.app[PROXY]
 
     def fetch() -> Any:
-        return proxy.plain.fetch_json(proxy.get(request, "models"))
+        return proxy.model_list(request)
 
     entries = await request.app[MODEL_CATALOG].entries(fetch)
     return visible(entries, info.key)

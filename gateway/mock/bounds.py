@@ -17,6 +17,7 @@ MOST = {
     "tool_calls": 100,
     "split": 64 * MiB,
     "fail_first": 1_000,
+    "failed_after": 100_000,
     "hold_until_open": 10_000,
     "chunk_delay": 60.0,
     "headers_delay": 600.0,

@@ -153,3 +153,13 @@ def responses_error_event(sequence_number: int) -> bytes:
     return named_event("error", orjson.dumps({
         "type": "error", "code": err["code"], "message": err["message"], "param": None,
         "error": err, "sequence_number": sequence_number}))
+
+
+def responses_failed_event(model: str, reply: ChatReply, sequence_number: int, *,
+                           request: dict[str, Any] | None = None) -> bytes:
+    """``response.failed``: the terminal event of a response the service could not make (a
+    quota or capacity failure after ``response.created``), its ``error`` inside ``response``."""
+    failed = response_object(model, reply, status="failed", request=request)
+    failed["error"] = {"code": "server_error", "message": "mock failure after response.created"}
+    return named_event("response.failed", orjson.dumps({
+        "type": "response.failed", "response": failed, "sequence_number": sequence_number}))

@@ -33,6 +33,10 @@ class MockState:
     max_records: int = 1000
     tags: dict[str, int] = field(default_factory=dict)  # requests seen per ``tag`` option
     answer_bytes_sent: int = 0  # of ``answer_bytes`` answers, what the socket took
+    name: str | None = None  # said in every answer (``create_mock_app(name=...)``)
+    # Options every POST gets, over its own: a mock that always fails ({"status": 500}), one
+    # whose streams die ({"disconnect_after": 2}), and so on.
+    forced: dict[str, Any] = field(default_factory=dict)
     _open_waiters: list[tuple[int, asyncio.Future[None]]] = field(default_factory=list,
                                                                   repr=False)
 

@@ -60,6 +60,8 @@ the bounds of ``bounds.py`` (else 400):
 ``error_text_bytes`` with ``status``: a plain-text body of this many bytes instead of JSON,
                      with the request's key inserted at byte ``key_at`` (default: none)
 ``location``         with ``status``: a ``Location`` header (a 3xx redirect)
+``failed_after``     Responses streams: this many events, then ``response.failed`` (a
+                     quota or capacity failure after ``response.created``)
 ``answer_bytes``     a plain chat answer (JSON) of this many bytes, written 64 KiB at a time;
                      ``answer_chunked``: without ``Content-Length``. ``MockState`` counts the
                      bytes that left (``answer_bytes_sent``); a cut answer is a disconnect
@@ -72,7 +74,11 @@ plain or as named events; function ``tools`` and ``text.format`` as chat's ``too
 ``models/{id}`` and ``images/generations`` (``b64_json`` or ``url``; never streams).
 
 ``MockState`` (``app[MOCK_STATE]``, from ``stream.py``) records what the mock saw, for tests
-to assert on.
+to assert on. Its ``forced`` options apply to every POST, over the request's own (one of several
+mocks that always fails, whatever the request asks), and a mock given a ``name``
+(``create_mock_app(name=...)``, ``gateway mock-upstream --name``) says it in every answer: an
+``x-mock-upstream`` header, and its default text starts with it, so a client can tell which of
+several upstreams answered.
 """
 
 from __future__ import annotations
@@ -103,6 +109,7 @@ from .replies import (
 )
 from .responses import (
     response_object,
+    responses_failed_event,
     responses_error_event,
     responses_events,
     responses_reply,
@@ -143,8 +150,8 @@ def _no_model(request: web.Request, opts: dict[str, Any], model: Any) -> web.Res
     return faults.no_model(model, _style(request, opts))
 
 
-def _words(opts: dict[str, Any]) -> list[str]:
-    text = str(opts.get("text", DEFAULT_TEXT))
+def _words(opts: dict[str, Any], name: str | None = None) -> list[str]:
+    text = str(opts.get("text", DEFAULT_TEXT if name is None else f"{name}: {DEFAULT_TEXT}"))
     words = [w + " " for w in text.split(" ")]
     words[-1] = words[-1].rstrip(" ")
     n = opts.get("chunks")
@@ -166,6 +173,8 @@ async def _preamble(request: web.Request) -> tuple[dict[str, Any], dict[str, Any
     opts = body.get("mock") or {}
     if not isinstance(opts, dict):
         return body, {}, faults.error(400, "mock options must be an object", state.style)
+    if state.forced:
+        opts = {**opts, **state.forced}
     if (problem := out_of_bounds(opts)) is not None:
         return body, opts, faults.error(400, problem, state.style)
     if "style" in opts and opts["style"] not in STYLES:
@@ -214,7 +223,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return await faults.long_answer(request, request.app[MOCK_STATE],
                                              opts["answer_bytes"], bool(opts.get("answer_chunked")))
     opts = faults.echoing_text(request, opts)
-    reply = chat_reply(body, opts, _words(opts))
+    reply = chat_reply(body, opts, _words(opts, request.app[MOCK_STATE].name))
     if not body.get("stream"):
         return web.json_response(chat_completion(model, reply, f"chatcmpl-{next(_ids)}",
                                                  style))
@@ -240,13 +249,17 @@ async def responses(request: web.Request) -> web.StreamResponse:
     if images and not sees_images(model):
         return faults.no_vision(model, style)
     opts = faults.echoing_text(request, opts)
-    words = seen_words(images) if images and "text" not in opts else _words(opts)
+    words = seen_words(images) if images and "text" not in opts \
+        else _words(opts, request.app[MOCK_STATE].name)
     reply = responses_reply(body, opts, words)
     if not body.get("stream"):
         n = next(_ids)
         return web.json_response(response_object(model, reply, f"resp_mock_{n}",
                                                  f"msg_mock_{n}", request=body, style=style))
     events = responses_events(model, reply, style=style, request=body)
+    if isinstance(opts.get("failed_after"), int):
+        events = events[:opts["failed_after"]] + [responses_failed_event(
+            model, reply, opts["failed_after"], request=body)]
     if opts.get("format") in ("crlf", "cr"):
         ending = b"\r\n" if opts["format"] == "crlf" else b"\r"
         events = [e.replace(b"\n", ending) for e in events]
@@ -291,13 +304,20 @@ async def get_model(request: web.Request) -> web.Response:
                               "owned_by": "xai"})
 
 
-def create_mock_app(style: str = "xai") -> web.Application:
+async def _say_name(request: web.Request, response: web.StreamResponse) -> None:
+    name = request.app[MOCK_STATE].name
+    if name is not None:
+        response.headers["x-mock-upstream"] = name
+
+
+def create_mock_app(style: str = "xai", name: str | None = None) -> web.Application:
     """The mock, speaking xAI's dialect or (``style="openai"``) OpenAI's unless a request's
-    ``style`` option says otherwise."""
+    ``style`` option says otherwise; ``name`` is said in every answer."""
     if style not in STYLES:
         raise ValueError(f"mock style must be one of {STYLES}, not {style!r}")
     app = web.Application(client_max_size=64 * 1024 * 1024)
-    app[MOCK_STATE] = MockState(style=style, models=MODELS)
+    app[MOCK_STATE] = MockState(style=style, models=MODELS, name=name)
+    app.on_response_prepare.append(_say_name)
     for prefix in ("/v1", ""):
         app.router.add_post(f"{prefix}/chat/completions", chat_completions)
         app.router.add_get(f"{prefix}/models", list_models)
@@ -314,10 +334,11 @@ mock, not the gateway, would be what a load test measures."""
 
 
 @contextlib.asynccontextmanager
-async def run_mock_upstream(host: str = "127.0.0.1", port: int = 0, style: str = "xai"
+async def run_mock_upstream(host: str = "127.0.0.1", port: int = 0, style: str = "xai",
+                            name: str | None = None
                             ) -> AsyncIterator[tuple[web.Application, str]]:
     """Serve the mock on ``host:port`` (0: a free port); yields the app and its base URL."""
-    app = create_mock_app(style)
+    app = create_mock_app(style, name)
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=BACKLOG)

@@ -1,10 +1,17 @@
 """The upstream call and the relay of its answer: what every handler's tail needs, built once per
-app (where the upstream client is opened, since only there is the operator's key known) and
+app (where the upstream clients are opened, since only there are the operator's keys known) and
 handed to handlers as ``app[PROXY]``. The byte path reads nothing from ``request.app``.
+
+With one upstream the call is its client's, as it always was. With several it is an ``Attempts``
+(``gateway/upstream/upstreams.py``): the upstream chosen by the request's model and affinity
+(``x-grok-conv-id``, or a Responses request's ``prompt_cache_key``), moved to the next one on a
+failure before any output, and a stream is relayed by ``FailoverRelay``
+(``gateway/stream/failover.py``), which can still move it after the headers.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable
 from typing import Any
 
@@ -15,23 +22,30 @@ from ..errors import SSE_HEADERS
 from ..inflight import InFlight
 from ..metrics import Metrics
 from ..ratelimit.spend import Spend
-from ..request_info import REQUEST_INFO
+from ..request_info import REQUEST_INFO, RequestInfo
 from ..settings import Settings
-from ..upstream.client import UpstreamClient
 from ..upstream.http1 import UpstreamResponse
+from ..upstream.router import union_of_lists
+from ..upstream.upstreams import Attempts, UpstreamSet
 from .answers import PlainAnswers, response_headers
 from .client_stream import ClientStream
 from .dialect import CHAT, Dialect
+from .failover import FailoverRelay
+from .preamble import PreambleHeld
 from .relay import StreamRelay
 from .render import Rewrite, StreamRenderer
 
+AFFINITY_HEADER = "x-grok-conv-id"
+
 
 class Proxy:
-    def __init__(self, upstream: UpstreamClient, settings: Settings, in_flight: InFlight,
+    def __init__(self, upstreams: UpstreamSet, settings: Settings, in_flight: InFlight,
                  metrics: Metrics) -> None:
-        self.upstream = upstream
+        self.upstreams = upstreams
+        self.upstream = upstreams.only  # one upstream: its client, nothing to choose
+        self.name = upstreams.members[0].name
         self.stream_settings = settings.stream
-        self.secrets = upstream.secrets  # built once, where the operator's key is known
+        self.secrets = upstreams.secrets  # built once, where the operators' keys are known
         self.in_flight = in_flight
         self.open_streams = metrics.open_streams
         self.forward_headers = settings.upstream.forward_headers
@@ -43,18 +57,54 @@ class Proxy:
         """The upstream call for a checked body. It is serialized here, once: the upstream sees
         exactly what the gateway checked (one value per key, whatever the client sent), and the
         parsed body need not be kept while the answer streams."""
-        return self.upstream.request("POST", path, body=orjson.dumps(body),
-                                     headers=self._headers(request, "application/json"))
+        info = request[REQUEST_INFO]
+        headers = self._headers(request, info, "application/json")
+        if self.upstream is not None:
+            info.upstream = self.name
+            return self.upstream.request("POST", path, body=orjson.dumps(body), headers=headers)
+        model = body.get("model")
+        key = request.headers.get(AFFINITY_HEADER) or body.get("prompt_cache_key")
+        return self.upstreams.attempts(
+            info, "POST", path, orjson.dumps(body), headers,
+            model=model if isinstance(model, str) else None,
+            affinity=key if isinstance(key, str) and key else None,
+            pinned=self.pinned(request, body))
+
+    def pinned(self, request: web.Request, body: dict[str, Any]) -> str | None:
+        """The upstream a request must go to, and stay on: where the response it continues
+        (``previous_response_id``) was made, by its name. The seam for the response record
+        (issue 27); a lookup that must be awaited runs in the handler, before ``model_call``,
+        and its answer is read here from the request."""
+        return None
 
     def get(self, request: web.Request, path: str) -> Awaitable[UpstreamResponse]:
-        return self.upstream.request("GET", path, headers=self._headers(request, None))
+        info = request[REQUEST_INFO]
+        headers = self._headers(request, info, None)
+        if self.upstream is not None:
+            return self.upstream.request("GET", path, headers=headers)
+        return self.upstreams.attempts(info, "GET", path, None, headers)
 
-    def _headers(self, request: web.Request, content_type: str | None) -> dict[str, str]:
+    async def model_list(self, request: web.Request) -> Any:
+        """The upstreams' model lists as one (``union_of_lists``): each filtered by its
+        ``models``. An upstream that fails is left out; when all fail, the first one's error."""
+        if self.upstream is not None:
+            return await self.plain.fetch_json(self.get(request, "models"))
+        members = self.upstreams.members
+        headers = self._headers(request, request[REQUEST_INFO], None)
+        listings = await asyncio.gather(
+            *(self.plain.fetch_json(m.client.request("GET", "models", headers=headers))
+              for m in members), return_exceptions=True)
+        if all(isinstance(listing, BaseException) for listing in listings):
+            raise listings[0]
+        return union_of_lists(members, listings)
+
+    def _headers(self, request: web.Request, info: RequestInfo, content_type: str | None
+                 ) -> dict[str, str]:
         """The gateway's own (the request id, the body's type) and the client's that
         ``[upstream] forward_headers`` names (xAI's ``x-grok-conv-id``), as they came."""
         headers = {name: value for name in self.forward_headers
                    if (value := request.headers.get(name))}
-        headers["X-Request-ID"] = request[REQUEST_INFO].request_id
+        headers["X-Request-ID"] = info.request_id
         if content_type is not None:
             headers["Content-Type"] = content_type
         return headers
@@ -67,11 +117,22 @@ class Proxy:
         ``hide_usage``: drop the usage chunk the gateway asked for and the client did not."""
         info = request[REQUEST_INFO]
         settings = self.stream_settings
-        renderer = StreamRenderer(dialect, rewrite=rewrite, secrets=self.secrets,
-                                  max_event_bytes=settings.max_event_bytes,
-                                  hide_usage=hide_usage)
-        relay = StreamRelay(ClientStream(request), renderer, settings, info,
-                            {**SSE_HEADERS, **response_headers(info)}, self.secrets, spend)
+        relay: StreamRelay
+        headers = {**SSE_HEADERS, **response_headers(info)}
+        if isinstance(call, Attempts):
+            call.deferred = True  # judged when the stream ends
+            renderer = PreambleHeld(dialect, hold=dialect.responses_api and call.may_move,
+                                    rewrite=rewrite, secrets=self.secrets,
+                                    max_event_bytes=settings.max_event_bytes,
+                                    hide_usage=hide_usage)
+            relay = FailoverRelay(ClientStream(request), renderer, settings, info, headers,
+                                  self.secrets, spend, tries=call)
+        else:
+            relay = StreamRelay(ClientStream(request),
+                                StreamRenderer(dialect, rewrite=rewrite, secrets=self.secrets,
+                                               max_event_bytes=settings.max_event_bytes,
+                                               hide_usage=hide_usage),
+                                settings, info, headers, self.secrets, spend)
         self.open_streams.inc()
         try:
             with self.in_flight.track_stream(relay, info.key):  # shutdown, revocation

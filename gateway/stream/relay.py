@@ -28,6 +28,10 @@ The life of a stream::
   stream ends there, also one whose client left: aiohttp then cancels the handler's task, and
   the cancellation goes straight to ``_release`` (there is no one left to write to).
 
+With several upstreams a stream is relayed by ``FailoverRelay`` (``gateway/stream/failover.py``),
+which adds one way back: STREAMING to WAITING for the next upstream's headers, while no output
+has gone out.
+
 Shutdown and revocation are messages (``stop`` and ``revoke``, from ``InFlight``), not
 cancellations. A cancellation of the task means the client left (aiohttp cancels the handler
 when its connection drops).

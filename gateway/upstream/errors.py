@@ -200,6 +200,17 @@ def _retry_headers(headers: Mapping[str, str]) -> dict[str, str]:
     return passed
 
 
+def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
+    """How long a 429 asks the gateway to wait (``Retry-After``, else ``retry-after-ms``), or
+    None when it does not say (in a form this module reads)."""
+    passed = _retry_headers(headers)
+    if "Retry-After" in passed:
+        return float(passed["Retry-After"])
+    if "retry-after-ms" in passed:
+        return int(passed["retry-after-ms"]) / 1000
+    return None
+
+
 def _delay_seconds(value: str) -> int | None:
     value = value.strip()
     if _DELAY_SECONDS.fullmatch(value):

@@ -38,11 +38,16 @@ class ConnectionPool:
         self._addresses: tuple[float, list[Any]] | None = None  # (until, getaddrinfo's answer)
         self._idle: list[Connection] = []
         self._busy: set[Connection] = set()
+        self._connecting = 0  # sends waiting for a connection
         self.closed = False
 
     async def send(self, request: bytes) -> UpstreamResponse:
         """Send one request; the answer once its headers have arrived."""
-        conn = await self._acquire()
+        self._connecting += 1  # counted from the caller's own step (``in_use``)
+        try:
+            conn = await self._acquire()
+        finally:
+            self._connecting -= 1
         try:
             return await conn.send(request)
         except BaseException:
@@ -90,6 +95,13 @@ class ConnectionPool:
         self._busy.discard(conn)
         if conn in self._idle:
             self._idle.remove(conn)
+
+    @property
+    def in_use(self) -> int:
+        """Requests open on this origin: connecting, waiting for their answer, or reading it
+        (until its owner lets it go). A caller that counts it and then sends in one step of
+        the event loop is counted before any other caller looks (``max_concurrent``)."""
+        return len(self._busy) + self._connecting
 
     @property
     def open_connections(self) -> int:

@@ -27,7 +27,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from gateway.appkeys import UPSTREAM
+from gateway.appkeys import UPSTREAMS
 
 from clients import AUTH, chat_body, sse_events
 from conftest import Upstream, settings_for
@@ -278,7 +278,7 @@ async def test_a_plain_answer_over_max_answer_bytes_is_a_502_and_its_connection_
     # before the 128 MiB are out, so nothing near them was ever read, let alone buffered.
     await wait_until(lambda: state.disconnects == 1, 5, "the upstream saw the connection end")
     assert state.answer_bytes_sent < 32 * 1024 * 1024
-    pool = app[UPSTREAM].pool
+    pool = app[UPSTREAMS].members[0].client.pool
     assert pool is not None
     await wait_until(lambda: pool.open_connections == 0, 2, "no upstream connection kept")
     # And the gateway goes on: an answer within the cap passes.
