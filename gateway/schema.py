@@ -21,6 +21,7 @@ from .settings import (
     Limits,
     ModelSettings,
     RedisSettings,
+    ResponsesSettings,
     ServerSettings,
     Settings,
     StreamSettings,
@@ -42,6 +43,7 @@ def settings_from(data: Mapping[str, Any]) -> Settings:
     limits = _section(data, "limits", Limits)
     stream = _section(data, "stream", StreamSettings)
     vision = _section(data, "vision", VisionSettings)
+    responses = _section(data, "responses", ResponsesSettings)
 
     _check(0 < server.port < 65536 or server.port == 0, "server.port", "must be 0..65535")
     _check(server.workers >= 1, "server.workers", "must be at least 1")
@@ -92,6 +94,7 @@ def settings_from(data: Mapping[str, Any]) -> Settings:
     _check(vision.stream_fallback in ("sse", "json", "off"), "vision.stream_fallback",
            'must be "sse", "json" or "off"')
     _check(vision.max_image_bytes > 0, "vision.max_image_bytes", "must be positive")
+    _check(responses.retention_seconds >= 1, "responses.retention_seconds", "must be at least 1")
 
     keys = tuple(_key(i, entry, limits) for i, entry in enumerate(_list(data, "keys")))
     names = [k.name for k in keys]
@@ -112,7 +115,7 @@ def settings_from(data: Mapping[str, Any]) -> Settings:
     models = ModelSettings(aliases=dict(aliases), list_cache_seconds=float(cache))
 
     return Settings(server=server, upstream=upstream, redis=redis, limits=limits, keys=keys,
-                    stream=stream, vision=vision, models=models)
+                    stream=stream, vision=vision, models=models, responses=responses)
 
 
 _HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}")

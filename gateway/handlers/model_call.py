@@ -15,6 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from ..aliases import apply_alias
+from ..records import Recorder
 from ..appkeys import PROXY, SETTINGS
 from ..request_info import REQUEST_INFO
 from ..stream import fallback
@@ -36,9 +37,10 @@ CHAT_API = ModelApi("chat/completions", CHAT, fallback.chat)
 RESPONSES_API = ModelApi("responses", RESPONSES, fallback.responses)
 
 
-def model_call(request: web.Request, api: ModelApi, body: dict[str, Any], images: list[str]
-               ) -> Awaitable[web.StreamResponse]:
-    """``images`` are the request's image parts (their ``param`` paths), found by the caller."""
+def model_call(request: web.Request, api: ModelApi, body: dict[str, Any], images: list[str],
+               recorder: Recorder | None = None) -> Awaitable[web.StreamResponse]:
+    """``images`` are the request's image parts (their ``param`` paths), found by the caller;
+    ``recorder`` records the response the answer creates (``handlers/owned.py``)."""
     settings = request.app[SETTINGS]
     info = request[REQUEST_INFO]
     model = body["model"]
@@ -50,5 +52,6 @@ def model_call(request: web.Request, api: ModelApi, body: dict[str, Any], images
     proxy = request.app[PROXY]
     call = proxy.post(request, api.path, body)
     if info.stream:
-        return proxy.stream(request, call, dialect=api.dialect, rewrite=rewrite)
-    return proxy.plain.relay(info, call, rewrite)
+        return proxy.stream(request, call, dialect=api.dialect, rewrite=rewrite,
+                            recorder=recorder)
+    return proxy.plain.relay(info, call, rewrite, recorder=recorder)

@@ -33,6 +33,7 @@ class MockState:
     max_records: int = 1000
     tags: dict[str, int] = field(default_factory=dict)  # requests seen per ``tag`` option
     answer_bytes_sent: int = 0  # of ``answer_bytes`` answers, what the socket took
+    sockets_opened: int = 0  # WebSocket-mode sockets (``socket.py``)
     _open_waiters: list[tuple[int, asyncio.Future[None]]] = field(default_factory=list,
                                                                   repr=False)
 

@@ -14,6 +14,7 @@ from aiohttp import web
 from ..errors import SSE_HEADERS
 from ..inflight import InFlight
 from ..metrics import Metrics
+from ..records import Recorder
 from ..request_info import REQUEST_INFO
 from ..settings import Settings
 from ..upstream.client import UpstreamClient
@@ -21,6 +22,7 @@ from ..upstream.http1 import UpstreamResponse
 from .answers import PlainAnswers, response_headers
 from .client_stream import ClientStream
 from .dialect import CHAT, Dialect
+from .recording import RecordingRelay
 from .relay import StreamRelay
 from .render import Rewrite, StreamRenderer
 
@@ -45,8 +47,11 @@ class Proxy:
         return self.upstream.request("POST", path, body=orjson.dumps(body),
                                      headers=self._headers(request, "application/json"))
 
-    def get(self, request: web.Request, path: str) -> Awaitable[UpstreamResponse]:
-        return self.upstream.request("GET", path, headers=self._headers(request, None))
+    def get(self, request: web.Request, path: str, method: str = "GET"
+            ) -> Awaitable[UpstreamResponse]:
+        """A request without a body (``GET``, or ``method``: a stored response's ``DELETE``,
+        its ``cancel``)."""
+        return self.upstream.request(method, path, headers=self._headers(request, None))
 
     def _headers(self, request: web.Request, content_type: str | None) -> dict[str, str]:
         """The gateway's own (the request id, the body's type) and the client's that
@@ -59,15 +64,18 @@ class Proxy:
         return headers
 
     async def stream(self, request: web.Request, call: Awaitable[UpstreamResponse], *,
-                     dialect: Dialect = CHAT, rewrite: Rewrite | None = None
-                     ) -> web.StreamResponse:
-        """Relay the upstream's event stream to the client (``gateway/stream/relay.py``)."""
+                     dialect: Dialect = CHAT, rewrite: Rewrite | None = None,
+                     recorder: Recorder | None = None) -> web.StreamResponse:
+        """Relay the upstream's event stream to the client (``gateway/stream/relay.py``); with
+        a ``recorder``, the response it creates is recorded first (``stream/recording.py``)."""
         info = request[REQUEST_INFO]
         settings = self.stream_settings
         renderer = StreamRenderer(dialect, rewrite=rewrite, secrets=self.secrets,
                                   max_event_bytes=settings.max_event_bytes)
-        relay = StreamRelay(ClientStream(request), renderer, settings, info,
-                            {**SSE_HEADERS, **response_headers(info)}, self.secrets)
+        args = (ClientStream(request), renderer, settings, info,
+                {**SSE_HEADERS, **response_headers(info)}, self.secrets)
+        relay = StreamRelay(*args) if recorder is None else RecordingRelay(*args,
+                                                                           recorder=recorder)
         self.open_streams.inc()
         try:
             with self.in_flight.track_stream(relay, info.key):  # shutdown, revocation

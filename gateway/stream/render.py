@@ -11,6 +11,8 @@ here, once, from its parsed object, by the stream's dialect (``Dialect.classify`
 DATA      an object to relay (chat chunk, Responses event); relayed as its own bytes
 USAGE     data that carries the request's token counts (``usage``; Responses: inside
           ``response``); noted in ``usage`` (``gateway/stream/usage.py``), relayed like DATA
+CREATED   a Responses ``response.created``: noted in ``created`` (the id of the response,
+          which the gateway records before it reaches the client), relayed like DATA
 TERMINAL  ``[DONE]``, or a Responses ``response.completed`` / ``incomplete`` / ``failed``
 ERROR     an object with an ``error`` member (however its key was spelled), or a Responses
           ``"type": "error"`` event: never relayed; the stream ends with the gateway's
@@ -74,7 +76,7 @@ class StreamRenderer(UsageTracker):
     token ``usage`` among them, kept by ``UsageTracker``)."""
 
     __slots__ = ("framer", "rewrite", "secrets", "probes", "long_read", "escapable", "clean",
-                 "fast", "events", "seq", "bytes_out")
+                 "fast", "events", "seq", "bytes_out", "created")
 
     def __init__(self, dialect: Dialect = CHAT, *, rewrite: Rewrite | None = None,
                  secrets: Secrets = NO_SECRETS, max_event_bytes: int = 4 * 1024 * 1024,
@@ -92,6 +94,7 @@ class StreamRenderer(UsageTracker):
         self.events = 0  # events sent, the terminal one included
         self.seq = 0  # data events sent: a Responses error event continues their numbering
         self.bytes_out = 0
+        self.created: Any = None  # a Responses ``response.created`` event, until taken
 
     def feed(self, chunk: bytes) -> Rendered:
         """One upstream read."""
@@ -233,8 +236,11 @@ class StreamRenderer(UsageTracker):
         if kind is Kind.ERROR:
             inner = obj.get("error")
             raise stream_error(obj if inner is None else inner, self.secrets.text)
-        if kind is Kind.USAGE or kind is Kind.TERMINAL:
-            self._note_usage(obj)
+        if kind is not Kind.DATA:
+            if kind is Kind.USAGE or kind is Kind.TERMINAL:
+                self._note_usage(obj)
+            elif kind is Kind.CREATED:
+                self.created = obj  # the response's id, for its record (``stream/recording.py``)
         try:
             return self._reencoded(ev, obj, kind), kind
         except (TypeError, RecursionError):  # orjson writes 254 levels; the reader takes 1024
