@@ -4,17 +4,20 @@ events a stream of it would carry, one JSON text message each, and stored like a
 A message refused (not JSON, another type, an unknown model, a ``previous_response_id`` the mock
 does not hold, or the ``status`` mock option) gets one ``{"type": "error", "status", "error"}``
 message and the socket stays open. The upgrade is refused (401) without a ``Bearer`` key, as
-xAI refuses it.
+xAI refuses it. Of the mock options, ``chunk_delay`` (between messages), ``echo_auth: ["text"]``
+and ``status`` apply here.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
 import orjson
 from aiohttp import WSMsgType, web
 
+from . import faults
 from .bounds import out_of_bounds
 from .stored import MOCK_STORE
 from .stream import MOCK_STATE
@@ -46,7 +49,11 @@ async def responses_socket(request: web.Request, answer: Answer) -> web.StreamRe
             await ws.send_str(_error(400, "invalid JSON"))
             continue
         state.record(request, body, msg.data.encode())
-        for out in _turn(request, body, answer):
+        opts = body.get("mock") if isinstance(body, dict) else None
+        delay = opts.get("chunk_delay") if isinstance(opts, dict) else None
+        for i, out in enumerate(_turn(request, body, answer)):
+            if i and isinstance(delay, (int, float)):
+                await asyncio.sleep(delay)
             await ws.send_str(out)
     return ws
 
@@ -58,6 +65,7 @@ def _turn(request: web.Request, body: Any, answer: Answer) -> list[str]:
     opts = body.get("mock") or {}
     if not isinstance(opts, dict) or (problem := out_of_bounds(opts)) is not None:
         return [_error(400, "bad mock options" if not isinstance(opts, dict) else problem)]
+    opts = faults.echoing_text(request, opts)  # ``echo_auth``: the key in the answer's text
     if isinstance(opts.get("status"), int):
         return [_error(opts["status"], "refused as asked (mock status)")]
     model = body.get("model")

@@ -16,6 +16,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from .stream import MOCK_STATE
+
 MAX_STORED = 10_000
 _input_ids = itertools.count(1)
 
@@ -69,6 +71,7 @@ def input_items(body: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _found(request: web.Request) -> Stored | web.Response:
+    request.app[MOCK_STATE].record(request, None)
     rid = request.match_info["response_id"]
     stored = request.app[MOCK_STORE].responses.get(rid)
     if stored is None:

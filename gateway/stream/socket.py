@@ -163,21 +163,29 @@ class SocketSession:
             self.turn = None
             await self._error(err)
             return
+        last: str | None = None
         try:
             with self.in_flight.track(self):
-                await self._relay(turn)
+                last = await self._relay(turn)
         except GatewayError as err:
             await self._drop_upstream()
-            await self._error(err)
+            self.info.note_error(err)
+            last = err.socket_message()
         except (ConnectionError, RuntimeError) as e:  # the client left mid-turn
             log.debug("a socket's client left mid-turn: %s", type(e).__name__)
         finally:
             await asyncio.shield(turn.release())
+            # Over before its last message goes out: the client may send the next turn as
+            # soon as it has read it, and finds the slot free and the socket ready.
             self.turn = None
-            if self.leaving:
-                self._end(None, WSCloseCode.GOING_AWAY)
+        if last is not None:
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await self.ws.send_str(last)
+        if self.leaving:
+            self._end(None, WSCloseCode.GOING_AWAY)
 
-    async def _relay(self, turn: Turn) -> None:
+    async def _relay(self, turn: Turn) -> str:
+        """Sends the turn's messages but its last, which it returns."""
         if self.upstream is None or self.upstream.closed:
             self.upstream = await self.upstreams.connect()
         upstream = self.upstream
@@ -196,11 +204,11 @@ class SocketSession:
                     (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR)
                     else "The upstream sent a message that is not JSON text")
             out, kind = await self._checked(msg.data, turn)
-            await self.ws.send_str(out)
             self.info.chunks += 1
             self.info.bytes_out += len(out)
             if kind in TURN_ENDS:
-                return
+                return out
+            await self.ws.send_str(out)
 
     async def _checked(self, text: str, turn: Turn) -> tuple[str, Any]:
         """One upstream message as it goes out, and its type; decided on its parsed value."""
