@@ -150,3 +150,15 @@ async def test_a_query_is_passed_on_re_encoded_and_bounded(
     assert refused.status == 400 and "query is too long" in refused.error()["message"]
     await client.close()
 
+
+
+async def test_a_vision_stream_answered_whole_is_the_creators_too(gateway: Any) -> None:
+    _, base = gateway
+    answered = await post(f"{base}/api/v1/responses", {
+        "model": "grok-4", "stream": True, "input": [{"role": "user", "content": [
+            {"type": "input_text", "text": "What is it?"},
+            {"type": "input_image", "image_url": "https://example.com/cat.png"}]}]})
+    assert answered.headers["X-Stream-Fallback"] == "true"
+    rid = orjson.loads(answered.events()[0].split(b"data: ", 1)[1])["response"]["id"]
+    assert (await get(f"{base}/api/v1/responses/{rid}")).status == 200
+    assert (await get(f"{base}/api/v1/responses/{rid}", OTHER_KEY)).status == 404

@@ -178,6 +178,22 @@ async def test_refused_turns_keep_the_socket_open_and_never_reach_the_upstream(
     assert [t.get("previous_response_id") for t in await _socket_turns(mock_upstream)] == [None]
 
 
+async def test_the_upstream_gets_the_turn_the_gateway_checked(
+        mock_upstream: Upstream, start_gateway: Any, http: aiohttp.ClientSession) -> None:
+    _, base = await start_gateway(settings_for(mock_upstream.url, keys=[
+        {"name": "alice", "key": KEY, "models": ["grok-4"]}]))
+    async with http.ws_connect(_ws_url(base), headers={"Authorization": f"Bearer {KEY}"}) as ws:
+        [refused] = await _turn(ws, model="grok-3-mini", input="hi")
+        assert refused["status"] == 403 and refused["error"]["code"] == "model_not_allowed"
+        # A duplicate key: what was checked (the last "model") is all the upstream sees.
+        await ws.send_str('{"type": "response.create", "model": "grok-3-mini", '
+                          '"model": "grok-4", "input": "hi"}')
+        while orjson.loads((await ws.receive(timeout=10)).data)["type"] != "response.completed":
+            pass
+    [sent] = [r for r in mock_upstream.state.requests if r["path"] == "/v1/responses"]
+    assert b"grok-3-mini" not in sent["raw"] and sent["body"]["model"] == "grok-4"
+
+
 async def test_the_operator_key_never_comes_back_over_the_socket(
         mock_upstream: Upstream, start_gateway: Any, http: aiohttp.ClientSession) -> None:
     _, base = await start_gateway(settings_for(mock_upstream.url))

@@ -23,7 +23,8 @@ from ..stream.dialect import CHAT, RESPONSES, Dialect
 from ..stream.render import Rewrite
 from ..vision import require_vision_model
 
-Fallback = Callable[[web.Request, dict[str, Any], Rewrite | None], Awaitable[web.Response]]
+Fallback = Callable[[web.Request, dict[str, Any], Rewrite | None, Recorder | None],
+                    Awaitable[web.Response]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +49,7 @@ def model_call(request: web.Request, api: ModelApi, body: dict[str, Any], images
     if images:
         require_vision_model(settings.vision, model, body["model"], images[0])
         if info.stream and settings.vision.stream_fallback != "off":
-            return api.fallback(request, body, rewrite)
+            return api.fallback(request, body, rewrite, recorder)
     proxy = request.app[PROXY]
     call = proxy.post(request, api.path, body)
     if info.stream:

@@ -80,7 +80,9 @@ async def _admit(request: web.Request, text: str) -> Turn:
             await limiter.release(key, lease)
 
     try:
-        payload = text if rewrite is None else orjson.dumps(message).decode()
+        # Re-encoded, as ``Proxy.post`` does: the upstream gets exactly what was checked (a
+        # duplicate key cannot name another model than the one allowed).
+        payload = orjson.dumps(message).decode()
     except orjson.JSONEncodeError:  # orjson writes 254 levels of nesting, reads 1024
         raise InvalidRequest("The message nests arrays and objects too deeply") from None
     return Turn(payload, release, recorder_for(app[RECORDS], key, message), rewrite)
