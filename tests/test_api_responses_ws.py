@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 from gateway.redis.keystore import add_key, revoke_key
 from gateway.settings import Limits
 
-from clients import async_sdk, same_but_ids
+from clients import async_sdk, get, same_but_ids
 from conftest import KEY, OTHER_KEY, Upstream, settings_for
 from servers import gateway_processes
 
@@ -112,6 +112,8 @@ async def test_the_upgrade_without_a_valid_key_is_401_and_no_socket(
         with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
             await http.ws_connect(_ws_url(base), headers=headers)
         assert refused.value.status == 401
+    plain = await get(f"{base}/api/v1/responses")  # a key, but no upgrade: no socket either
+    assert plain.status == 400 and plain.error()["code"] == "websocket_upgrade_required"
     client = async_sdk(base, "sk-not-a-key-at-all")
     with pytest.raises(Exception, match="401"):
         async with client.responses.connect(max_retries=0):
@@ -149,6 +151,28 @@ async def test_the_next_turn_may_follow_the_last_message_at_once(
         for _ in range(5):
             assert (await _turn(ws, model="grok-4", input="hi"))[-1]["type"] == \
                 "response.completed"
+
+
+async def test_a_client_that_leaves_mid_turn_frees_its_stream_slot(
+        mock_upstream: Upstream, start_gateway: Any, http: aiohttp.ClientSession) -> None:
+    _, base = await start_gateway(settings_for(mock_upstream.url,
+                                               limits={"max_concurrent_streams": 1}))
+    headers = {"Authorization": f"Bearer {KEY}"}
+    leaving = await http.ws_connect(_ws_url(base), headers=headers)
+    await leaving.send_str(orjson.dumps({
+        "type": "response.create", "model": "grok-4", "input": "hi",
+        "mock": {"chunks": 400, "chunk_delay": 0.05}}).decode())
+    assert orjson.loads((await leaving.receive(timeout=10)).data)["type"] == "response.created"
+    async with http.ws_connect(_ws_url(base), headers=headers) as other:
+        [busy] = await _turn(other, model="grok-4", input="hi")
+        assert busy["error"]["code"] == "concurrency_limit_exceeded"  # the slot is held
+        await leaving.close()
+        for _ in range(100):  # the slot comes back once the gateway has seen it go
+            last = (await _turn(other, model="grok-4", input="hi"))[-1]
+            if last["type"] == "response.completed":
+                break
+            await asyncio.sleep(0.05)
+        assert last["type"] == "response.completed"
 
 
 async def test_refused_turns_keep_the_socket_open_and_never_reach_the_upstream(

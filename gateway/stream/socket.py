@@ -109,7 +109,10 @@ class SocketSession:
                         await self._error(InvalidRequest(
                             "A response is in progress on this socket; send the next "
                             "response.create once it is done", code="response_in_progress"))
-                    elif not self.leaving:
+                    elif self.leaving:
+                        await self._error(ShuttingDown("The gateway is restarting; open a "
+                                                       "new socket"))
+                    else:
                         self.turn = asyncio.ensure_future(self._turn(msg.data))
                 elif msg.type is WSMsgType.BINARY:
                     await self._error(InvalidRequest("Send each message as JSON text"))
