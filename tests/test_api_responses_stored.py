@@ -45,7 +45,8 @@ async def test_a_streamed_response_is_the_creators_as_soon_as_the_stream_ends(
     events = [e async for e in stream]
     rid = events[0].response.id  # type: ignore[union-attr]
     got = await client.responses.retrieve(rid)  # at once: recorded before the id went out
-    assert got.status == "completed" and got.output_text == events[-1].response.output_text  # type: ignore[union-attr]
+    final = events[-1].response  # type: ignore[union-attr]
+    assert got.status == "completed" and got.output_text == final.output_text
     await client.close()
 
 

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import openai
 import orjson
 import pytest
 import redis.asyncio as aioredis
@@ -175,6 +174,17 @@ async def test_a_client_that_leaves_mid_turn_frees_its_stream_slot(
         assert last["type"] == "response.completed"
 
 
+async def test_an_upstream_socket_closed_between_turns_is_replaced(
+        gateway: Any, mock_upstream: Upstream, http: aiohttp.ClientSession) -> None:
+    _, base = gateway
+    async with http.ws_connect(_ws_url(base), headers={"Authorization": f"Bearer {KEY}"}) as ws:
+        for _ in range(3):
+            done = await _turn(ws, model="grok-4", input="hi", mock={"close_after_turn": True})
+            assert done[-1]["type"] == "response.completed"
+    assert mock_upstream.state.sockets_opened == 3
+    assert len(await _socket_turns(mock_upstream)) == 3  # each turn went up once
+
+
 async def test_refused_turns_keep_the_socket_open_and_never_reach_the_upstream(
         gateway: Any, mock_upstream: Upstream, http: aiohttp.ClientSession) -> None:
     _, base = gateway
@@ -305,4 +315,3 @@ async def test_the_sdk_raises_nothing_on_an_error_message_and_reads_on(gateway: 
             if event.type == "response.completed":
                 break
     await client.close()
-    assert openai  # the SDK is the client under test

@@ -5,7 +5,8 @@ A message refused (not JSON, another type, an unknown model, a ``previous_respon
 does not hold, or the ``status`` mock option) gets one ``{"type": "error", "status", "error"}``
 message and the socket stays open. The upgrade is refused (401) without a ``Bearer`` key, as
 xAI refuses it. Of the mock options, ``chunk_delay`` (between messages), ``echo_auth: ["text"]``
-and ``status`` apply here.
+and ``status`` apply here, and one of its own: ``close_after_turn`` closes the socket once the
+turn's messages are sent.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ async def responses_socket(request: web.Request, answer: Answer) -> web.StreamRe
             if i and isinstance(delay, (int, float)):
                 await asyncio.sleep(delay)
             await ws.send_str(out)
+        if isinstance(opts, dict) and opts.get("close_after_turn"):
+            await ws.close()  # as an upstream that closes idle sockets would, between turns
     return ws
 
 
@@ -63,8 +66,10 @@ def _turn(request: web.Request, body: Any, answer: Answer) -> list[str]:
     if not isinstance(body, dict) or body.get("type") != "response.create":
         return [_error(400, "expected a response.create message", param="type")]
     opts = body.get("mock") or {}
-    if not isinstance(opts, dict) or (problem := out_of_bounds(opts)) is not None:
-        return [_error(400, "bad mock options" if not isinstance(opts, dict) else problem)]
+    if not isinstance(opts, dict):
+        return [_error(400, "mock options must be an object")]
+    if (problem := out_of_bounds(opts)) is not None:
+        return [_error(400, problem)]
     opts = faults.echoing_text(request, opts)  # ``echo_auth``: the key in the answer's text
     if isinstance(opts.get("status"), int):
         return [_error(opts["status"], "refused as asked (mock status)")]

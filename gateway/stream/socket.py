@@ -22,7 +22,9 @@ The life of a socket::
   operator's key, whole or in part, goes out with it taken out; a model alias is set back; the
   ``response.created`` message's response is recorded as the key's before it goes out.
   An upstream that closes, sends what is not a JSON object, or is silent past the first-byte
-  or idle timeout ends the turn with an error message (and is reopened at the next turn).
+  or idle timeout ends the turn with an error message (and is reopened at the next turn). An
+  upstream socket that closed between turns (the upstream's own idle limit) is replaced at
+  the next turn, which goes up again on the new one.
 - The turn is a request as far as shutdown is concerned (``InFlight.track``): the drain waits
   for it, and past the drain time ``stop`` ends it (``gateway_restarting``, then 1001). The
   socket itself is told to ``go_away`` when the drain begins: it closes (1001) at once if idle,
@@ -62,6 +64,7 @@ from .render import Rewrite
 
 log = logging.getLogger("gateway")
 
+_CLOSED = frozenset((WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR))
 TURN_ENDS = frozenset(("response.completed", "response.incomplete", "response.failed", "error"))
 
 
@@ -189,22 +192,11 @@ class SocketSession:
 
     async def _relay(self, turn: Turn) -> str:
         """Sends the turn's messages but its last, which it returns."""
-        if self.upstream is None or self.upstream.closed:
-            self.upstream = await self.upstreams.connect()
-        upstream = self.upstream
-        await upstream.send_str(turn.payload)
-        timeout = self.settings.first_byte_timeout_seconds
+        msg = await self._sent(turn)
         while True:
-            try:
-                msg = await upstream.receive(timeout=timeout)
-            except TimeoutError:
-                raise UpstreamTimeout(f"The upstream sent nothing for {timeout:g} "
-                                      f"seconds") from None
-            timeout = self.settings.idle_timeout_seconds
             if msg.type is not WSMsgType.TEXT:
                 raise UpstreamProtocolError(
-                    "The upstream's WebSocket closed mid-response" if msg.type in
-                    (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR)
+                    "The upstream's WebSocket closed mid-response" if msg.type in _CLOSED
                     else "The upstream sent a message that is not JSON text")
             out, kind = await self._checked(msg.data, turn)
             self.info.chunks += 1
@@ -212,6 +204,36 @@ class SocketSession:
             if kind in TURN_ENDS:
                 return out
             await self.ws.send_str(out)
+            msg = await self._received(self.settings.idle_timeout_seconds)
+
+    async def _sent(self, turn: Turn) -> aiohttp.WSMessage:
+        """The turn sent up, and the upstream's first answer to it. A socket kept from an
+        earlier turn that the upstream has closed meanwhile (an idle limit of its own) is
+        replaced, once."""
+        kept = self.upstream is not None and not self.upstream.closed
+        if not kept:
+            self.upstream = await self.upstreams.connect()
+        assert self.upstream is not None
+        try:
+            await self.upstream.send_str(turn.payload)
+            msg: aiohttp.WSMessage | None = await self._received(
+                self.settings.first_byte_timeout_seconds)
+        except ConnectionError:
+            if not kept:
+                raise UpstreamProtocolError("The upstream's WebSocket closed at once") from None
+            msg = None
+        if kept and (msg is None or msg.type in _CLOSED):
+            await self._drop_upstream()
+            return await self._sent(turn)
+        assert msg is not None
+        return msg
+
+    async def _received(self, timeout: float) -> aiohttp.WSMessage:
+        assert self.upstream is not None
+        try:
+            return await self.upstream.receive(timeout=timeout)
+        except TimeoutError:
+            raise UpstreamTimeout(f"The upstream sent nothing for {timeout:g} seconds") from None
 
     async def _checked(self, text: str, turn: Turn) -> tuple[str, Any]:
         """One upstream message as it goes out, and its type; decided on its parsed value."""
