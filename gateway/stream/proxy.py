@@ -72,10 +72,13 @@ class Proxy:
         settings = self.stream_settings
         renderer = StreamRenderer(dialect, rewrite=rewrite, secrets=self.secrets,
                                   max_event_bytes=settings.max_event_bytes)
-        args = (ClientStream(request), renderer, settings, info,
-                {**SSE_HEADERS, **response_headers(info)}, self.secrets)
-        relay = StreamRelay(*args) if recorder is None else RecordingRelay(*args,
-                                                                           recorder=recorder)
+        headers = {**SSE_HEADERS, **response_headers(info)}
+        if recorder is None:
+            relay = StreamRelay(ClientStream(request), renderer, settings, info, headers,
+                                self.secrets)
+        else:
+            relay = RecordingRelay(ClientStream(request), renderer, settings, info, headers,
+                                   self.secrets, recorder=recorder)
         self.open_streams.inc()
         try:
             with self.in_flight.track_stream(relay, info.key):  # shutdown, revocation
