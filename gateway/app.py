@@ -18,12 +18,14 @@ from .appkeys import (
     METRICS,
     MODEL_CATALOG,
     PROXY,
+    RECORDS,
     SETTINGS,
+    UPSTREAM_SOCKETS,
     UPSTREAMS,
 )
 from .auth import AuthFailureThrottle, ConfigKeyStore
 from .catalog import ModelCatalog
-from .handlers import chat, health, images, models, responses, vision
+from .handlers import chat, health, images, models, responses, socket, stored, vision
 from .inflight import InFlight
 from .log_filters import http_server_log
 from .metrics import Metrics
@@ -31,11 +33,14 @@ from .middleware import CHAIN
 from .monitoring import monitoring_ctx
 from .ratelimit.memory import MemoryLimiter
 from .ratelimit.redis import RedisLimiter
+from .records.memory import MemoryRecords
+from .records.redis import RedisRecords
 from .redis.keystore import RedisKeyStore
 from .redis.lifecycle import open_redis
 from .settings import Settings, UpstreamEntry
 from .stream.proxy import Proxy
 from .upstream.client import UpstreamClient
+from .upstream.sockets import SocketUpstreams, UpstreamSockets
 from .upstream.upstreams import UpstreamSet
 
 log = logging.getLogger("gateway")
@@ -68,6 +73,12 @@ def create_app(settings: Settings, environ: Mapping[str, str] | None = None) -> 
         app.router.add_get(f"{prefix}/models", models.list_models)
         app.router.add_get(f"{prefix}/models/{{model:.+}}", models.get_model)  # ids may hold "/"
         app.router.add_post(f"{prefix}/responses", responses.create_response)
+        app.router.add_get(f"{prefix}/responses", socket.responses_socket)  # WebSocket mode
+        stored_one = f"{prefix}/responses/{{response_id}}"
+        app.router.add_get(stored_one, stored.retrieve)
+        app.router.add_delete(stored_one, stored.delete)
+        app.router.add_get(f"{stored_one}/input_items", stored.input_items)
+        app.router.add_post(f"{stored_one}/cancel", stored.cancel)
         app.router.add_post(f"{prefix}/images/generate", images.generate_images)
         app.router.add_post(f"{prefix}/images/generations", images.generate_images)
         app.router.add_post(f"{prefix}/vision/analyze", vision.analyze)
@@ -106,29 +117,40 @@ async def _upstreams(app: web.Application, entries: Sequence[tuple[UpstreamEntry
     await upstreams.start()
     app[UPSTREAMS] = upstreams
     app[PROXY] = Proxy(upstreams, settings, app[IN_FLIGHT], app[METRICS])
+    sockets = app[UPSTREAM_SOCKETS] = SocketUpstreams(upstreams, {
+        entry.name: UpstreamSockets(entry.url, key, settings.stream, upstreams.secrets)
+        for entry, key in entries})
     try:
         yield
     finally:
+        await sockets.close()
         await upstreams.close()
 
 
 async def _limiter_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The limiter, and with Redis the app's one Redis client and the key store in Redis."""
+    """The limiter and the response records, and with Redis the app's one Redis client, the
+    key store and the records in Redis."""
     redis_settings = app[SETTINGS].redis
+    retention = app[SETTINGS].responses.retention_seconds
     if redis_settings is None:
         memory = MemoryLimiter()
         app[LIMITER] = memory
+        app[RECORDS] = MemoryRecords(retention)
         yield
         await memory.close()
+        await app[RECORDS].close()
         return
     async with open_redis(redis_settings) as (client, breaker):
         keystore = RedisKeyStore(app[KEYSTORE], client, redis_settings, breaker)
         limiter = RedisLimiter(client, redis_settings, breaker)
+        records = RedisRecords(client, redis_settings.key_prefix, retention, breaker)
         app[KEYSTORE] = keystore
         app[LIMITER] = limiter
+        app[RECORDS] = records
         try:
             yield
         finally:
+            await records.close()
             await limiter.close()
             await keystore.close()
 

@@ -16,8 +16,10 @@ if TYPE_CHECKING:
     from .metrics import Metrics
     from .ratelimit import Limiter
     from .readiness import UpstreamProbe
+    from .records import ResponseRecords
     from .stream.proxy import Proxy
     from .upstream.upstreams import UpstreamSet
+    from .upstream.sockets import SocketUpstreams
 
 # Typed by annotation: the classes are imported for type checkers only, so that this module
 # stays free of import cycles.
@@ -31,3 +33,5 @@ METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 UPSTREAM_PROBE: web.AppKey[UpstreamProbe] = web.AppKey("upstream_probe")
 MODEL_CATALOG: web.AppKey[ModelCatalog] = web.AppKey("model_catalog")
 PROXY: web.AppKey[Proxy] = web.AppKey("proxy")
+UPSTREAM_SOCKETS: web.AppKey[SocketUpstreams] = web.AppKey("upstream_sockets")
+RECORDS: web.AppKey[ResponseRecords] = web.AppKey("response_records")

@@ -29,7 +29,9 @@ The tree (status, OpenAI ``type``, ``code``)::
 Before response headers are sent an error is a response with its true status: a JSON body
 ``{"error": {"message", "type", "param", "code"}}`` or, for a client reading an event stream, the
 same object as one SSE frame. After headers are sent the status can no longer change; the relay
-then writes the frame and ends the stream. ``"error"`` is always an object: a bare string makes
+then writes the frame and ends the stream. On a WebSocket (the Responses API's WebSocket
+mode) an error is one message, ``{"type": "error", "status", "error": {...}}``, and the socket
+stays open. ``"error"`` is always an object: a bare string makes
 the OpenAI SDK drop the message.
 
 What an upstream says reaches a client only through ``gateway/upstream/errors.py``, which applies
@@ -79,6 +81,11 @@ class GatewayError(Exception):
 
     def sse_frame(self) -> bytes:
         return b"data: " + orjson.dumps(self.body()) + b"\n\n"
+
+    def socket_message(self) -> str:
+        """The error as the Responses API's WebSocket mode sends it (the SDK's
+        ``ResponseWsError``): one text message, after which the socket stays open."""
+        return orjson.dumps({"type": "error", "status": self.status, **self.body()}).decode()
 
     def response_error_frame(self, sequence_number: int | None = None) -> bytes:
         """The Responses API's own stream error event, which its SDK raises as ``APIError``.

@@ -13,6 +13,11 @@ A stream registers with its key too (``track_stream``). One task per process
 asked once about the distinct keys that have open streams, and each stream of a revoked key is
 told to ``revoke`` (it ends with an ``api_key_revoked`` frame). A stream so costs nothing per
 event, and nothing per stream but a dictionary entry.
+
+A WebSocket (the Responses API's WebSocket mode) lives longer than any request: it registers
+for its whole life with ``track_socket``, its key watched like a stream's, and is told to
+``go_away`` when the drain begins (it closes with 1001 once its turn, if one runs, ends). Only
+its turns are requests that the drain waits for (``track``).
 """
 
 from __future__ import annotations
@@ -38,6 +43,11 @@ class Revocable(Stoppable, Protocol):
         """End now, telling the client its key was revoked."""
 
 
+class Socket(Revocable, Protocol):
+    def go_away(self) -> None:
+        """The gateway is shutting down: close once the turn in progress, if any, ends."""
+
+
 class KeyCheck(Protocol):
     """What ``end_revoked`` asks (``KeyStore.revoked``, ``gateway/auth.py``)."""
 
@@ -54,6 +64,8 @@ class InFlight:
         self._idle.set()
         self._hurry = asyncio.Event()
         self._closed = False
+        self._sockets: set[Socket] = set()
+        self._draining = False
 
     def __len__(self) -> int:
         return len(self._open)
@@ -78,6 +90,21 @@ class InFlight:
         finally:
             self._streams.pop(stream, None)
             self._discard(stream)
+
+    @contextlib.contextmanager
+    def track_socket(self, socket: Socket, key: ClientKey | None) -> Iterator[None]:
+        """A WebSocket, for its whole life: its key watched as a stream's (``end_revoked``),
+        and told to go away when the drain begins. Not a request the drain waits for."""
+        if key is not None:
+            self._streams[socket] = key
+        self._sockets.add(socket)
+        if self._draining:
+            socket.go_away()
+        try:
+            yield
+        finally:
+            self._streams.pop(socket, None)
+            self._sockets.discard(socket)
 
     def _add(self, request: Stoppable) -> None:
         self._open.add(request)
@@ -112,7 +139,11 @@ class InFlight:
         self._hurry.set()
 
     async def drain(self, seconds: float) -> None:
-        """Wait up to ``seconds`` for open requests to end, then stop the rest."""
+        """Tell the sockets to go away, wait up to ``seconds`` for open requests to end, then
+        stop the rest."""
+        self._draining = True
+        for socket in list(self._sockets):
+            socket.go_away()
         if self._open:
             log.info("draining %d open requests for up to %gs", len(self._open), seconds)
             idle = asyncio.ensure_future(self._idle.wait())

@@ -58,6 +58,7 @@ class RequestInfo:
     limit_headers: dict[str, str] = field(default_factory=dict)
     charge: Charge | None = None  # what a key with token or spend limits was charged
     upstream: str | None = None  # the upstream's name (the last one tried), never its URL
+    pinned: str | None = None  # the upstream that holds the stored response it names
 
     def note_error(self, err: GatewayError) -> None:
         """What the client was told and why. An outcome already decided (a shutdown, a

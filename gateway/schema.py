@@ -22,6 +22,7 @@ from .settings import (
     ModelSettings,
     Price,
     RedisSettings,
+    ResponsesSettings,
     ServerSettings,
     Settings,
     StreamSettings,
@@ -44,6 +45,7 @@ def settings_from(data: Mapping[str, Any]) -> Settings:
     limits = _section(data, "limits", Limits)
     stream = _section(data, "stream", StreamSettings)
     vision = _section(data, "vision", VisionSettings)
+    responses = _section(data, "responses", ResponsesSettings)
 
     _check(0 < server.port < 65536 or server.port == 0, "server.port", "must be 0..65535")
     _check(server.workers >= 1, "server.workers", "must be at least 1")
@@ -100,6 +102,7 @@ def settings_from(data: Mapping[str, Any]) -> Settings:
     _check(vision.stream_fallback in ("sse", "json", "off"), "vision.stream_fallback",
            'must be "sse", "json" or "off"')
     _check(vision.max_image_bytes > 0, "vision.max_image_bytes", "must be positive")
+    _check(responses.retention_seconds >= 1, "responses.retention_seconds", "must be at least 1")
 
     keys = tuple(_key(i, entry, limits) for i, entry in enumerate(_list(data, "keys")))
     names = [k.name for k in keys]
@@ -131,7 +134,8 @@ def settings_from(data: Mapping[str, Any]) -> Settings:
                "([upstream] keeps the timeouts and retries that apply to all)")
 
     return Settings(server=server, upstream=upstream, redis=redis, limits=limits, keys=keys,
-                    stream=stream, vision=vision, models=models, upstreams=upstreams)
+                    stream=stream, vision=vision, models=models, upstreams=upstreams,
+                    responses=responses)
 
 
 _HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}")

@@ -243,6 +243,13 @@ class ModelSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ResponsesSettings:
+    # How long the gateway remembers which key created a stored response (its owner): as long
+    # as the upstream keeps the response (xAI: 30 days).
+    retention_seconds: float = 30 * 86400.0
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     server: ServerSettings = ServerSettings()
     upstream: UpstreamSettings = UpstreamSettings()
@@ -252,6 +259,7 @@ class Settings:
     stream: StreamSettings = StreamSettings()
     vision: VisionSettings = VisionSettings()
     models: ModelSettings = ModelSettings()
+    responses: ResponsesSettings = ResponsesSettings()
     # Several upstreams; empty: ``[upstream]`` alone, as one named ``default``.
     upstreams: tuple[UpstreamEntry, ...] = ()
 
@@ -286,6 +294,7 @@ SECTIONS: dict[str, type] = {
     "limits": Limits,
     "stream": StreamSettings,
     "vision": VisionSettings,
+    "responses": ResponsesSettings,
 }
 
 

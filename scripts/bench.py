@@ -31,6 +31,9 @@ Scenarios (``--only`` picks some; ``all`` is every one):
            Redis, each beside nginx's, for a stream of one event, one whose --one-read-chunks
            events arrive in one read, --streams paced streams and long streams of events close
            together (also per event)
+  sockets  the Responses API's WebSocket mode: CPU of the gateway per socket turn (each of
+           --socket-clients sockets runs --socket-turns turns) beside CPU per POST responses
+           stream (as many clients, as many streams each), the same answer of --chunks deltas
 
 CPU is the scheduler's nanosecond count of every thread of the process and its children
 (/proc/PID/task/TID/schedstat), not the coarse clock ticks (SC_CLK_TCK) of /proc/PID/stat.
@@ -68,6 +71,7 @@ from benchlib.scenarios.field import scenario_field
 from benchlib.scenarios.layers import scenario_layers
 from benchlib.scenarios.load import scenario_load
 from benchlib.scenarios.many import scenario_many
+from benchlib.scenarios.sockets import scenario_sockets
 from benchlib.scenarios.ttfb import scenario_ttfb
 from benchlib.scenarios.workers import scenario_workers
 from benchlib.table import table
@@ -78,7 +82,7 @@ from benchlib.upstreams import serve_mock, serve_replay
 RUNS: dict[str, Callable[[Bench], dict[str, Any]]] = {
     "load": scenario_load, "field": scenario_field, "cpu": scenario_cpu, "ttfb": scenario_ttfb,
     "burst": scenario_burst, "many": scenario_many, "workers": scenario_workers,
-    "layers": scenario_layers}
+    "layers": scenario_layers, "sockets": scenario_sockets}
 SCENARIOS = tuple(RUNS)
 SUMMARY_KEYS = {"ttfb": "ttfb_ms", "burst": "burst_chunks_per_s"}  # the names they had before
 
@@ -139,6 +143,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--workers-list", type=ints, default=[1, 2],
                    help="workers: the process counts to run, gateway and nginx alike "
                         "(default: 1,2; a many-core machine: 1,2,4,8)")
+    g.add_argument("--socket-clients", type=int, default=20,
+                   help="sockets: concurrent sockets (and stream clients)")
+    g.add_argument("--socket-turns", type=int, default=50,
+                   help="sockets: turns per socket (and streams per client)")
     g.add_argument("--mocks", type=int, default=1,
                    help="upstream processes sharing the upstream port (SO_REUSEPORT)")
     g.add_argument("--wrk-threads", type=int,

@@ -1,6 +1,7 @@
 """The clients the API tests drive the gateway with: the OpenAI SDK (sync and async) and raw
 aiohttp, for exact bytes and headers; and what every test builds or reads with them:
-``chat_body(stream=..., **mock)`` (a chat request body, ``stream`` always said), ``mock_events``
+``chat_body(stream=..., **mock)`` (a chat request body, ``stream`` always said), ``same_but_ids``
+(Responses answers compared without their ids), ``mock_events``
 (what the mock upstream streams for a text), ``sse_events`` / ``blocks`` (an SSE body cut into
 events), ``scrape`` / ``value`` (``/metrics``, parsed).
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import copy
+import re
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
@@ -118,6 +120,15 @@ async def get(url: str, key: str = KEY) -> Raw:
     async with aiohttp.ClientSession() as s:
         async with s.get(url, headers={"Authorization": f"Bearer {key}"}) as r:
             return Raw(r.status, dict(r.headers), await r.read())
+
+
+_MOCK_IDS = re.compile(rb"\b(resp|msg)_mock_\d+\b")
+
+
+def same_but_ids(body: bytes) -> bytes:
+    """A body with the mock's response and message ids (new for each response it makes) put
+    the same, to compare two answers byte for byte otherwise."""
+    return _MOCK_IDS.sub(rb"\1_mock_N", body)
 
 
 def data_url(size: int, media: str = "image/png") -> str:

@@ -107,6 +107,6 @@ def test_no_class_is_past_its_size() -> None:
 def test_the_flat_core_is_glue_and_the_layers_have_folders() -> None:
     flat = [p.name for p in PACKAGE.glob("*.py") if p.name not in ("__init__.py", "__main__.py")]
     assert len(flat) <= MAX_FLAT_MODULES, sorted(flat)
-    for layer in ("handlers", "middleware", "mock", "ratelimit", "redis", "server", "stream",
-                  "upstream"):
+    for layer in ("handlers", "middleware", "mock", "ratelimit", "records", "redis", "server",
+                  "stream", "upstream"):
         assert (PACKAGE / layer / "__init__.py").is_file(), layer

@@ -16,7 +16,6 @@ import aiohttp
 import orjson
 import pytest
 
-from gateway.appkeys import PROXY
 from gateway.mock.ports import free_port
 from gateway.mock.upstream import run_mock_upstream
 from gateway.request_info import RequestInfo
@@ -401,22 +400,6 @@ async def test_a_try_silent_past_the_headers_timeout_moves_to_the_next_upstream(
     assert stream_status == 200 and chat_text(events).startswith("b: ")
     assert await metric(s, base, "gateway_upstream_requests_total", upstream="a",
                         outcome="timeout") == 2
-
-
-async def test_a_pinned_request_goes_where_it_is_pinned_and_never_moves(
-        mocks: dict[str, Upstream], start_gateway: Any) -> None:
-    """``Proxy.pinned`` is where a continuation's upstream is named (the response record)."""
-    mocks["b"].state.forced = {"status": 500}
-    app, base = await start_gateway(multi({"a": mocks["a"].url, "b": mocks["b"].url},
-                                          a={"weight": 100}))
-    app[PROXY].pinned = lambda request, body: "b"  # type: ignore[method-assign]
-    async with aiohttp.ClientSession() as s:
-        status, _answer, _r = await plain(s, base)
-        stream_status, _events = await streamed(s, base, "responses",
-                                                {"model": "grok-4", "input": "hi",
-                                                 "stream": True})
-    assert status == stream_status == 500
-    assert posts(mocks["a"]) == 0 and posts(mocks["b"]) == 2
 
 
 async def test_a_moved_request_is_freed_the_moment_it_ends(

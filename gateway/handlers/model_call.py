@@ -22,13 +22,15 @@ from ..appkeys import LIMITER, PROXY, SETTINGS
 from ..errors import PermissionDenied
 from ..ratelimit.charges import worst_case
 from ..ratelimit.spend import Spend
+from ..records import Recorder
 from ..request_info import REQUEST_INFO, RequestInfo
 from ..stream import fallback
 from ..stream.dialect import CHAT, RESPONSES, Dialect
 from ..stream.render import Rewrite
 from ..vision import require_vision_model
 
-Fallback = Callable[[web.Request, dict[str, Any], Rewrite | None], Awaitable[web.Response]]
+Fallback = Callable[[web.Request, dict[str, Any], Rewrite | None, Recorder | None],
+                    Awaitable[web.Response]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,14 +44,15 @@ CHAT_API = ModelApi("chat/completions", CHAT, fallback.chat)
 RESPONSES_API = ModelApi("responses", RESPONSES, fallback.responses)
 
 
-def model_call(request: web.Request, api: ModelApi, body: dict[str, Any], images: list[str]
-               ) -> Awaitable[web.StreamResponse]:
-    """``images`` are the request's image parts (their ``param`` paths), found by the caller."""
+def model_call(request: web.Request, api: ModelApi, body: dict[str, Any], images: list[str],
+               recorder: Recorder | None = None) -> Awaitable[web.StreamResponse]:
+    """``images`` are the request's image parts (their ``param`` paths), found by the caller;
+    ``recorder`` records the response the answer creates (``handlers/owned.py``)."""
     settings = request.app[SETTINGS]
     info = request[REQUEST_INFO]
     model = body["model"]
     rewrite = apply_alias(settings.models.aliases, body)
-    spend = _spend(request, info, model, body["model"])
+    spend = spend_for(request, info, model, body["model"])
     whole = False  # a vision request that asked to stream, answered whole
     if images:
         require_vision_model(settings.vision, model, body["model"], images[0])
@@ -61,12 +64,12 @@ def model_call(request: web.Request, api: ModelApi, body: dict[str, Any], images
     def answer() -> Awaitable[web.StreamResponse]:
         """Made only once the reservation is taken: nothing reaches the upstream before."""
         if whole:
-            return api.fallback(request, body, rewrite)
+            return api.fallback(request, body, rewrite, recorder)
         call = proxy.post(request, api.path, body)
         if streamed:
             return proxy.stream(request, call, dialect=api.dialect, rewrite=rewrite,
-                                hide_usage=hide_usage, spend=spend)
-        return proxy.plain.relay(info, call, rewrite)
+                                hide_usage=hide_usage, spend=spend, recorder=recorder)
+        return proxy.plain.relay(info, call, rewrite, recorder=recorder)
     return answer() if spend is None else _charged(request, spend, body, answer, streamed)
 
 
@@ -84,7 +87,7 @@ def _ask_usage(body: dict[str, Any]) -> bool:
     return False  # asked for; or not an object, which the upstream refuses
 
 
-def _spend(request: web.Request, info: RequestInfo, model: str, upstream_model: str
+def spend_for(request: web.Request, info: RequestInfo, model: str, upstream_model: str
            ) -> Spend | None:
     """The request's charge, for a key with token or spend limits; a key with a spend limit
     may use only models with a price."""

@@ -12,7 +12,11 @@ from ..request_info import ClientKey, RequestInfo
 
 async def admit(request: web.Request, info: RequestInfo, key: ClientKey) -> None:
     """Raise the client's error, or return with the body parsed (``info.model`` known)."""
-    if request.method == "POST":
+    if "response_id" in request.match_info:  # a stored response's route: no body to read
+        # Its events replayed (``GET responses/{id}?stream=true``) hold a stream slot, as the
+        # stream that made them did.
+        info.stream = request.method == "GET" and request.query.get("stream") == "true"
+    elif request.method == "POST":
         await json_body(request)
         if info.model is None and key.models is not None:
             # Without a model the upstream picks its default, which the allow-list never saw.

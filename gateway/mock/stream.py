@@ -37,6 +37,7 @@ class MockState:
     # Options every POST gets, over its own: a mock that always fails ({"status": 500}), one
     # whose streams die ({"disconnect_after": 2}), and so on.
     forced: dict[str, Any] = field(default_factory=dict)
+    sockets_opened: int = 0  # WebSocket-mode sockets (``socket.py``)
     _open_waiters: list[tuple[int, asyncio.Future[None]]] = field(default_factory=list,
                                                                   repr=False)
 

@@ -71,7 +71,11 @@ Routes (under ``/v1`` and the root): ``chat/completions`` (streamed or not; tool
 structured output, reasoning, image parts for vision models), ``responses`` (the Responses API,
 plain or as named events; function ``tools`` and ``text.format`` as chat's ``tools`` and
 ``response_format``; ``error_after`` sends its own ``event: error``), ``models``,
-``models/{id}`` and ``images/generations`` (``b64_json`` or ``url``; never streams).
+``models/{id}`` and ``images/generations`` (``b64_json`` or ``url``; never streams). Responses
+are stored (``stored.py``: retrieved, replayed after ``starting_after``, their input items
+listed, deleted, cancelled), continued by ``previous_response_id`` (404
+``previous_response_not_found`` for an id the mock does not hold), and served over WebSocket
+mode too (``GET responses`` upgraded: ``socket.py``).
 
 ``MockState`` (``app[MOCK_STATE]``, from ``stream.py``) records what the mock saw, for tests
 to assert on. Its ``forced`` options apply to every POST, over the request's own (one of several
@@ -114,6 +118,9 @@ from .responses import (
     responses_events,
     responses_reply,
 )
+from .socket import responses_socket
+from .stored import MOCK_STORE, StoredResponses
+from .stored import add_routes as add_stored_routes
 from .stream import MOCK_STATE, MockState, stream_events
 
 MODELS = ("grok-4", "grok-4-1-fast-non-reasoning", "grok-3-mini", "grok-2-vision-1212",
@@ -248,18 +255,12 @@ async def responses(request: web.Request) -> web.StreamResponse:
     images = count_input_images(body.get("input"))
     if images and not sees_images(model):
         return faults.no_vision(model, style)
+    if (missing := request.app[MOCK_STORE].missing_previous(body)) is not None:
+        return web.json_response(missing, status=404)
     opts = faults.echoing_text(request, opts)
-    words = seen_words(images) if images and "text" not in opts \
-        else _words(opts, request.app[MOCK_STATE].name)
-    reply = responses_reply(body, opts, words)
+    final, events = responses_answer(request, body, opts, model, style, images)
     if not body.get("stream"):
-        n = next(_ids)
-        return web.json_response(response_object(model, reply, f"resp_mock_{n}",
-                                                 f"msg_mock_{n}", request=body, style=style))
-    events = responses_events(model, reply, style=style, request=body)
-    if isinstance(opts.get("failed_after"), int):
-        events = events[:opts["failed_after"]] + [responses_failed_event(
-            model, reply, opts["failed_after"], request=body)]
+        return web.json_response(final)
     if opts.get("format") in ("crlf", "cr"):
         ending = b"\r\n" if opts["format"] == "crlf" else b"\r"
         events = [e.replace(b"\n", ending) for e in events]
@@ -269,6 +270,25 @@ async def responses(request: web.Request) -> web.StreamResponse:
         error_event = functools.partial(faults.responses_leaky_error_event,
                                         faults.leaky_error(request, opts))
     return await stream_events(request, events, opts, done=None, error_event=error_event)
+
+
+def responses_answer(request: web.Request, body: dict[str, Any], opts: dict[str, Any],
+                     model: str, style: str, images: int = 0
+                     ) -> tuple[dict[str, Any], list[bytes]]:
+    """A created response (its final object and its events, each with a new id), stored."""
+    words = seen_words(images) if images and "text" not in opts \
+        else _words(opts, request.app[MOCK_STATE].name)
+    reply = responses_reply(body, opts, words)
+    n = next(_ids)
+    rid, msg_id = f"resp_mock_{n}", f"msg_mock_{n}"
+    final = response_object(model, reply, rid, msg_id, request=body, style=style,
+                            status="in_progress" if body.get("background") else "completed")
+    events = responses_events(model, reply, rid, msg_id, style=style, request=body)
+    if isinstance(opts.get("failed_after"), int):
+        events = events[:opts["failed_after"]] + [responses_failed_event(
+            model, reply, opts["failed_after"], request=body)]
+    request.app[MOCK_STORE].keep(body, final, events)
+    return final, events
 
 
 async def images_generations(request: web.Request) -> web.Response:
@@ -317,12 +337,16 @@ def create_mock_app(style: str = "xai", name: str | None = None) -> web.Applicat
         raise ValueError(f"mock style must be one of {STYLES}, not {style!r}")
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app[MOCK_STATE] = MockState(style=style, models=MODELS, name=name)
+    app[MOCK_STORE] = StoredResponses()
     app.on_response_prepare.append(_say_name)
     for prefix in ("/v1", ""):
         app.router.add_post(f"{prefix}/chat/completions", chat_completions)
         app.router.add_get(f"{prefix}/models", list_models)
         app.router.add_get(f"{prefix}/models/{{model}}", get_model)
         app.router.add_post(f"{prefix}/responses", responses)
+        app.router.add_get(f"{prefix}/responses",  # WebSocket mode
+                           functools.partial(responses_socket, answer=responses_answer))
+        add_stored_routes(app, prefix)
         app.router.add_post(f"{prefix}/images/generations", images_generations)
     return app
 

@@ -32,6 +32,7 @@ from ..errors import (
     UpstreamTimeout,
 )
 from ..inflight import InFlight
+from ..records import Recorder, created_id
 from ..request_info import RequestInfo
 from ..upstream.errors import from_upstream, not_json, redact_strings
 from ..upstream.http1 import AnswerTooLarge, InvalidHTTP, UpstreamResponse
@@ -62,11 +63,15 @@ class PlainAnswers:
 
     async def relay(self, info: RequestInfo, call: Awaitable[UpstreamResponse],
                     rewrite: Rewrite | None = None,
-                    extra_headers: dict[str, str] | None = None) -> web.Response:
+                    extra_headers: dict[str, str] | None = None,
+                    recorder: Recorder | None = None) -> web.Response:
         """The upstream's status and JSON, to the client (model aliases rewritten back), as
-        ``application/json`` whatever the upstream called it: what is decided is the body."""
+        ``application/json`` whatever the upstream called it: what is decided is the body.
+        With a ``recorder``, the response the answer is is recorded before it goes out."""
         upstream, body = await self.read(call)
-        obj = self._parsed(upstream, body, whole=rewrite is not None)
+        obj = self._parsed(upstream, body, whole=rewrite is not None or recorder is not None)
+        if recorder is not None:
+            await recorder(created_id(obj))
         body, obj = self._without_secrets(body, obj)
         if rewrite is not None:
             rewrite(obj)

@@ -24,7 +24,8 @@ class Kind(enum.IntEnum):
     TERMINAL = 2
     ERROR = 3
     OTHER = 4
-    HIDDEN = 5  # a chat usage chunk the client did not ask for (the gateway did): dropped
+    CREATED = 5  # a Responses ``response.created``: its id is the response's, to be recorded
+    HIDDEN = 6  # a chat usage chunk the client did not ask for (the gateway did): dropped
 
 
 def usage_of(obj: Any) -> dict[str, Any] | None:
@@ -66,6 +67,12 @@ class ResponsesDialect(Dialect):
     inside ``response``, and an ``error`` event of its own."""
 
     responses_api = True
+
+    def classify(self, obj: Any) -> Kind:
+        kind = super().classify(obj)
+        if (kind is Kind.DATA or kind is Kind.USAGE) and obj.get("type") == "response.created":
+            return Kind.CREATED  # its usage, if any, is the terminal event's to give
+        return kind
 
     def is_error(self, obj: dict[str, Any]) -> bool:
         return obj.get("error") is not None or obj.get("type") == "error"

@@ -29,6 +29,7 @@ from ..upstream.http1 import UpstreamResponse
 from ..upstream.upstreams import Attempts
 from .closing import give_back
 from .preamble import PreambleHeld
+from .recording import RecordingRelay
 from .relay import State, StreamRelay
 
 _MOVED = UpstreamFailure("moved to another upstream")
@@ -120,3 +121,9 @@ class FailoverRelay(StreamRelay):
             self.following = None
         self.tries.settle(None)  # the client left: judged by what the upstream did so far
         super()._release(self.current or task, clean)
+
+
+class RecordingFailoverRelay(RecordingRelay, FailoverRelay):
+    """A Responses stream of several upstreams that the upstream stores: it may move before
+    its first output, and each ``response.created`` it relays is recorded first, with the
+    upstream that made it (``info.upstream`` as the record is written)."""

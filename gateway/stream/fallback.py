@@ -24,6 +24,7 @@ from aiohttp import web
 
 from ..appkeys import PROXY, SETTINGS
 from ..errors import UpstreamProtocolError
+from ..records import Recorder, created_id
 from ..request_info import REQUEST_INFO
 from ..upstream.http1 import UpstreamResponse
 from .answers import json_answer, sse_answer
@@ -34,24 +35,28 @@ FALLBACK_HEADERS = {"X-Stream-Fallback": "true"}
 _DONE = b"data: [DONE]\n\n"
 
 
-def chat(request: web.Request, body: dict[str, Any], rewrite: Rewrite | None
-         ) -> Awaitable[web.Response]:
+def chat(request: web.Request, body: dict[str, Any], rewrite: Rewrite | None,
+         recorder: Recorder | None = None) -> Awaitable[web.Response]:
     """A chat completion (or ``vision/analyze``) asked to stream, answered whole."""
     return _whole(request, _plain_call(request, "chat/completions", body), rewrite, _chat_events)
 
 
-def responses(request: web.Request, body: dict[str, Any], rewrite: Rewrite | None
-              ) -> Awaitable[web.Response]:
-    """A Responses API request asked to stream, answered whole."""
-    return _whole(request, _plain_call(request, "responses", body), rewrite, response_events)
+def responses(request: web.Request, body: dict[str, Any], rewrite: Rewrite | None,
+              recorder: Recorder | None = None) -> Awaitable[web.Response]:
+    """A Responses API request asked to stream, answered whole (the response it creates
+    recorded first, with a ``recorder``)."""
+    return _whole(request, _plain_call(request, "responses", body), rewrite, response_events,
+                  recorder)
 
 
 async def _whole(request: web.Request, call: Awaitable[UpstreamResponse],
-                 rewrite: Rewrite | None, events: Callable[[dict[str, Any]], list[bytes]]
-                 ) -> web.Response:
+                 rewrite: Rewrite | None, events: Callable[[dict[str, Any]], list[bytes]],
+                 recorder: Recorder | None = None) -> web.Response:
     """The answer, whole: as JSON (``[vision] stream_fallback = "json"``), or as the API's
     ``events`` of it."""
     answer = await _fetch(request, call, rewrite)
+    if recorder is not None:
+        await recorder(created_id(answer))
     info = request[REQUEST_INFO]
     if request.app[SETTINGS].vision.stream_fallback == "json":
         return json_answer(info, answer, FALLBACK_HEADERS)

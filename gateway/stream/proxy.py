@@ -22,6 +22,7 @@ from ..errors import SSE_HEADERS
 from ..inflight import InFlight
 from ..metrics import Metrics
 from ..ratelimit.spend import Spend
+from ..records import Recorder
 from ..request_info import REQUEST_INFO, RequestInfo
 from ..settings import Settings
 from ..upstream.http1 import UpstreamResponse
@@ -30,8 +31,9 @@ from ..upstream.upstreams import Attempts, UpstreamSet
 from .answers import PlainAnswers, response_headers
 from .client_stream import ClientStream
 from .dialect import CHAT, Dialect
-from .failover import FailoverRelay
+from .failover import FailoverRelay, RecordingFailoverRelay
 from .preamble import PreambleHeld
+from .recording import RecordingRelay
 from .relay import StreamRelay
 from .render import Rewrite, StreamRenderer
 
@@ -68,21 +70,17 @@ class Proxy:
             info, "POST", path, orjson.dumps(body), headers,
             model=model if isinstance(model, str) else None,
             affinity=key if isinstance(key, str) and key else None,
-            pinned=self.pinned(request, body))
+            pinned=info.pinned)  # where the response it continues lives (handlers/owned)
 
-    def pinned(self, request: web.Request, body: dict[str, Any]) -> str | None:
-        """The upstream a request must go to, and stay on: where the response it continues
-        (``previous_response_id``) was made, by its name. The seam for the response record
-        (issue 27); a lookup that must be awaited runs in the handler, before ``model_call``,
-        and its answer is read here from the request."""
-        return None
-
-    def get(self, request: web.Request, path: str) -> Awaitable[UpstreamResponse]:
+    def get(self, request: web.Request, path: str, method: str = "GET"
+            ) -> Awaitable[UpstreamResponse]:
+        """A request without a body (``GET``, or ``method``: a stored response's ``DELETE``,
+        its ``cancel``): on the upstream that holds the response, where one is named."""
         info = request[REQUEST_INFO]
         headers = self._headers(request, info, None)
         if self.upstream is not None:
-            return self.upstream.request("GET", path, headers=headers)
-        return self.upstreams.attempts(info, "GET", path, None, headers)
+            return self.upstream.request(method, path, headers=headers)
+        return self.upstreams.attempts(info, method, path, None, headers, pinned=info.pinned)
 
     async def model_list(self, request: web.Request) -> Any:
         """The upstreams' model lists as one (``union_of_lists``): each filtered by its
@@ -111,28 +109,33 @@ class Proxy:
 
     async def stream(self, request: web.Request, call: Awaitable[UpstreamResponse], *,
                      dialect: Dialect = CHAT, rewrite: Rewrite | None = None,
-                     hide_usage: bool = False, spend: Spend | None = None
-                     ) -> web.StreamResponse:
+                     hide_usage: bool = False, spend: Spend | None = None,
+                     recorder: Recorder | None = None) -> web.StreamResponse:
         """Relay the upstream's event stream to the client (``gateway/stream/relay.py``);
-        ``hide_usage``: drop the usage chunk the gateway asked for and the client did not."""
+        ``hide_usage``: drop the usage chunk the gateway asked for and the client did not;
+        with a ``recorder``, the response it creates is recorded first
+        (``stream/recording.py``)."""
         info = request[REQUEST_INFO]
         settings = self.stream_settings
         relay: StreamRelay
         headers = {**SSE_HEADERS, **response_headers(info)}
+        args = (ClientStream(request), settings, info, headers, self.secrets, spend)
         if isinstance(call, Attempts):
             call.deferred = True  # judged when the stream ends
             renderer = PreambleHeld(dialect, hold=dialect.responses_api and call.may_move,
                                     rewrite=rewrite, secrets=self.secrets,
                                     max_event_bytes=settings.max_event_bytes,
                                     hide_usage=hide_usage)
-            relay = FailoverRelay(ClientStream(request), renderer, settings, info, headers,
-                                  self.secrets, spend, tries=call)
+            relay = FailoverRelay(args[0], renderer, *args[1:], tries=call) \
+                if recorder is None else \
+                RecordingFailoverRelay(args[0], renderer, *args[1:], tries=call,
+                                       recorder=recorder)
         else:
-            relay = StreamRelay(ClientStream(request),
-                                StreamRenderer(dialect, rewrite=rewrite, secrets=self.secrets,
-                                               max_event_bytes=settings.max_event_bytes,
-                                               hide_usage=hide_usage),
-                                settings, info, headers, self.secrets, spend)
+            renderer = StreamRenderer(dialect, rewrite=rewrite, secrets=self.secrets,
+                                      max_event_bytes=settings.max_event_bytes,
+                                      hide_usage=hide_usage)
+            relay = StreamRelay(args[0], renderer, *args[1:]) if recorder is None else \
+                RecordingRelay(args[0], renderer, *args[1:], recorder=recorder)
         self.open_streams.inc()
         try:
             with self.in_flight.track_stream(relay, info.key):  # shutdown, revocation

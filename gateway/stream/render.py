@@ -11,6 +11,8 @@ here, once, from its parsed object, by the stream's dialect (``Dialect.classify`
 DATA      an object to relay (chat chunk, Responses event); relayed as its own bytes
 USAGE     data that carries the request's token counts (``usage``; Responses: inside
           ``response``); noted in ``usage`` (``gateway/stream/usage.py``), relayed like DATA
+CREATED   a Responses ``response.created``: noted in ``created`` (the id of the response,
+          which the gateway records before it reaches the client), relayed like DATA
 TERMINAL  ``[DONE]``, or a Responses ``response.completed`` / ``incomplete`` / ``failed``
 ERROR     an object with an ``error`` member (however its key was spelled), or a Responses
           ``"type": "error"`` event: never relayed; the stream ends with the gateway's
@@ -77,7 +79,7 @@ class StreamRenderer(UsageTracker):
     token ``usage`` among them, kept by ``UsageTracker``)."""
 
     __slots__ = ("framer", "rewrite", "secrets", "probes", "long_read", "escapable", "clean",
-                 "fast", "hide_usage", "events", "seq", "bytes_out", "tail")
+                 "fast", "hide_usage", "events", "seq", "bytes_out", "tail", "created")
 
     def __init__(self, dialect: Dialect = CHAT, *, rewrite: Rewrite | None = None,
                  secrets: Secrets = NO_SECRETS, max_event_bytes: int = 4 * 1024 * 1024,
@@ -97,6 +99,7 @@ class StreamRenderer(UsageTracker):
         self.seq = 0  # data events sent: a Responses error event continues their numbering
         self.bytes_out = 0
         self.tail = 0  # the bytes of the terminal event, at the end of the last output
+        self.created: Any = None  # a Responses ``response.created`` event, until taken
 
     def feed(self, chunk: bytes) -> Rendered:
         """One upstream read."""
@@ -252,10 +255,13 @@ class StreamRenderer(UsageTracker):
         if kind is Kind.ERROR:
             inner = obj.get("error")
             raise stream_error(obj if inner is None else inner, self.secrets.text)
-        if kind is Kind.USAGE or kind is Kind.TERMINAL:
-            self._note_usage(obj)
-            if self.hide_usage and obj.get("choices") == [] and kind is Kind.USAGE:
-                return b"", Kind.HIDDEN
+        if kind is not Kind.DATA:
+            if kind is Kind.USAGE or kind is Kind.TERMINAL:
+                self._note_usage(obj)
+                if self.hide_usage and kind is Kind.USAGE and obj.get("choices") == []:
+                    return b"", Kind.HIDDEN
+            elif kind is Kind.CREATED:
+                self.created = obj  # the response's id, for its record (``stream/recording.py``)
         try:
             return _reencoded(ev, obj, kind, self.rewrite, self.secrets), kind
         except (TypeError, RecursionError):  # orjson writes 254 levels; the reader takes 1024

@@ -117,6 +117,18 @@ class UpstreamSet:
                  affinity: str | None = None, pinned: str | None = None) -> Attempts:
         return Attempts(self, info, (method, path, body, headers), model, affinity, pinned)
 
+    def pick(self, info: RequestInfo, model: str | None, pinned: str | None) -> str:
+        """The upstream a first try would take (``info.upstream`` names it), for what is not a
+        request and is never moved: a WebSocket-mode socket's, for its life. Not judged: a
+        socket's turns say nothing of its upstream's health here."""
+        if self.only is not None:
+            info.upstream = self.members[0].name
+            return info.upstream
+        tries = Attempts(self, info, ("GET", "responses", None, {}), model, None, pinned)
+        member = tries._first()
+        tries._abandon()
+        return member.name
+
     def states(self) -> dict[str, str]:
         """Each upstream's state by name (``Health.state``; ``full`` at its ``max_concurrent``)."""
         now = self.clock()

@@ -64,6 +64,8 @@ def table(s: dict[str, Any]) -> str:
         rows.append(_burst_row(s["burst_chunks_per_s"]))
     if "many" in s:
         rows.append(_many_row(s["many"]))
+    if "sockets" in s:
+        rows += _sockets_rows(s["sockets"])
     head = ["measure", *NAMES, "gateway vs nginx / over direct", "target"]
     lines = [f"Machine: {s['machine']}; limiter: {s['limiter']}; medians of {s['rounds']} "
              "rounds"]
@@ -203,6 +205,15 @@ def _many_row(m: dict[str, Any]) -> Row:
             f"{m['ok']:,} ok, {m['errors']} failed, checksums "
             f"{'identical' if m['identical_checksums'] else 'DIFFER'}, "
             f"{m['kb_per_open_stream']} KB per open stream", "", ""]
+
+
+def _sockets_rows(so: dict[str, Any]) -> list[Row]:
+    """WebSocket mode: the gateway's CPU per socket turn beside per POST responses stream."""
+    return [[f"CPU per Responses socket turn ({so['chunks']} deltas)", "", "", "",
+             _cpu(so["cpu_ms_per_socket_turn"]),
+             f"{so['ratio_socket_turn_to_stream']}x a POST responses stream", ""],
+            [f"CPU per POST responses stream ({so['chunks']} deltas)", "", "", "",
+             _cpu(so["cpu_ms_per_responses_stream"]), "", ""]]
 
 
 LAYERS = ("nginx", "floor", "naive", "lean", "gateway_memory", "gateway")
