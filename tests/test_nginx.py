@@ -345,6 +345,27 @@ async def test_one_address_cannot_take_every_connection_from_another(
             sock.close()
 
 
+async def test_websocket_mode_passes_through_and_plain_requests_beside_it_are_untouched(
+        deployment: Deployment) -> None:
+    """The upgrade reaches the gateway (a turn answered over the socket, the key checked from
+    the upgrade's headers); a plain request beside it is answered as ever."""
+    url = deployment.url.replace("http://", "ws://") + "/api/v1/responses"
+    async with aiohttp.ClientSession() as s:
+        async with s.ws_connect(url, headers=AUTH) as ws:
+            await ws.send_str(orjson.dumps({"type": "response.create", "model": "grok-4",
+                                            "input": "hi"}).decode())
+            kinds = []
+            while not kinds or kinds[-1] != "response.completed":
+                kinds.append(orjson.loads((await ws.receive(timeout=10)).data)["type"])
+        assert kinds[0] == "response.created"
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await s.ws_connect(url)  # no key: 401, no socket
+        assert refused.value.status == 401
+    status, headers, _ = await fetch(f"{deployment.url}/api/v1/chat/completions",
+                                     chat_body(stream=False), AUTH)
+    assert status == 200
+
+
 def test_the_tested_config_is_the_shipped_one(tmp_path: Path) -> None:
     """Only the lines marked ``# site:`` differ between deploy/nginx.conf and what runs."""
     shipped = NGINX_CONF.read_text().splitlines()
