@@ -10,6 +10,10 @@ the middle half of the rounds' changes shows the spread (one that straddles zero
 paced and long loads drift the most between identical trees; docs/performance.md says how much).
 
     python scripts/bench_ab.py BASE [--rounds N] [--loads one,one_read,paced,long] [--no-redis]
+                                    [--budget]
+
+--budget gives this tree's key token and spend limits that no load reaches (every request then
+reserves and settles: what the checks cost), the base's none.
 
 Loads (CPU of the proxy process per stream; nginx's for the ratio; each one's size in LOADS):
   one       streams of one event, a few at a time, on kept-alive connections: a request's cost
@@ -58,9 +62,9 @@ def worktree(rev: str, where: Path) -> Any:
 
 
 def gateway(st: contextlib.ExitStack, tmp: Path, name: str, tree: Path, up: int,
-            redis: str | None) -> Target:
+            redis: str | None, budget: bool = False) -> Target:
     port = free_port()
-    proc = st.enter_context(gateway_started(tmp, up, redis, port, tree=tree))
+    proc = st.enter_context(gateway_started(tmp, up, redis, port, tree=tree, budget=budget))
     return Target(name, proc, f"http://127.0.0.1:{port}/api/v1")
 
 
@@ -72,6 +76,8 @@ def main() -> None:
         f"{name} {json.dumps(size)}" for name, size in LOADS.items()))
     p.add_argument("--no-redis", action="store_true", help="the in-process limiter")
     p.add_argument("--clients", type=int, default=2, help="load client processes")
+    p.add_argument("--budget", action="store_true",
+                   help="this tree's key with token and spend limits (none reached)")
     a = p.parse_args()
     loads = a.loads.split(",")
     redis = None if a.no_redis or not redis_available(REDIS_URL) else REDIS_URL
@@ -82,7 +88,7 @@ def main() -> None:
         upstream_group(st, tmp, up, 1)
         ngx_port = free_port()
         targets = [gateway(st, tmp, "base", base_tree, up, redis),
-                   gateway(st, tmp, "new", ROOT, up, redis),
+                   gateway(st, tmp, "new", ROOT, up, redis, a.budget),
                    Target("nginx", st.enter_context(nginx_started(tmp, up, ngx_port)),
                           f"http://127.0.0.1:{ngx_port}/v1")]
         for t in targets:  # pools warm, as many upstream connections as the paced load needs
@@ -98,7 +104,8 @@ def main() -> None:
                     if r["errors"]:
                         raise RuntimeError(f"{t.name}: {r['errors']} failed streams")
                     cpu[name][t.name].append((t.cpu() - c0) * 1e6 / r["ok"])
-    print(f"CPU per stream, medians of {a.rounds} rounds; base {a.base}, new this tree; "
+    print(f"CPU per stream, medians of {a.rounds} rounds; base {a.base}, new this tree"
+          f"{' (its key with token and spend limits)' if a.budget else ''}; "
           f"limiter: {'redis' if redis else 'memory'}")
     print("| load | base | new | new vs base | new lower in | middle half of the rounds' "
           "changes | nginx | base / nginx | new / nginx |")

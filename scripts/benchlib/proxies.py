@@ -95,16 +95,24 @@ what the gateway does to keep every part of it from clients costs by its bytes
 (``gateway/upstream/secrets.py``); ``scripts/benchlib/relays/lean.py`` holds the same."""
 
 
+BUDGET = ["tokens_per_minute = 1000000000000", "tokens_per_day = 1000000000000",
+          "usd_per_day = 1000000", "usd_per_month = 10000000"]
+"""Token and spend limits no load reaches: every request reserves and settles (the checks'
+cost), none is refused."""
+
+
 def gateway_config(tmp: Path, upstream_port: int, redis_url: str | None, port: int,
-                   workers: int = 1) -> Path:
+                   workers: int = 1, budget: bool = False) -> Path:
     lines = [
         "[server]", f"port = {port}", f"workers = {workers}", "access_log = false", "",
         "[upstream]", f'url = "http://127.0.0.1:{upstream_port}/v1"',
         f'api_key = "{OPERATOR_KEY}"', "max_retries = 0", "",
         "[limits]", "requests_per_minute = 100000000", "burst = 10000000",
-        "max_concurrent_streams = 100000", "",
+        "max_concurrent_streams = 100000", *(BUDGET if budget else []), "",
         "[[keys]]", 'name = "bench"', f'key = "{KEY}"', "",
     ]
+    if budget:
+        lines += ['[models.prices."grok-4"]', "input = 3.0", "output = 15.0", ""]
     if redis_url:
         lines += ["[redis]", f'url = "{redis_url}"', f'key_prefix = "gwbench:{os.getpid()}"', ""]
     path = tmp / f"gateway-{port}.toml"
@@ -113,11 +121,12 @@ def gateway_config(tmp: Path, upstream_port: int, redis_url: str | None, port: i
 
 
 def gateway_started(tmp: Path, upstream: int, redis_url: str | None, port: int,
-                    workers: int = 1, tree: Path = ROOT
+                    workers: int = 1, tree: Path = ROOT, budget: bool = False
                     ) -> contextlib.AbstractContextManager[subprocess.Popen[bytes]]:
-    """The gateway of ``tree`` (a checkout of another commit, for scripts/bench_ab.py)."""
+    """The gateway of ``tree`` (a checkout of another commit, for scripts/bench_ab.py); with
+    ``budget``, its key has token and spend limits (``BUDGET``)."""
     return started([sys.executable, "-m", "gateway", "serve", "--config",
-                    str(gateway_config(tmp, upstream, redis_url, port, workers))], port,
+                    str(gateway_config(tmp, upstream, redis_url, port, workers, budget))], port,
                    log=tmp / f"gateway-{port}.log", cwd=tree,
                    env=None if tree == ROOT else {"PYTHONPATH": str(tree)})
 
