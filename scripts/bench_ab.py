@@ -10,10 +10,12 @@ the middle half of the rounds' changes shows the spread (one that straddles zero
 paced and long loads drift the most between identical trees; docs/performance.md says how much).
 
     python scripts/bench_ab.py BASE [--rounds N] [--loads one,one_read,paced,long] [--no-redis]
-                                    [--budget]
+                                    [--budget] [--include-usage]
 
 --budget gives this tree's key token and spend limits that no load reaches (every request then
-reserves and settles: what the checks cost), the base's none.
+reserves and settles: what the checks cost), the base's none. --include-usage: every request
+asks for its usage, so that an upstream sends both gateways the same stream (one that does not
+ask gets, from a gateway that asks for it itself, the stream of one that does).
 
 Loads (CPU of the proxy process per stream; nginx's for the ratio; each one's size in LOADS):
   one       streams of one event, a few at a time, on kept-alive connections: a request's cost
@@ -76,6 +78,8 @@ def main() -> None:
         f"{name} {json.dumps(size)}" for name, size in LOADS.items()))
     p.add_argument("--no-redis", action="store_true", help="the in-process limiter")
     p.add_argument("--clients", type=int, default=2, help="load client processes")
+    p.add_argument("--include-usage", action="store_true",
+                   help="every request asks for its usage (the same upstream stream for both)")
     p.add_argument("--budget", action="store_true",
                    help="this tree's key with token and spend limits (none reached)")
     a = p.parse_args()
@@ -100,12 +104,14 @@ def main() -> None:
             for name in loads:
                 for t in targets if rnd % 2 == 0 else targets[::-1]:
                     c0 = t.cpu()
-                    r = load(t.base, processes=a.clients, **LOADS[name])
+                    r = load(t.base, processes=a.clients, include_usage=a.include_usage,
+                             **LOADS[name])
                     if r["errors"]:
                         raise RuntimeError(f"{t.name}: {r['errors']} failed streams")
                     cpu[name][t.name].append((t.cpu() - c0) * 1e6 / r["ok"])
     print(f"CPU per stream, medians of {a.rounds} rounds; base {a.base}, new this tree"
           f"{' (its key with token and spend limits)' if a.budget else ''}; "
+          f"{'every request asks for its usage; ' if a.include_usage else ''}"
           f"limiter: {'redis' if redis else 'memory'}")
     print("| load | base | new | new vs base | new lower in | middle half of the rounds' "
           "changes | nginx | base / nginx | new / nginx |")

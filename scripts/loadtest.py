@@ -194,6 +194,8 @@ async def collect(args: argparse.Namespace) -> Stats:
         "messages": [{"role": "user", "content": "x" * args.prompt_bytes}]}
     if args.mock:
         body_obj["mock"] = json.loads(args.mock)
+    if args.include_usage:
+        body_obj["stream_options"] = {"include_usage": True}
     body = json.dumps(body_obj).encode()
     headers = {"Content-Type": "application/json",
                "Accept": "application/json" if args.plain else "text/event-stream"}
@@ -364,6 +366,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rate", type=float, help="streams started per second, at most")
     p.add_argument("--timeout", type=float, default=300)
     p.add_argument("--mock", help="JSON object sent as the body's 'mock' (mock upstream only)")
+    p.add_argument("--include-usage", action="store_true",
+                   help="ask for the stream's usage (stream_options.include_usage)")
     p.add_argument("--checksum", action="store_true",
                    help="hash every stream's bytes; identical streams give one checksum")
     p.add_argument("--plain", action="store_true",

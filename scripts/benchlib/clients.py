@@ -24,7 +24,8 @@ def load(base: str, *, concurrency: int, requests: int | None = None,
          duration: float | None = None, mock: dict[str, Any] | None = None,
          processes: int = 1, plain: bool = False, events: int | None = None,
          gaps: bool = False, stall_ms: float | None = None, timeout: float = 600,
-         checksum: bool = False, warmup: int = 0) -> dict[str, Any]:
+         checksum: bool = False, warmup: int = 0, include_usage: bool = False
+         ) -> dict[str, Any]:
     """One scripts/loadtest.py run in ``processes`` client processes of its own."""
     argv = ["--url", base, "--key", KEY, "--concurrency", str(concurrency), "--quiet",
             "--timeout", str(timeout), "--processes", str(processes), "--warmup", str(warmup)]
@@ -34,7 +35,8 @@ def load(base: str, *, concurrency: int, requests: int | None = None,
     argv += ["--events", str(events)] if events is not None else []
     argv += ["--stall-ms", str(stall_ms)] if stall_ms is not None else []
     argv += [flag for flag, on in (("--plain", plain), ("--gaps", gaps),
-                                   ("--checksum", checksum)) if on]
+                                   ("--checksum", checksum),
+                                   ("--include-usage", include_usage)) if on]
     return loadtest.measure(loadtest.parse_args(argv), fork=True)
 
 
