@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 XAI_URL = "https://api.x.ai/v1"
+DEFAULT_UPSTREAM = "default"
+"""The name of ``[upstream]`` alone: a response record that names no upstream was made there."""
 DEMO_KEY = "sk-gateway-demo"
 """Accepted by the embedded default (mock upstream, no ``[[keys]]``); logged at start-up."""
 MAX_INT = 2**63 - 1
@@ -282,7 +284,7 @@ class Settings:
         """Every upstream: ``[[upstreams]]``, or ``[upstream]`` as one named ``default``."""
         if self.upstreams:
             return self.upstreams
-        return (UpstreamEntry("default", self.upstream.url, self.upstream.api_key,
+        return (UpstreamEntry(DEFAULT_UPSTREAM, self.upstream.url, self.upstream.api_key,
                               self.upstream.api_key_env),)
 
 

@@ -11,7 +11,7 @@ import openai
 import orjson
 import pytest
 
-from clients import async_sdk, get, post
+from clients import async_sdk, get, post, scrape
 from conftest import OTHER_KEY, Upstream
 
 
@@ -163,3 +163,22 @@ async def test_a_vision_stream_answered_whole_is_the_creators_too(gateway: Any) 
     rid = orjson.loads(answered.events()[0].split(b"data: ", 1)[1])["response"]["id"]
     assert (await get(f"{base}/api/v1/responses/{rid}")).status == 200
     assert (await get(f"{base}/api/v1/responses/{rid}", OTHER_KEY)).status == 404
+
+
+async def test_reading_a_stored_response_again_counts_no_tokens(gateway: Any) -> None:
+    """Its tokens were counted when it was made (``gateway_tokens_total``), once."""
+    _, base = gateway
+    client = async_sdk(base)
+    created = await client.responses.create(model="grok-4", input="hi")
+    made = await _prompt_tokens(base)
+    await client.responses.retrieve(created.id)
+    async for _ in await client.responses.retrieve(created.id, stream=True):
+        pass
+    assert await _prompt_tokens(base) == made == 12
+    await client.close()
+
+
+async def _prompt_tokens(base: str) -> float:
+    samples = await scrape(base)
+    return sum(v for (name, labels), v in samples.items()
+               if name == "gateway_tokens_total" and ("type", "prompt") in labels)

@@ -152,6 +152,30 @@ async def test_the_next_turn_may_follow_the_last_message_at_once(
                 "response.completed"
 
 
+async def test_every_refused_turn_gives_its_stream_slot_and_its_reservation_back(
+        mock_upstream: Upstream, start_gateway: Any, http: aiohttp.ClientSession) -> None:
+    """A turn refused after its token was taken (nested past what can be re-encoded, another
+    key's response continued, a reservation that does not fit) holds nothing: with one stream
+    slot, and a day of tokens one more turn fits in, the next turn still runs."""
+    _, base = await start_gateway(settings_for(
+        mock_upstream.url, limits={"max_concurrent_streams": 1},
+        keys=[{"name": "alice", "key": KEY, "tokens_per_day": 2000},
+              {"name": "bob", "key": OTHER_KEY}]))
+    headers = {"Authorization": f"Bearer {KEY}"}
+    deep = "[" * 300 + "]" * 300
+    async with http.ws_connect(_ws_url(base), headers=headers) as ws:
+        await ws.send_str('{"type": "response.create", "model": "grok-4", "input": "hi", '
+                          f'"metadata": {deep}}}')
+        refused = [orjson.loads((await ws.receive(timeout=10)).data)]
+        refused += await _turn(ws, model="grok-4", input="hi", previous_response_id="resp_x")
+        refused += await _turn(ws, model="grok-4", input="hi", max_output_tokens=1990)
+        assert [r["error"]["code"] for r in refused] == [
+            "invalid_request", "previous_response_not_found", "token_limit_exceeded"]
+        for _ in range(2):
+            assert (await _turn(ws, model="grok-4", input="hi", max_output_tokens=900))[-1][
+                "type"] == "response.completed"
+
+
 async def test_a_client_that_leaves_mid_turn_frees_its_stream_slot(
         mock_upstream: Upstream, start_gateway: Any, http: aiohttp.ClientSession) -> None:
     _, base = await start_gateway(settings_for(mock_upstream.url,

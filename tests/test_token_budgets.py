@@ -291,6 +291,39 @@ async def test_cut_ends_an_overrunning_stream_with_an_error_frame_and_finish_doe
         assert (await send(base, body))[0] == 429
 
 
+async def test_a_refusal_tells_the_tokens_left_too(mock_upstream: Upstream,
+                                                   start_gateway: Any) -> None:
+    _, base = await start_gateway(settings_for(mock_upstream.url,
+                                               keys=keys(tokens_per_minute=500)))
+    body = chat_body(stream=False, messages=USER, fields={"max_tokens": 400})
+    held = asyncio.ensure_future(send(base, {**body, "mock": {"headers_delay": 1.0}}))
+    await asyncio.sleep(0.3)  # its reservation taken: about 70 of the minute's 500 are left
+    status, headers, raw = await send(base, body)
+    assert status == 429 and orjson.loads(raw)["error"]["code"] == "token_limit_exceeded"
+    assert headers["x-ratelimit-limit-tokens"] == "500" and int(headers["Retry-After"]) >= 1
+    assert int(headers["x-ratelimit-remaining-tokens"]) < 100
+    assert headers["RateLimit-Policy"].endswith(', "tokens";q=500;w=60')
+    assert (await held)[0] == 200
+
+
+async def test_what_a_spend_limit_cannot_count_is_refused_before_the_upstream(
+        mock_upstream: Upstream, start_gateway: Any) -> None:
+    """Image generation (no price) and a background response (answered before it is made,
+    without usage) for a key with limits."""
+    _, base = await start_gateway(settings_for(
+        mock_upstream.url, keys=keys(usd_per_day=5.0), models={"prices": {"grok-4": PRICE}}))
+    status, _, raw = await send(base, {"model": "grok-2-image-1212", "prompt": "a cat"},
+                                path="images/generations")
+    assert status == 403 and orjson.loads(raw)["error"]["code"] == "model_not_priced"
+    status, _, raw = await send(base, {"model": "grok-4", "input": "hi", "background": True},
+                                path="responses")
+    assert status == 400 and orjson.loads(raw)["error"]["param"] == "background"
+    assert not [r for r in mock_upstream.state.requests if r["method"] == "POST"]
+    status, _, _ = await send(base, {"model": "grok-2-image-1212", "prompt": "a cat"},
+                              key=OTHER_KEY, path="images/generations")
+    assert status == 200  # a key without limits is not affected
+
+
 async def test_headers_and_the_closing_comment_tell_the_key_what_it_has_left(
         mock_upstream: Upstream, start_gateway: Any) -> None:
     _, base = await start_gateway(settings_for(

@@ -7,10 +7,13 @@ as ``POST responses`` does.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import aiohttp
 import orjson
+
+from gateway.schema import settings_from
 
 from clients import async_sdk
 from conftest import KEY, Upstream, settings_for
@@ -63,6 +66,44 @@ async def test_a_continuation_never_moves_from_the_upstream_that_holds_its_respo
                 assert r.status == 500  # b's failure, told as it is: a would not know the id
     assert posts(mocks["a"]) == before
     await client.close()
+
+
+async def test_responses_made_with_one_upstream_stay_there_when_more_are_added(
+        mocks: dict[str, Upstream], start_gateway: Any, redis_url: str, redis_prefix: str
+        ) -> None:
+    """A record made by ``[upstream]`` alone names no upstream; it leads to the one named
+    ``default``, which the one upstream becomes when ``[[upstreams]]`` lists it so."""
+    redis = {"url": redis_url, "key_prefix": redis_prefix}
+    _, base = await start_gateway(settings_for(mocks["a"].url, redis=redis))
+    client = async_sdk(base)
+    made = await client.responses.create(model="grok-4", input="hi")
+    await client.close()
+    _, base = await start_gateway(settings_from({
+        "upstream": {"max_retries": 0}, "redis": redis,
+        "keys": [{"name": "alice", "key": KEY}],
+        "upstreams": [{"name": "default", "url": mocks["a"].url, "api_key": "k-default-0001"},
+                      {"name": "b", "url": mocks["b"].url, "api_key": "k-b-00000001",
+                       "weight": 100}]}))
+    client = async_sdk(base)
+    for _ in range(3):
+        nxt = await client.responses.create(model="grok-4", input="more",
+                                            previous_response_id=made.id)
+        assert made_by(nxt) == "a"
+    await client.close()
+
+
+async def test_readyz_names_the_upstreams_only_to_metrics_allow(
+        mocks: dict[str, Upstream], start_gateway: Any) -> None:
+    for allow, named in ((["127.0.0.1", "::1"], True), (["10.0.0.0/8"], False)):
+        settings = multi({"a": mocks["a"].url, "b": mocks["b"].url})
+        settings = dataclasses.replace(settings, server=dataclasses.replace(
+            settings.server, metrics_allow=tuple(allow)))
+        _, base = await start_gateway(settings)
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"{base}/readyz") as r:
+                ready = await r.json()
+        assert r.status == 200 and ready["checks"]["upstream"] == "ok"
+        assert ("upstreams" in ready) is named
 
 
 async def test_a_socket_keeps_the_upstream_its_first_turn_continues(

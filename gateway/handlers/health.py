@@ -51,10 +51,14 @@ async def readyz(request: web.Request) -> web.Response:
         problem = await probe.check(upstreams.only)
     else:
         problems = await asyncio.gather(*(probe.check(m.client) for m in upstreams.members))
-        states = body["upstreams"] = {
-            name: state if problem is None else problem
-            for (name, state), problem in zip(upstreams.states().items(), problems, strict=True)}
+        states = {name: state if problem is None else problem
+                  for (name, state), problem in zip(upstreams.states().items(), problems,
+                                                    strict=True)}
         problem = None if _SERVING & set(states.values()) else "none available"
+        # The upstreams' names are the operator's: only for [server] metrics_allow.
+        if allowed(request[REQUEST_INFO].client_ip,
+                   networks(app[SETTINGS].server.metrics_allow)):
+            body["upstreams"] = states
     checks["upstream"] = problem or "ok"
     ready = ready and problem is None
     return web.json_response({"status": "ready" if ready else "not ready", **body},

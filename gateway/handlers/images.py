@@ -10,7 +10,7 @@ from aiohttp import web
 
 from ..aliases import apply_alias
 from ..appkeys import PROXY, SETTINGS
-from ..errors import StreamNotSupported
+from ..errors import PermissionDenied, StreamNotSupported
 from ..request_body import require, take_body
 from ..request_info import REQUEST_INFO
 
@@ -27,6 +27,12 @@ def _checked(request: web.Request, body: dict[str, Any]) -> Awaitable[web.Respon
         raise StreamNotSupported("Image generation does not stream; leave out \"stream\" or "
                                  "send \"stream\": false", param="stream")
     require(body, "prompt", str, "a string")
+    budget = None if info.key is None else info.key.budget
+    if budget is not None and budget.spends:
+        raise PermissionDenied(
+            "Image generation has no price in the gateway, and this API key has a spend "
+            "limit: the gateway cannot count what it would cost", param="model",
+            code="model_not_priced")
     if "n" in body:
         require(body, "n", int, "an integer")
     rewrite = apply_alias(request.app[SETTINGS].models.aliases, body)

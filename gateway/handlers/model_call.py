@@ -19,7 +19,7 @@ from aiohttp import web
 
 from ..aliases import apply_alias
 from ..appkeys import LIMITER, PROXY, SETTINGS
-from ..errors import PermissionDenied
+from ..errors import InvalidRequest, PermissionDenied
 from ..ratelimit.charges import worst_case
 from ..ratelimit.spend import Spend
 from ..records import Recorder
@@ -52,7 +52,7 @@ def model_call(request: web.Request, api: ModelApi, body: dict[str, Any], images
     info = request[REQUEST_INFO]
     model = body["model"]
     rewrite = apply_alias(settings.models.aliases, body)
-    spend = spend_for(request, info, model, body["model"])
+    spend = spend_for(request, info, body, model)
     whole = False  # a vision request that asked to stream, answered whole
     if images:
         require_vision_model(settings.vision, model, body["model"], images[0])
@@ -87,16 +87,22 @@ def _ask_usage(body: dict[str, Any]) -> bool:
     return False  # asked for; or not an object, which the upstream refuses
 
 
-def spend_for(request: web.Request, info: RequestInfo, model: str, upstream_model: str
-           ) -> Spend | None:
-    """The request's charge, for a key with token or spend limits; a key with a spend limit
-    may use only models with a price."""
+def spend_for(request: web.Request, info: RequestInfo, body: dict[str, Any], model: str
+              ) -> Spend | None:
+    """The request's charge, for a key with token or spend limits (``model``: as the client
+    named it; ``body``'s, the upstream's name for it); a key with a spend limit may use only
+    models with a price."""
     key = info.key
     budget = None if key is None else key.budget
     if key is None or budget is None:
         return None
+    if body.get("background") is True:
+        # Answered at once, without usage, and made later: nothing could settle it.
+        raise InvalidRequest("Background responses cannot be counted against this API key's "
+                             "token or spend limits; leave out \"background\"",
+                             param="background", code="background_not_supported")
     settings = request.app[SETTINGS]
-    price = settings.models.price_of(model, upstream_model)
+    price = settings.models.price_of(model, body["model"])
     if price is None and budget.spends:
         raise PermissionDenied(
             f"Model '{model}' has no price, and this API key has a spend limit: the gateway "

@@ -18,6 +18,7 @@ from ..appkeys import RECORDS
 from ..errors import NotFound
 from ..records import Record, Recorder, ResponseRecords, valid_id
 from ..request_info import REQUEST_INFO, ClientKey, RequestInfo
+from ..settings import DEFAULT_UPSTREAM
 
 
 def unknown_response(response_id: str) -> NotFound:
@@ -48,7 +49,7 @@ async def require_own_response(request: web.Request) -> str:
     record = await owned(request.app[RECORDS], info.key, response_id)
     if record is None:
         raise unknown_response(response_id)
-    info.pinned = record.upstream or None
+    info.pinned = record.upstream or DEFAULT_UPSTREAM
     return response_id
 
 
@@ -62,16 +63,16 @@ async def require_own_previous(records: ResponseRecords, info: RequestInfo,
     record = await owned(records, info.key, previous)
     if record is None:
         raise unknown_previous(previous)
-    info.pinned = record.upstream or None
+    info.pinned = record.upstream or DEFAULT_UPSTREAM
     return info.pinned
 
 
-def recorder_for(records: ResponseRecords, info: RequestInfo, body: dict[str, Any],
-                 several: bool) -> Recorder | None:
+def recorder_for(records: ResponseRecords, info: RequestInfo, body: dict[str, Any]
+                 ) -> Recorder | None:
     """What records the response a request creates: none when the upstream will not store it
-    (``store: false``), nor for a request without a key (there is no owner to record). With
-    ``several`` upstreams, the one that made it is recorded too (``info.upstream`` when the
-    record is written), so that what continues it goes there."""
+    (``store: false``), nor for a request without a key (there is no owner to record). The
+    upstream that made it is recorded too (``info.upstream`` when the record is written), so
+    that what continues it goes there."""
     if info.key is None or body.get("store") is False:
         return None
-    return Recorder(records, info.key.name, info if several else None)
+    return Recorder(records, info.key.name, info)

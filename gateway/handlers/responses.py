@@ -9,7 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ..appkeys import RECORDS, SETTINGS, UPSTREAMS
+from ..appkeys import RECORDS, SETTINGS
 from ..request_body import require, take_body
 from ..request_info import REQUEST_INFO
 from ..vision import responses_images
@@ -32,6 +32,5 @@ async def _checked(request: web.Request, body: dict[str, Any]
 
 def _call(request: web.Request, body: dict[str, Any], images: list[str]
           ) -> Awaitable[web.StreamResponse]:
-    recorder = recorder_for(request.app[RECORDS], request[REQUEST_INFO], body,
-                            several=request.app[UPSTREAMS].only is None)
+    recorder = recorder_for(request.app[RECORDS], request[REQUEST_INFO], body)
     return model_call(request, RESPONSES_API, body, images, recorder)

@@ -18,7 +18,7 @@ import orjson
 from aiohttp import web
 
 from ..aliases import apply_alias
-from ..appkeys import IN_FLIGHT, LIMITER, RECORDS, SETTINGS, UPSTREAM_SOCKETS, UPSTREAMS
+from ..appkeys import IN_FLIGHT, LIMITER, RECORDS, SETTINGS, UPSTREAM_SOCKETS
 from ..errors import InvalidRequest, PermissionDenied, RateLimited
 from ..ratelimit.charges import worst_case
 from ..request_body import MAX_MODEL_CHARS, require
@@ -48,10 +48,13 @@ async def responses_socket(request: web.Request) -> web.StreamResponse:
 
 
 async def _admit(request: web.Request, text: str) -> Turn:
-    """One ``response.create``, checked; its token and stream slot taken last."""
+    """One ``response.create``: what the message itself says checked first; then its token
+    and stream slot, which every later refusal gives back (its ownership of what it
+    continues, a price for a key with a spend limit, its token reservation)."""
     app = request.app
     settings = app[SETTINGS]
-    key = request[REQUEST_INFO].key
+    info = request[REQUEST_INFO]
+    key = info.key
     assert key is not None  # the auth middleware let the upgrade through
     message = _message(text)
     model = require(message, "model", str, "a string")
@@ -64,9 +67,12 @@ async def _admit(request: web.Request, text: str) -> Turn:
     rewrite = apply_alias(settings.models.aliases, message)
     if images:
         require_vision_model(settings.vision, model, message["model"], images[0])
-    info = request[REQUEST_INFO]
-    pinned = await require_own_previous(app[RECORDS], info, message)
-    spend = spend_for(request, info, model, message["model"])  # 403 for a model unpriced
+    try:
+        # Re-encoded, as ``Proxy.post`` does: the upstream gets exactly what was checked (a
+        # duplicate key cannot name another model than the one allowed).
+        payload = orjson.dumps(message).decode()
+    except orjson.JSONEncodeError:  # orjson writes 254 levels of nesting, reads 1024
+        raise InvalidRequest("The message nests arrays and objects too deeply") from None
     limiter = app[LIMITER]
     decision = await limiter.acquire(key, stream=True)
     if not decision.allowed:
@@ -84,23 +90,17 @@ async def _admit(request: web.Request, text: str) -> Turn:
         if lease is not None:
             await limiter.release(key, lease)
 
-    if spend is not None:  # the turn's worst case, as for POST responses; settled at its end
-        try:
+    try:
+        pinned = await require_own_previous(app[RECORDS], info, message)
+        spend = spend_for(request, info, message, model)  # 403 for a model unpriced
+        if spend is not None:  # the turn's worst case, as for POST responses; settled at its end
             await spend.reserve(info, worst_case(message, len(text.encode()),
                                                  settings.limits.default_output_tokens,
-                                                 spend.price))
-        except BaseException:
-            await asyncio.shield(release())
-            raise
-
-    try:
-        # Re-encoded, as ``Proxy.post`` does: the upstream gets exactly what was checked (a
-        # duplicate key cannot name another model than the one allowed).
-        payload = orjson.dumps(message).decode()
-    except orjson.JSONEncodeError:  # orjson writes 254 levels of nesting, reads 1024
-        raise InvalidRequest("The message nests arrays and objects too deeply") from None
-    several = app[UPSTREAMS].only is None
-    return Turn(payload, release, recorder_for(app[RECORDS], info, message, several), rewrite,
+                                                 spend.price), tell=False)
+    except BaseException:
+        await asyncio.shield(release())
+        raise
+    return Turn(payload, release, recorder_for(app[RECORDS], info, message), rewrite,
                 model=message["model"], pinned=pinned, spend=spend)
 
 

@@ -10,13 +10,14 @@ The query goes on to the upstream re-encoded from its parsed pairs, bounded in c
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable
 from urllib.parse import urlencode
 
 from aiohttp import web
 
 from ..appkeys import PROXY, RECORDS
 from ..errors import InvalidRequest
-from ..request_info import REQUEST_INFO
+from ..request_info import REQUEST_INFO, RequestInfo
 from ..stream.dialect import RESPONSES
 from .owned import require_own_response
 
@@ -30,10 +31,11 @@ async def retrieve(request: web.Request) -> web.StreamResponse:
     (after ``starting_after``) relayed as the upstream sends them."""
     response_id = await require_own_response(request)
     proxy = request.app[PROXY]
+    info = request[REQUEST_INFO]
     call = proxy.get(request, f"responses/{response_id}{_query(request)}")
-    if request[REQUEST_INFO].stream:  # ``stream=true`` (``middleware/admission.py``)
-        return await proxy.stream(request, call, dialect=RESPONSES)
-    return await proxy.plain.relay(request[REQUEST_INFO], call)
+    if info.stream:  # ``stream=true`` (``middleware/admission.py``)
+        return await _not_counted(info, proxy.stream(request, call, dialect=RESPONSES))
+    return await _not_counted(info, proxy.plain.relay(info, call))
 
 
 async def input_items(request: web.Request) -> web.Response:
@@ -56,8 +58,19 @@ async def delete(request: web.Request) -> web.Response:
 async def cancel(request: web.Request) -> web.Response:
     response_id = await require_own_response(request)
     proxy = request.app[PROXY]
-    return await proxy.plain.relay(
-        request[REQUEST_INFO], proxy.get(request, f"responses/{response_id}/cancel", "POST"))
+    info = request[REQUEST_INFO]
+    return await _not_counted(info, proxy.plain.relay(
+        info, proxy.get(request, f"responses/{response_id}/cancel", "POST")))
+
+
+async def _not_counted(info: RequestInfo, answer: Awaitable[web.StreamResponse]
+                       ) -> web.StreamResponse:
+    """A stored response's tokens were counted when it was made: its usage, read again, is
+    left out of the access log and the metrics."""
+    try:
+        return await answer
+    finally:
+        info.usage = None
 
 
 def _query(request: web.Request) -> str:

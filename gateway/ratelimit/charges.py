@@ -31,6 +31,11 @@ class Charge:
     prompt: int = 0  # the tokens of the prompt (estimated, or the usage's)
     output: int = 0  # of the answer, reasoning included
 
+    def plus(self, other: Charge) -> Charge:
+        """Two charges as one (a WebSocket's turns, for its log line and metrics)."""
+        return Charge(self.tokens + other.tokens, self.ticks + other.ticks,
+                      self.prompt + other.prompt, self.output + other.output)
+
 
 def worst_case(body: dict[str, Any], body_bytes: int, default_output: int,
                price: Price | None) -> Charge:

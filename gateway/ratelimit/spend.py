@@ -11,6 +11,7 @@ goes into debt.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -45,16 +46,38 @@ class Spend:
         self.answered = False  # the upstream's 2xx headers came: from here on, it costs
         self.settled = False
 
-    async def reserve(self, info: RequestInfo, reserved: Charge) -> None:
-        """Take the worst case, or raise the 429 that says which limit and when to retry."""
+    async def reserve(self, info: RequestInfo, reserved: Charge, tell: bool = True) -> None:
+        """Take the worst case, or raise the 429 that says which limit and when to retry;
+        ``tell``: join the key's token state to the answer's headers (not for a socket's
+        turn: its headers went out with the upgrade)."""
         self.reserved = reserved
-        taken = await self.limiter.reserve(self.key, reserved.tokens, reserved.ticks)
+        # Shielded: a client that leaves while the script runs must not leave a reservation
+        # taken and never settled; it is given back as soon as it is known.
+        taking = asyncio.ensure_future(
+            self.limiter.reserve(self.key, reserved.tokens, reserved.ticks))
+        try:
+            taken = await asyncio.shield(taking)
+        except asyncio.CancelledError:
+            taking.add_done_callback(self._given_back)
+            raise
+        headers = taken.headers(self.budget, time.time()) if tell else {}
         if not taken.allowed:
             err = taken.refusal(self.budget, reserved.tokens, reserved.ticks)
-            err.headers = {**info.limit_headers, **err.headers}
+            said = dict(info.limit_headers)
+            _join_headers(said, headers)
+            err.headers = {**said, **err.headers}
             raise err
         self.taken = taken
-        _join_headers(info.limit_headers, taken.headers(self.budget, time.time()))
+        _join_headers(info.limit_headers, headers)
+
+    def _given_back(self, taking: asyncio.Future[Allowance]) -> None:
+        if taking.cancelled() or taking.exception() is not None or not taking.result().allowed:
+            return
+        self.taken, self.settled = taking.result(), True
+        reserved = self.reserved
+        _refunds.add(refund := asyncio.ensure_future(
+            self.limiter.settle(self.key, self.taken, -reserved.tokens, -reserved.ticks)))
+        refund.add_done_callback(_refunded)
 
     async def settle(self, info: RequestInfo, usage: dict[str, Any] | None,
                      relayed: int) -> Allowance | None:
@@ -64,7 +87,7 @@ class Spend:
             return None
         self.settled = True
         truth = self._truth(usage, relayed)
-        info.charge = truth
+        info.charge = truth if info.charge is None else info.charge.plus(truth)  # a socket's
         try:
             return await self.limiter.settle(self.key, self.taken,
                                              truth.tokens - self.reserved.tokens,
@@ -110,6 +133,18 @@ class Spend:
         if after is not None:
             fields.update(after.remaining(self.budget))
         return b": usage " + orjson.dumps(fields) + b"\n\n"
+
+
+_refunds: set[asyncio.Future[Any]] = set()
+"""Refunds of reservations whose request was gone before it knew it had one (held: a task
+nobody holds may be collected before it ends)."""
+
+
+def _refunded(refund: asyncio.Future[Any]) -> None:
+    _refunds.discard(refund)
+    if not refund.cancelled() and refund.exception() is not None:
+        log.warning("a reservation given back failed (%s): it stands",
+                    type(refund.exception()).__name__)
 
 
 def _join_headers(headers: dict[str, str], tokens: dict[str, str]) -> None:

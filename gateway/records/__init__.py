@@ -29,6 +29,7 @@ from typing import Any, Protocol
 import orjson
 
 from ..request_info import RequestInfo
+from ..settings import DEFAULT_UPSTREAM
 
 log = logging.getLogger("gateway.records")
 
@@ -86,11 +87,15 @@ class Recorder:
 
     records: ResponseRecords
     owner: str
-    info: RequestInfo | None = None  # several upstreams: its ``upstream`` made the response
+    info: RequestInfo | None = None  # its ``upstream`` made the response
 
     async def __call__(self, response_id: Any) -> None:
         if valid_id(response_id):
             upstream = self.info.upstream if self.info is not None else None
+            # The one upstream of ``[upstream]`` alone goes unnamed: a few bytes a record, and
+            # its records still lead there once more upstreams are added beside it.
+            if upstream == DEFAULT_UPSTREAM:
+                upstream = None
             await self.records.record(response_id, self.owner, upstream or "")
         elif response_id is not None:
             log.warning("a response id from the upstream was not recorded: not an id this "

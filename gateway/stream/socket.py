@@ -187,9 +187,8 @@ class SocketSession:
         except (ConnectionError, RuntimeError) as e:  # the client left mid-turn
             log.debug("a socket's client left mid-turn: %s", type(e).__name__)
         finally:
-            if turn.spend is not None:  # settled as a stream is (``ratelimit/spend.py``)
-                await asyncio.shield(turn.spend.settle(self.info, turn.usage, turn.events))
-            await asyncio.shield(turn.release())
+            # One shielded step: a second cancellation cannot come between the two.
+            await asyncio.shield(_turn_over(turn, self.info))
             # Over before its last message goes out: the client may send the next turn as
             # soon as it has read it, and finds the slot free and the socket ready.
             self.turn = None
@@ -202,8 +201,6 @@ class SocketSession:
     async def _relay(self, turn: Turn) -> str:
         """Sends the turn's messages but its last, which it returns."""
         msg = await self._sent(turn)
-        if turn.spend is not None:
-            turn.spend.answered = True
         while True:
             if msg.type is not WSMsgType.TEXT:
                 raise UpstreamProtocolError(
@@ -259,6 +256,8 @@ class SocketSession:
         if not isinstance(obj, dict):
             raise UpstreamProtocolError("The upstream sent a message that is not a JSON object")
         kind = obj.get("type")
+        if turn.spend is not None and kind != "error":
+            turn.spend.answered = True  # the upstream took the turn: from here on, it costs
         if kind == "response.created" and turn.recorder is not None:
             await turn.recorder(created_id(obj))  # before the id reaches the client
         elif kind in TURN_ENDS:
@@ -285,3 +284,13 @@ class SocketSession:
     async def _error(self, err: GatewayError) -> None:
         with contextlib.suppress(ConnectionError, RuntimeError):
             await self.ws.send_str(err.socket_message())
+
+
+async def _turn_over(turn: Turn, info: RequestInfo) -> None:
+    """The turn's charge settled as a stream's is (``ratelimit/spend.py``), then its stream
+    slot given back."""
+    try:
+        if turn.spend is not None:
+            await turn.spend.settle(info, turn.usage, turn.events)
+    finally:
+        await turn.release()

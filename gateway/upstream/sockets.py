@@ -43,7 +43,10 @@ class UpstreamSockets:
 
     async def connect(self) -> aiohttp.ClientWebSocketResponse:
         if self._session is None:
-            self._session = aiohttp.ClientSession(auto_decompress=False, trust_env=False)
+            # No cap on connections: each open client socket holds one to the upstream for its
+            # life (aiohttp's default of 100 would leave the 101st waiting for a free one).
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0), auto_decompress=False, trust_env=False)
         settings = self._settings
         try:
             async with asyncio.timeout(settings.connect_timeout_seconds):
