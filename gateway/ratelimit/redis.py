@@ -143,12 +143,7 @@ class RedisLimiter:
                                 refused_by=_REFUSED_BY[refused_by],
                                 lease=lease if allowed and stream else None,
                                 requests_per_minute=key.requests_per_minute)
-        if self._settings.failure_policy == "fail_closed":
-            self.refused_unavailable += 1
-            raise ServiceUnavailable("Rate limiting is unavailable because the gateway cannot "
-                                     "reach Redis (failure_policy = fail_closed); retry shortly",
-                                     headers={"Retry-After": "1"})
-        self.fallback_decisions += 1
+        self._without_redis("Rate limiting is")
         return await self._fallback.acquire(key, stream=stream)
 
     async def reserve(self, key: ClientKey, tokens: int, ticks_: int) -> Allowance:
@@ -175,15 +170,20 @@ class RedisLimiter:
                 self._breaker.failed(exc, name)
             else:
                 return Allowance.from_reply(reply)
-        if self._settings.failure_policy == "fail_closed":
-            self.refused_unavailable += 1
-            raise ServiceUnavailable("Token limits are unavailable because the gateway cannot "
-                                     "reach Redis (failure_policy = fail_closed); retry shortly",
-                                     headers={"Retry-After": "1"})
-        self.fallback_decisions += 1
+        self._without_redis("Token limits are")
         if taken is None:
             return await self._fallback.reserve(key, tokens, ticks_)
         return await self._fallback.settle(key, taken, tokens, ticks_)
+
+    def _without_redis(self, what: str) -> None:
+        """Redis does not answer: ``fail_closed`` refuses (503), ``fail_open`` goes on with
+        the in-process fallback, counted."""
+        if self._settings.failure_policy == "fail_closed":
+            self.refused_unavailable += 1
+            raise ServiceUnavailable(f"{what} unavailable because the gateway cannot reach "
+                                     "Redis (failure_policy = fail_closed); retry shortly",
+                                     headers={"Retry-After": "1"})
+        self.fallback_decisions += 1
 
     async def release(self, key: ClientKey, lease: str) -> None:
         streams = key_names(self._settings.key_prefix, key.name)[1]
