@@ -109,6 +109,9 @@ async def test_sentinel_failover_the_gateway_finds_the_new_primary(
             while (await asyncio.to_thread(sentinels.primary_port) == old
                    and time.monotonic() < deadline):
                 assert (await limiter.acquire(key, stream=False)).allowed  # fail_open at worst
+                # Paced: the bucket (1,000 tokens, none back) must outlast a slow failover;
+                # unpaced, 20 s of checks at loopback speed took them all (a CI run did).
+                await asyncio.sleep(0.05)
             new = await asyncio.to_thread(sentinels.primary_port)
             promoted = time.monotonic()
             assert new != old, "the sentinels did not fail over"
