@@ -162,8 +162,8 @@ async def _keys_list(args: argparse.Namespace, settings: Settings, client: Redis
                      _usd_limit(limits.usd_per_month), f"${today:.6f}", f"${month:.6f}",
                      ",".join(sorted(models)) if models else "*",
                      sha256[:8] + "…", created))  # an id to tell keys apart, not the hash
-    rows += [(d.label, "redis", *["?"] * 9, "?", d.sha256[:8] + "…", "DAMAGED")
-             for d in damaged]
+    rows += [(d.label, "redis", "?", "?", "?", "?", "?", "?", "?", "?", "?", "?",
+              d.sha256[:8] + "…", "DAMAGED") for d in damaged]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
@@ -196,9 +196,9 @@ def _limits_text(limits: Limits) -> str:
                         (limits.tokens_per_day, "tokens/day")):
         if value:
             text += f", {value:,} {unit}"
-    for value, per in ((limits.usd_per_day, "day"), (limits.usd_per_month, "month")):
-        if value:
-            text += f", ${value:g}/{per}"
+    for usd, per in ((limits.usd_per_day, "day"), (limits.usd_per_month, "month")):
+        if usd:
+            text += f", ${usd:g}/{per}"
     return text
 
 

@@ -288,7 +288,6 @@ class Settings:
                               self.upstream.api_key_env),)
 
 
-
 SECTIONS: dict[str, type] = {
     "server": ServerSettings,
     "upstream": UpstreamSettings,

@@ -1,6 +1,7 @@
 """Shared fixtures: real servers on loopback ports, real clients.
 
-- ``mock_upstream``: the project's mock xAI server (``gateway.mock.upstream``) on a free port.
+- ``mock_upstream``: the project's mock xAI server (``gateway.mock.upstream``) on a free port;
+  ``mocks``: two of them, named ``a`` and ``b`` (several upstreams).
 - ``start_gateway(settings)``: the gateway app served for real (``GatewayRunner`` + TCPSite, as
   ``gateway serve`` runs it: handler cancellation, ``[server]`` timeouts and connection cap) on a
   free port.
@@ -61,6 +62,15 @@ def settled_heap() -> None:
 async def mock_upstream() -> AsyncIterator[Upstream]:
     async with run_mock_upstream() as (app, url):
         yield Upstream(app, url)
+
+
+@pytest.fixture
+async def mocks() -> AsyncIterator[dict[str, Upstream]]:
+    """Two mock upstreams, named ``a`` and ``b`` (a named mock starts its default text with
+    its name): for several upstreams (``tests/test_upstreams*.py``)."""
+    async with run_mock_upstream(name="a") as (app_a, url_a), \
+            run_mock_upstream(name="b") as (app_b, url_b):
+        yield {"a": Upstream(app_a, url_a), "b": Upstream(app_b, url_b)}
 
 
 def settings_for(upstream_url: str, **sections: Any) -> Settings:

@@ -152,7 +152,6 @@ async def test_a_query_is_passed_on_re_encoded_and_bounded(
     await client.close()
 
 
-
 async def test_a_vision_stream_answered_whole_is_the_creators_too(gateway: Any) -> None:
     _, base = gateway
     answered = await post(f"{base}/api/v1/responses", {

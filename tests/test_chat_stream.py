@@ -170,7 +170,6 @@ async def test_sdk_streams_through_the_gateway_sync_and_async(gateway: Any) -> N
     assert await asyncio.to_thread(sync) == text
 
 
-
 @pytest.mark.parametrize("inject, message", [
     # Two JSON values in one event: valid inside the fast path's `[...]`, so the element count
     # must catch it.

@@ -383,8 +383,8 @@ async def test_the_memory_and_redis_limiters_keep_the_same_books(
                          usd_per_month=0.002)
     key = ClientKey("alice", 60, 10, 8, budget=budget)
     client = connect(RedisSettings(url=redis_url, key_prefix=redis_prefix))
-    limiters = [MemoryLimiter(), RedisLimiter(client, RedisSettings(url=redis_url,
-                                                                   key_prefix=redis_prefix))]
+    settings = RedisSettings(url=redis_url, key_prefix=redis_prefix)
+    limiters = [MemoryLimiter(), RedisLimiter(client, settings)]
     try:
         seen = []
         for limiter in limiters:

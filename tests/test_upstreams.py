@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -17,7 +16,6 @@ import orjson
 import pytest
 
 from gateway.mock.ports import free_port
-from gateway.mock.upstream import run_mock_upstream
 from gateway.request_info import RequestInfo
 from gateway.schema import settings_from
 from gateway.settings import Settings
@@ -31,14 +29,6 @@ from servers import wait_until_async
 
 OPERATOR_KEYS = {"a": "xai-operator-key-of-a-0001", "b": "xai-operator-key-of-b-0002",
                  "dead": "xai-operator-key-dead-0003"}
-
-
-@pytest.fixture
-async def mocks() -> AsyncIterator[dict[str, Upstream]]:
-    """Two mock upstreams, named ``a`` and ``b``, and the URL of a port nobody listens on."""
-    async with run_mock_upstream(name="a") as (app_a, url_a), \
-            run_mock_upstream(name="b") as (app_b, url_b):
-        yield {"a": Upstream(app_a, url_a), "b": Upstream(app_b, url_b)}
 
 
 def dead_url() -> str:

@@ -17,7 +17,7 @@ from gateway.schema import settings_from
 
 from clients import async_sdk
 from conftest import KEY, Upstream, settings_for
-from test_upstreams import OPERATOR_KEYS, mocks, multi  # noqa: F401 (a fixture)
+from test_upstreams import multi
 
 
 def made_by(response: Any) -> str:

@@ -55,7 +55,7 @@ async def delete(request: web.Request) -> web.Response:
     return answer
 
 
-async def cancel(request: web.Request) -> web.Response:
+async def cancel(request: web.Request) -> web.StreamResponse:
     response_id = await require_own_response(request)
     proxy = request.app[PROXY]
     info = request[REQUEST_INFO]

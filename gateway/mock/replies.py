@@ -27,6 +27,8 @@ tokens, $0.50 per million output tokens, reasoning included."""
 
 def cost_in_usd_ticks(prompt: int, output: int) -> int:
     return prompt * TICKS_PER_TOKEN["input"] + output * TICKS_PER_TOKEN["output"]
+
+
 REASONING_MODELS = ("grok-3-mini*",)
 """Models that stream ``reasoning_content`` before their answer. xAI: "In Chat Completions,
 only grok-3-mini returns message.reasoning_content" (https://docs.x.ai/docs/guides/reasoning);

@@ -60,8 +60,8 @@ async def spend_of(client: RedisClient, prefix: str, names: list[str]
     for name in names:
         at_day, today, at_month, this_month = await client.hmget(
             budget_key(prefix, name), "day", "day_usd", "mon", "mon_usd")
-        spent.append((usd(int(float(today))) if at_day and int(at_day) == day else 0.0,
-                      usd(int(float(this_month))) if at_month and int(at_month) == month
+        spent.append((usd(int(float(today or 0))) if at_day and int(at_day) == day else 0.0,
+                      usd(int(float(this_month or 0))) if at_month and int(at_month) == month
                       else 0.0))
     return spent
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from aiohttp import web
 
-from ..errors import UpstreamFailure
+from ..errors import GatewayError, UpstreamFailure
 from ..upstream.http1 import UpstreamResponse
 from ..upstream.upstreams import Attempts
 from .closing import give_back
@@ -89,7 +89,7 @@ class FailoverRelay(StreamRelay):
         self.ended.set_result(_MOVED)
         return True
 
-    def _send(self, out: bytes, done: bool, failure: UpstreamFailure | None) -> None:
+    def _send(self, out: bytes, done: bool, failure: GatewayError | None) -> None:
         if (failure is not None or (done and self.renderer.early)) and self._moved():
             if failure is not None:
                 # Its trace's frames (the renderer's) hold the failure: a cycle, as ``finish``

@@ -118,6 +118,7 @@ class Proxy:
         info = request[REQUEST_INFO]
         settings = self.stream_settings
         relay: StreamRelay
+        renderer: StreamRenderer
         headers = {**SSE_HEADERS, **response_headers(info)}
         args = (ClientStream(request), settings, info, headers, self.secrets, spend)
         if isinstance(call, Attempts):

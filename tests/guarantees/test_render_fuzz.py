@@ -41,6 +41,7 @@ lines = st.sampled_from([f": debug auth={p}\n" for p in (SECRET, *PARTS)] +
 usage = st.builds(lambda n: {"prompt_tokens": n, "completion_tokens": n, "total_tokens": 2 * n},
                   st.integers(0, 99))
 
+
 def usage_chunk(u: Any) -> bytes:
     """The last chunk of a stream that asked for usage (``include_usage``)."""
     return b"data: " + orjson.dumps({"id": "c1", "object": "chat.completion.chunk",
