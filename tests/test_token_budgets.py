@@ -10,6 +10,7 @@ under the test's own prefix.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from gateway.settings import RedisSettings, TokenBudget
 from clients import USER, asking_usage, async_sdk, blocks, chat_body, in_thread, post
 from conftest import KEY, OTHER_KEY, Upstream, settings_for
 from servers import gateway_processes, run_cli, write_config
+from test_upstreams import multi
 
 PRICE = {"input": 3.0, "output": 15.0}  # USD per million tokens: 30,000 and 150,000 ticks each
 TICKS_IN, TICKS_OUT = 30_000, 150_000
@@ -407,3 +409,21 @@ async def test_the_memory_and_redis_limiters_keep_the_same_books(
         for limiter in limiters:
             await limiter.close()
         await client.aclose()
+
+
+async def test_a_request_that_fails_on_every_upstream_after_one_answered_is_refunded(
+        mocks: dict[str, Upstream], start_gateway: Any, redis_url: str, redis_prefix: str
+        ) -> None:
+    """``a`` answers 200 and then fails before any output (the stream moves), ``b`` answers
+    500: the client gets the failure, and the key, whose request no upstream answered in the
+    end, pays nothing."""
+    mocks["a"].state.forced = {"error_after": 0}
+    mocks["b"].state.forced = {"status": 500}
+    settings = multi({"a": mocks["a"].url, "b": mocks["b"].url}, a={"weight": 100})
+    settings = dataclasses.replace(settings, keys=settings_for(
+        mocks["a"].url, keys=keys(tokens_per_day=100_000)).keys, redis=settings_for(
+        mocks["a"].url, redis=redis_section(redis_url, redis_prefix)).redis)
+    _, base = await start_gateway(settings)
+    status, _, raw = await send(base, chat_body(stream=True, messages=USER))
+    assert status >= 500 or b'"error"' in raw
+    assert (await budget_state(redis_prefix))["day_tok"] == 0

@@ -69,6 +69,8 @@ class FailoverRelay(StreamRelay):
         self.ended = asyncio.Future()
         self.upstream_end = asyncio.Future()
         self.renderer = self.renderer.fresh()
+        if self.spend is not None:
+            self.spend.answered = False  # the next try's 2xx says so again; none: a refund
         self.state = State.WAITING
         assert self.following is not None
         following, self.following = self.following, None
