@@ -20,6 +20,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
+from gateway.errors import ServiceUnavailable
 from gateway.mock.replies import TICKS_PER_TOKEN
 from gateway.ratelimit.memory import MemoryLimiter
 from gateway.ratelimit.redis import RedisLimiter, budget_key
@@ -29,7 +30,7 @@ from gateway.settings import RedisSettings, TokenBudget
 
 from clients import USER, asking_usage, async_sdk, blocks, chat_body, in_thread, post
 from conftest import KEY, OTHER_KEY, Upstream, settings_for
-from servers import gateway_processes, run_cli, write_config
+from servers import gateway_processes, redis_server, run_cli, write_config
 from test_upstreams import multi
 
 PRICE = {"input": 3.0, "output": 15.0}  # USD per million tokens: 30,000 and 150,000 ticks each
@@ -427,3 +428,33 @@ async def test_a_request_that_fails_on_every_upstream_after_one_answered_is_refu
     status, _, raw = await send(base, chat_body(stream=True, messages=USER))
     assert status >= 500 or b'"error"' in raw
     assert (await budget_state(redis_prefix))["day_tok"] == 0
+
+
+async def test_a_reservation_is_settled_where_it_was_taken_across_a_redis_outage() -> None:
+    """Taken in Redis, then Redis gone: its worst case stands (no refund into the fallback's
+    books). Taken by the fallback while Redis is gone, settled after it is back: in the
+    fallback's books, and Redis' count is not touched."""
+    budget = TokenBudget(tokens_per_day=10_000)
+    key = ClientKey("alice", 60, 10, 8, budget=budget)
+    with redis_server() as server:
+        settings = RedisSettings(url=server.url, key_prefix="gwtest-outage", timeout_seconds=0.3)
+        client = connect(settings)
+        limiter = RedisLimiter(client, settings)
+        try:
+            in_redis = await limiter.reserve(key, 1000, 0)
+            assert in_redis.allowed and not in_redis.local
+            server.stop()
+            with pytest.raises(ServiceUnavailable):
+                await limiter.settle(key, in_redis, -990, 0)
+            local = await limiter.reserve(key, 2000, 0)  # fail_open: the fallback's
+            assert local.allowed and local.local
+            server.start()
+            for _ in range(100):  # until the breaker sees Redis again
+                if (await limiter.reserve(key, 1, 0)).local is False:
+                    break
+                await asyncio.sleep(0.05)
+            after = await limiter.settle(key, local, -2000, 0)
+            assert after.local
+        finally:
+            await limiter.close()
+            await client.aclose()

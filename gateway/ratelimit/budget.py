@@ -74,6 +74,7 @@ class Allowance:
     month: int
     left_tokens: int  # before this reservation: the fewest tokens a token limit had left
     left_ticks: int  # and the fewest ticks a dollar limit had left
+    local: bool = False  # taken by this process's books, not Redis': settled there too
 
     @classmethod
     def from_reply(cls, reply: Any) -> Allowance:
@@ -246,7 +247,7 @@ class BudgetBook:
             (tpm - bucket) * 60 / tpm if tpm else 0.0, max(0, tpd - day_tokens) if tpd else -1,
             max(0, per_day - day_ticks) if per_day else -1,
             max(0, per_month - month_ticks) if per_month else -1, day, month,
-            math.floor(left_tokens), math.floor(left_ticks))
+            math.floor(left_tokens), math.floor(left_ticks), local=True)
 
     def clear(self) -> None:
         self._books.clear()

@@ -156,9 +156,13 @@ class RedisLimiter:
     async def _budget(self, key: ClientKey, mode: str, tokens: int, ticks_: int,
                       taken: Allowance | None) -> Allowance:
         """One budget.lua call, never sent twice (a reservation whose reply was lost may have
-        been taken); while Redis is down, the failure policy decides, as for a token."""
+        been taken); while Redis is down, the failure policy decides a reservation, as for a
+        token. A reservation is settled where it was taken: one the fallback took, there;
+        one Redis took, in Redis or not at all (its worst case stands)."""
         budget = key.budget
         assert budget is not None
+        if taken is not None and taken.local:  # taken while Redis was down: settled here
+            return await self._fallback.settle(key, taken, tokens, ticks_)
         name = budget_key(self._settings.key_prefix, key.name)
         if self._breaker.up_for(name):
             try:
@@ -170,10 +174,10 @@ class RedisLimiter:
                 self._breaker.failed(exc, name)
             else:
                 return Allowance.from_reply(reply)
+        if taken is not None:  # taken in Redis: a settlement anywhere else would be wrong
+            raise ServiceUnavailable("Redis does not answer: the reservation stands")
         self._without_redis("Token limits are")
-        if taken is None:
-            return await self._fallback.reserve(key, tokens, ticks_)
-        return await self._fallback.settle(key, taken, tokens, ticks_)
+        return await self._fallback.reserve(key, tokens, ticks_)
 
     def _without_redis(self, what: str) -> None:
         """Redis does not answer: ``fail_closed`` refuses (503), ``fail_open`` goes on with
