@@ -165,3 +165,22 @@ async def test_socket_turns_count_against_the_keys_token_limit(
             while (message := orjson.loads((await ws.receive(timeout=10)).data))["type"] \
                     != "response.completed":
                 assert message["type"] != "error", message
+
+
+async def test_cut_ends_an_overrunning_socket_turn_with_an_error_message(
+        mock_upstream: Upstream, start_gateway: Any) -> None:
+    _, base = await start_gateway(settings_for(
+        mock_upstream.url, keys=[{"name": "alice", "key": KEY, "tokens_per_day": 100}],
+        limits={"on_token_overrun": "cut"}))
+    url = base.replace("http://", "ws://") + "/v1/responses"
+    turn = {"type": "response.create", "model": "grok-4", "input": "hi",
+            "max_output_tokens": 5, "mock": {"chunks": 100}}  # past its cap, and the day's
+    async with aiohttp.ClientSession() as s:
+        async with s.ws_connect(url, headers={"Authorization": f"Bearer {KEY}"}) as ws:
+            await ws.send_str(orjson.dumps(turn).decode())
+            seen = []
+            while not seen or seen[-1]["type"] not in ("response.completed", "error"):
+                seen.append(orjson.loads((await ws.receive(timeout=10)).data))
+            assert seen[-1]["type"] == "error"
+            assert seen[-1]["error"]["code"] == "token_limit_exceeded" and len(seen) < 100
+            assert not ws.closed

@@ -212,6 +212,9 @@ class SocketSession:
             self.info.bytes_out += len(out)
             if kind in TURN_ENDS:
                 return out
+            if turn.spend is not None and turn.spend.cut and \
+                    (past := turn.spend.over(None, turn.events)) is not None:
+                raise past  # on_token_overrun = "cut": the turn ends here, as a stream would
             await self.ws.send_str(out)
             msg = await self._received(self.settings.idle_timeout_seconds)
 
