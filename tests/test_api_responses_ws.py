@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from gateway.redis.keystore import add_key, revoke_key
 from gateway.settings import Limits
 
-from clients import async_sdk, get, same_but_ids
+from clients import async_sdk, get, same_but_ids, scrape
 from conftest import KEY, OTHER_KEY, Upstream, settings_for
 from servers import gateway_processes
 
@@ -339,3 +339,20 @@ async def test_the_sdk_raises_nothing_on_an_error_message_and_reads_on(gateway: 
             if event.type == "response.completed":
                 break
     await client.close()
+
+
+async def test_a_sockets_turns_are_counted_together_in_its_log_line_and_metrics(
+        gateway: Any, http: aiohttp.ClientSession) -> None:
+    _, base = gateway
+    async with http.ws_connect(_ws_url(base), headers={"Authorization": f"Bearer {KEY}"}) as ws:
+        for _ in range(3):
+            assert (await _turn(ws, model="grok-4", input="hi", mock={"chunks": 2}))[-1][
+                "type"] == "response.completed"
+    for _ in range(100):  # counted as the socket's one request ends
+        samples = await scrape(base)
+        prompt = sum(v for (name, labels), v in samples.items()
+                     if name == "gateway_tokens_total" and ("type", "prompt") in labels)
+        if prompt:
+            break
+        await asyncio.sleep(0.02)
+    assert prompt == 3 * 12

@@ -265,7 +265,7 @@ class SocketSession:
             await turn.recorder(created_id(obj))  # before the id reaches the client
         elif kind in TURN_ENDS:
             turn.usage = usage_of(obj.get("response"))
-            self.info.usage = turn.usage or self.info.usage
+            self.info.usage = _summed(self.info.usage, turn.usage)  # the socket's, so far
         secrets = self.upstreams.upstreams.secrets  # every upstream's key
         changed = False
         if secrets.probes and secrets.may_hold(raw, obj):
@@ -297,3 +297,20 @@ async def _turn_over(turn: Turn, info: RequestInfo) -> None:
             await turn.spend.settle(info, turn.usage, turn.events)
     finally:
         await turn.release()
+
+
+def _summed(total: dict[str, Any] | None, usage: dict[str, Any] | None, nested: bool = True
+            ) -> dict[str, Any] | None:
+    """A socket's usage: its turns' counts added up (and those of its ``*_details``, one level
+    down: the upstream's nesting is not followed further), for its one log line and the token
+    metrics; what is not a count is the latest turn's."""
+    if not total or not usage:
+        return usage or total
+    out = dict(usage)
+    for name, value in total.items():
+        now = usage.get(name)
+        if nested and isinstance(value, dict) and isinstance(now, dict):
+            out[name] = _summed(value, now, nested=False)
+        elif type(value) is int and type(now) is int:
+            out[name] = value + now
+    return out
