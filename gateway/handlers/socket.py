@@ -11,7 +11,6 @@ ends.
 from __future__ import annotations
 
 import asyncio
-import math
 from typing import Any
 
 import orjson
@@ -19,7 +18,7 @@ from aiohttp import web
 
 from ..aliases import apply_alias
 from ..appkeys import IN_FLIGHT, LIMITER, RECORDS, SETTINGS, UPSTREAM_SOCKETS
-from ..errors import InvalidRequest, PermissionDenied, RateLimited
+from ..errors import InvalidRequest, PermissionDenied
 from ..ratelimit.charges import worst_case
 from ..request_body import MAX_MODEL_CHARS, require
 from ..request_info import REQUEST_INFO
@@ -76,14 +75,7 @@ async def _admit(request: web.Request, text: str) -> Turn:
     limiter = app[LIMITER]
     decision = await limiter.acquire(key, stream=True)
     if not decision.allowed:
-        retry = math.ceil(decision.retry_after)
-        raise RateLimited(
-            f"Concurrency limit reached: this key may hold {key.max_concurrent_streams} open "
-            f"streams at a time; retry in {retry}s or when one ends"
-            if decision.refused_by == "concurrency" else
-            f"Rate limit reached: this key may send {key.burst} requests in a row; retry in "
-            f"{retry}s", code="concurrency_limit_exceeded"
-            if decision.refused_by == "concurrency" else None)
+        raise decision.refusal(key)
     lease = decision.lease
 
     async def release() -> None:

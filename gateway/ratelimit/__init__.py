@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Protocol
 
+from ..errors import RateLimited
 from ..request_info import ClientKey
 from .budget import Allowance, openai_duration
 
@@ -25,6 +26,19 @@ class Decision:
     refused_by: str = ""  # "requests" | "concurrency" when refused
     lease: str | None = None  # the concurrency lease a stream holds, to release at its end
     requests_per_minute: float = 0.0
+
+    def refusal(self, key: ClientKey) -> RateLimited:
+        """The 429 of a refused check, saying which limit and when to retry (its headers: the
+        caller's, ``headers``)."""
+        retry = max(1, math.ceil(self.retry_after))
+        if self.refused_by == "concurrency":
+            return RateLimited(f"Concurrency limit reached: this key may hold "
+                               f"{_count(key.max_concurrent_streams, 'open stream')} at a "
+                               f"time; retry in {retry}s or when one ends",
+                               code="concurrency_limit_exceeded")
+        return RateLimited(f"Rate limit reached: this key may send "
+                           f"{_count(key.burst, 'request')} in a row, then "
+                           f"{_rate(key.requests_per_minute)} a minute; retry in {retry}s")
 
     def headers(self) -> dict[str, str]:
         """OpenAI's ``x-ratelimit-*`` headers and the IETF ``RateLimit`` fields."""
@@ -42,6 +56,15 @@ class Decision:
             headers["Retry-After"] = str(max(1, math.ceil(self.retry_after)))
             headers["retry-after-ms"] = str(max(1, math.ceil(self.retry_after * 1000)))
         return headers
+
+
+def _rate(per_minute: float) -> str:
+    """1000000 as "1,000,000", 0.5 as "0.5": never "1e+06"."""
+    return f"{per_minute:,.0f}" if per_minute == int(per_minute) else f"{per_minute:,.6g}"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 class Limiter(Protocol):
